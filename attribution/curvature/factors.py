@@ -1,0 +1,68 @@
+"""Per-module curvature factors and how each strategy derives them.
+
+Every strategy is stored in the same eigen-form, so one preconditioner serves all:
+
+    G_m ~= (Q_S (x) Q_A) diag(vec Lambda) (Q_S (x) Q_A)^T        (row-major vec of d_out x d_in')
+
+- ``ekfac``: Q_A, Q_S eigenvectors of A and S; Lambda re-fitted in that basis (eigenvalue pass).
+- ``kfac``: the same eigenvectors, Lambda = lambda_S lambda_A^T, i.e. G = S (x) A exactly.
+- ``diagonal``: Q = I, Lambda = mean over sequences of dW^2 (the diagonal of G).
+- ``identity``: Q = I, Lambda = 1, and no damping: the gradient dot product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+
+Strategy = Literal["ekfac", "kfac", "diagonal", "identity"]
+STRATEGIES: tuple[str, ...] = ("ekfac", "kfac", "diagonal", "identity")
+NEEDS_COVARIANCE_PASS = {"ekfac": True, "kfac": True, "diagonal": True, "identity": False}
+NEEDS_EIGENVALUE_PASS = {"ekfac": True, "kfac": False, "diagonal": True, "identity": False}
+
+
+@dataclass
+class ModuleFactors:
+    """The five tensors of one module's factor file (SPEC "Factor store")."""
+
+    activation_covariance: torch.Tensor  # A, (d_in', d_in')
+    gradient_covariance: torch.Tensor  # S, (d_out, d_out)
+    activation_eigenvectors: torch.Tensor  # Q_A
+    gradient_eigenvectors: torch.Tensor  # Q_S
+    corrected_eigenvalues: torch.Tensor  # Lambda, (d_out, d_in')
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name).contiguous() for f in fields(self)}
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> ModuleFactors:
+        return ModuleFactors(**{name: t.to(device=device, dtype=dtype) for name, t in self.as_dict().items()})
+
+
+def check_strategy(strategy: str) -> Strategy:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"factors.strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    return strategy  # type: ignore[return-value]
+
+
+def eigenvectors(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues and eigenvectors of a symmetric covariance, computed in float64."""
+    symmetric = covariance.to(torch.float64)
+    values, vectors = torch.linalg.eigh((symmetric + symmetric.T) / 2)
+    return values, vectors
+
+
+def identity_factors(d_in: int, d_out: int, dtype: torch.dtype, device: torch.device | str) -> ModuleFactors:
+    eye_in = torch.eye(d_in, dtype=dtype, device=device)
+    eye_out = torch.eye(d_out, dtype=dtype, device=device)
+    return ModuleFactors(eye_in, eye_out, eye_in, eye_out, torch.ones(d_out, d_in, dtype=dtype, device=device))
+
+
+def default_damping(factors: ModuleFactors, strategy: Strategy, damping: float | None) -> float:
+    """``lambda = damping`` if given, else 0.1 x mean(Lambda); the gradient dot product has none."""
+    if strategy == "identity":
+        return 0.0
+    if damping is not None:
+        return float(damping)
+    return 0.1 * factors.corrected_eigenvalues.to(torch.float64).mean().item()

@@ -1,0 +1,161 @@
+"""The factor store: a directory with ``manifest.json`` and one safetensors file per module.
+
+Written to a temporary sibling directory and renamed into place, so a reader never
+sees a half-written store. Loading checks the model fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from attribution import __version__
+from attribution.curvature.factors import ModuleFactors, check_strategy
+from attribution.models import TrackedModule
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class FactorStoreError(ValueError):
+    """A missing, corrupt or mismatched factor store."""
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    name: str
+    d_in: int
+    d_out: int
+    bias: bool
+
+    @classmethod
+    def of(cls, module: TrackedModule) -> ModuleSpec:
+        return cls(module.name, module.d_in, module.d_out, module.bias)
+
+
+@dataclass
+class Manifest:
+    strategy: str
+    fisher: str
+    model_fingerprint: str
+    modules: list[ModuleSpec]
+    num_sequences: int
+    num_tokens: int
+    data: dict[str, Any]
+    dtype: str
+    format_version: int = FORMAT_VERSION
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    library_version: str = __version__
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Manifest:
+        return cls(**{**raw, "modules": [ModuleSpec(**m) for m in raw["modules"]]})
+
+
+@dataclass
+class FactorSet:
+    """A manifest and the factors of every module it lists."""
+
+    manifest: Manifest
+    modules: dict[str, ModuleFactors]
+
+
+def module_file(directory: Path, name: str) -> Path:
+    return directory / f"{name}.safetensors"
+
+
+def save_factors(factors: FactorSet, path: str | Path) -> Path:
+    """Write the store atomically: a temporary sibling directory, then a rename."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        for spec in factors.manifest.modules:
+            save_file(factors.modules[spec.name].as_dict(), str(module_file(staging, spec.name)))
+        (staging / MANIFEST).write_text(json.dumps(asdict(factors.manifest), indent=2) + "\n")
+        if target.exists():
+            retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(target, retired)
+            os.rename(staging, target)
+            shutil.rmtree(retired)
+        else:
+            os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.is_file():
+        raise FactorStoreError(f"factor store {path} has no {MANIFEST}: not a factor store, or never finished")
+    try:
+        manifest = Manifest.from_dict(json.loads(manifest_path.read_text()))
+    except (json.JSONDecodeError, TypeError, KeyError) as error:
+        raise FactorStoreError(f"factor store manifest {manifest_path} is corrupt: {error}") from error
+    if manifest.format_version != FORMAT_VERSION:
+        raise FactorStoreError(f"factor store {path} has format_version {manifest.format_version}, this library reads {FORMAT_VERSION}")
+    check_strategy(manifest.strategy)
+    return manifest
+
+
+def load_factors(
+    path: str | Path,
+    tracked: list[TrackedModule],
+    model_fingerprint: str | None,
+    device: torch.device | str = "cpu",
+) -> FactorSet:
+    """Load the factors of the tracked modules, checking the model fingerprint and every shape.
+
+    ``model_fingerprint=None`` skips the fingerprint check; multi-stage scoring uses it to
+    read a store of another model, whose identity it checks itself.
+    """
+    directory = Path(path)
+    manifest = read_manifest(directory)
+    if model_fingerprint is not None and manifest.model_fingerprint != model_fingerprint:
+        raise FactorStoreError(
+            f"factor store {directory} was fitted for model {manifest.model_fingerprint}, "
+            f"but the loaded model is {model_fingerprint}"
+        )
+    stored = {spec.name: spec for spec in manifest.modules}
+    modules: dict[str, ModuleFactors] = {}
+    for module in tracked:
+        spec = stored.get(module.name)
+        if spec is None:
+            raise FactorStoreError(f"factor store {directory} has no factors for tracked module {module.name}")
+        if spec != ModuleSpec.of(module):
+            raise FactorStoreError(f"factor store {directory} has module {spec}, but the model has {ModuleSpec.of(module)}")
+        file = module_file(directory, module.name)
+        try:
+            tensors = load_file(str(file), device=str(device))
+            modules[module.name] = ModuleFactors(**tensors)
+        except Exception as error:  # safetensors raises its own error types for corrupt files
+            raise FactorStoreError(f"factor file {file} is missing or corrupt: {error}") from error
+        _check_shapes(file, module, modules[module.name])
+    manifest.modules = [stored[m.name] for m in tracked]
+    return FactorSet(manifest, modules)
+
+
+def _check_shapes(file: Path, module: TrackedModule, factors: ModuleFactors) -> None:
+    d_in, d_out = module.d_in_augmented, module.d_out
+    expected = {
+        "activation_covariance": (d_in, d_in),
+        "gradient_covariance": (d_out, d_out),
+        "activation_eigenvectors": (d_in, d_in),
+        "gradient_eigenvectors": (d_out, d_out),
+        "corrected_eigenvalues": (d_out, d_in),
+    }
+    for name, shape in expected.items():
+        if tuple(factors.as_dict()[name].shape) != shape:
+            raise FactorStoreError(f"factor file {file}: {name} has shape {tuple(factors.as_dict()[name].shape)}, expected {shape}")

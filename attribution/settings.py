@@ -1,0 +1,71 @@
+"""Typed settings that jobs build from their Hydra config; the library reads only these.
+
+Each dataclass mirrors one group under ``conf/`` field for field, so an unknown or
+misspelt key fails loudly in :func:`from_mapping` instead of being ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A configuration value that the library cannot use."""
+
+
+def from_mapping(kind: type[T], values: Mapping[str, Any], group: str) -> T:
+    """Build ``kind`` from a config group, naming the group in every error."""
+    names = {f.name for f in fields(kind)}  # type: ignore[arg-type]
+    unknown = set(values) - names
+    if unknown:
+        raise SettingsError(f"unknown key(s) in {group}: {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
+    return kind(**dict(values))
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise SettingsError(f"{name!r} is not a torch floating-point dtype (float32, float64, bfloat16, ...)")
+    return dtype
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the first CUDA device if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    path: str | None = None
+    tracked_modules: str = "all"
+    trust_remote_code: bool = False
+    dtype: str = "float32"
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    path: str | None = None
+    id_field: str = "id"
+    text_field: str = "text"
+    max_length: int = 128
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class FactorSettings:
+    path: str | None = None
+    strategy: str = "ekfac"
+    fisher: bool | str = True
+    damping: float | None = None
+    max_sequences: int | None = None
+    dtype: str = "float32"
+    seed: int = 0

@@ -1,0 +1,70 @@
+"""Tiny causal LMs of each supported architecture, built from a config (no hub), and batches for them."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    BloomConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from attribution.data.batching import TokenBatch
+
+VOCAB = 37
+
+
+def tiny_config(architecture: str) -> PretrainedConfig:
+    """Two blocks, width 8-16: dense Gauss-Newton matrices of a module stay a few hundred wide."""
+    if architecture == "gpt_neox":
+        return GPTNeoXConfig(vocab_size=VOCAB, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=16, max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0)
+    if architecture == "gpt2":
+        return GPT2Config(vocab_size=VOCAB, n_embd=8, n_layer=2, n_head=2, n_positions=32,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    if architecture == "llama":
+        return LlamaConfig(vocab_size=VOCAB, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, intermediate_size=12, max_position_embeddings=32)
+    if architecture == "bloom":
+        return BloomConfig(vocab_size=VOCAB, hidden_size=8, n_layer=2, n_head=2, hidden_dropout=0.0, attention_dropout=0.0)
+    raise ValueError(architecture)
+
+
+ARCHITECTURES = ("gpt_neox", "gpt2", "llama", "bloom")
+
+
+def tiny_model(architecture: str = "gpt_neox", seed: int = 0, dtype: torch.dtype = torch.float64) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(architecture))
+    return model.to(dtype).eval()
+
+
+def make_batch(sequences: list[list[int]], ids: list[str] | None = None, pad: int = 0) -> TokenBatch:
+    """A right-padded document batch: every token but the first is a target."""
+    ids = ids or [f"doc-{i}" for i in range(len(sequences))]
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        attention_mask[row, : len(sequence)] = 1
+    target_mask = attention_mask.bool().clone()
+    target_mask[:, 0] = False
+    return TokenBatch(
+        ids=list(ids),
+        shards=["memory"] * len(sequences),
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        target_mask=target_mask,
+        truncated=[False] * len(sequences),
+    )
+
+
+def random_sequences(count: int, seed: int = 0, min_length: int = 3, max_length: int = 9) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_length, max_length + 1, (count,), generator=generator)
+    return [torch.randint(1, VOCAB, (int(n),), generator=generator).tolist() for n in lengths]
