@@ -10,8 +10,9 @@ from typing import Any
 
 from attribution.curvature.fit import FitConfig, fit_factors
 from attribution.curvature.store import save_factors
-from attribution.data.batching import TokenBatch, batch_documents
-from attribution.data.corpus import Skip, iter_documents, list_shards
+from attribution.data.batching import TokenBatch
+from attribution.data.corpus import Skip, list_shards
+from attribution.data.stream import document_batches
 from attribution.models import find_tracked_modules, load_model, model_fingerprint
 from attribution.runs import RunRecord
 from attribution.settings import DataSettings, FactorSettings, ModelSettings, SettingsError, resolve_device, torch_dtype
@@ -58,9 +59,7 @@ def run_fit(
         # Every pass reads the same sample; its skips are recorded once.
         first_pass = next(passes) == 0
         on_skip = skips.append if first_pass else _ignore
-        documents = iter_documents(shards, data_settings.id_field, data_settings.text_field, on_skip=on_skip)
-        sample = itertools.islice(documents, factor_settings.max_sequences)
-        yield from batch_documents(tokenizer, sample, data_settings.batch_size, data_settings.max_length, on_skip)
+        yield from document_batches(tokenizer, shards, data_settings, on_skip, limit=factor_settings.max_sequences)
 
     fit_config = FitConfig(
         strategy=factor_settings.strategy,

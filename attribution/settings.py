@@ -69,3 +69,19 @@ class FactorSettings:
     max_sequences: int | None = None
     dtype: str = "float32"
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class QuerySettings:
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    rank: int | None = 32
+    top_k: int = 10
+    bottom_k: int = 0
+    query_batch_size: int = 16
+    token_scores: bool = True
+    dtype: str = "float32"
+    progress: bool = True

@@ -10,7 +10,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from attribution.demo.train import DemoConfig, DemoPaths, ensure_demo
-from attribution.settings import DataSettings, FactorSettings, ModelSettings, from_mapping
+from attribution.settings import (
+    DataSettings,
+    FactorSettings,
+    ModelSettings,
+    QuerySettings,
+    ScoreSettings,
+    from_mapping,
+)
 
 
 def plain(cfg: DictConfig) -> dict[str, Any]:
@@ -37,6 +44,18 @@ def model_and_data(cfg: DictConfig) -> tuple[ModelSettings, DataSettings]:
         if data.path is None:
             data = replace(data, path=str(demo.corpus_dir))
     return model, data
+
+
+def query_settings(cfg: DictConfig) -> QuerySettings:
+    """Queries; with no path and the demo model, the demo queries."""
+    queries = from_mapping(QuerySettings, plain(cfg.queries), "queries")
+    if queries.path is None and cfg.model.path is None:
+        queries = replace(queries, path=str(demo_paths(cfg).queries_path))
+    return queries
+
+
+def score_settings(cfg: DictConfig) -> ScoreSettings:
+    return from_mapping(ScoreSettings, plain(cfg.score), "score")
 
 
 def factor_settings(cfg: DictConfig) -> FactorSettings:

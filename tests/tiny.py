@@ -68,3 +68,26 @@ def random_sequences(count: int, seed: int = 0, min_length: int = 3, max_length:
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_length, max_length + 1, (count,), generator=generator)
     return [torch.randint(1, VOCAB, (int(n),), generator=generator).tolist() for n in lengths]
+
+
+def query_batch(prompts: list[list[int]], completions: list[list[int]], ids: list[str] | None = None) -> TokenBatch:
+    """A right-padded query batch whose targets are the completion tokens."""
+    batch = make_batch([p + c for p, c in zip(prompts, completions)], ids or [f"q-{i}" for i in range(len(prompts))])
+    batch.target_mask[:] = False
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        batch.target_mask[row, len(prompt) : len(prompt) + len(completion)] = True
+    return batch
+
+
+def save_tiny_lm(directory, texts: list[str], seed: int = 0):
+    """A random tiny GPT-NeoX with a word-level tokenizer over ``texts``, saved like a real model."""
+    from attribution.demo.train import build_tokenizer
+
+    tokenizer = build_tokenizer(texts)
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=16, max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -123,19 +123,22 @@ def load_factors(
     """
     directory = Path(path)
     manifest = read_manifest(directory)
-    if model_fingerprint is not None and manifest.model_fingerprint != model_fingerprint:
-        raise FactorStoreError(
-            f"factor store {directory} was fitted for model {manifest.model_fingerprint}, "
-            f"but the loaded model is {model_fingerprint}"
-        )
     stored = {spec.name: spec for spec in manifest.modules}
-    modules: dict[str, ModuleFactors] = {}
+    # Coverage first: the fingerprint covers the tracked set, and a missing module is the
+    # more useful thing to be told.
     for module in tracked:
         spec = stored.get(module.name)
         if spec is None:
             raise FactorStoreError(f"factor store {directory} has no factors for tracked module {module.name}")
         if spec != ModuleSpec.of(module):
             raise FactorStoreError(f"factor store {directory} has module {spec}, but the model has {ModuleSpec.of(module)}")
+    if model_fingerprint is not None and manifest.model_fingerprint != model_fingerprint:
+        raise FactorStoreError(
+            f"factor store {directory} was fitted for model {manifest.model_fingerprint}, "
+            f"but the loaded model is {model_fingerprint}"
+        )
+    modules: dict[str, ModuleFactors] = {}
+    for module in tracked:
         file = module_file(directory, module.name)
         try:
             tensors = load_file(str(file), device=str(device))

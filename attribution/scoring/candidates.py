@@ -1,0 +1,75 @@
+"""Score a batch of candidate documents against every query of a query batch in one forward/backward pass."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from attribution.curvature.capture import GradientCapture
+from attribution.data.batching import TokenBatch, sequence_log_prob
+from attribution.models import TrackedModule
+from attribution.scoring.contraction import Contraction, ModuleContraction, choose_contraction
+from attribution.scoring.query_factors import QueryFactors
+
+
+class CandidateScorer:
+    """Layer-wise and token-wise influence of documents on a fixed set of queries.
+
+    The objective of a document is ``log p(z)`` summed over its tokens; its gradient is
+    never formed unless the per-document contraction is the cheaper one for a module.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tracked: Sequence[TrackedModule],
+        factors: QueryFactors,
+        expected_tokens: int,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.model = model
+        self.tracked = list(tracked)
+        self.dtype = dtype
+        self.query_ids = factors.query_ids
+        device = next(model.parameters()).device
+        self.contractions: dict[str, ModuleContraction] = {}
+        for module in self.tracked:
+            module_factors = factors.modules[module.name].to(device, dtype)
+            contraction = choose_contraction(
+                module.d_in_augmented, module.d_out, len(self.query_ids), module_factors.rank, expected_tokens
+            )
+            self.contractions[module.name] = ModuleContraction(module_factors, contraction)
+        self.module_index = {module.name: index for index, module in enumerate(self.tracked)}
+
+    @property
+    def plan(self) -> dict[str, Contraction]:
+        return {name: c.contraction for name, c in self.contractions.items()}
+
+    def layer_scores(self, batch: TokenBatch) -> torch.Tensor:
+        """``I_m(q, z)`` per document, query and module: (B, Q, M); sums over M to the score."""
+        result = torch.zeros(len(batch.ids), len(self.query_ids), len(self.tracked), dtype=self.dtype, device=batch.input_ids.device)
+
+        def contract(module: TrackedModule, activations: torch.Tensor, output_gradients: torch.Tensor) -> None:
+            masked = activations * batch.attention_mask.unsqueeze(-1).to(self.dtype)
+            result[:, :, self.module_index[module.name]] = self.contractions[module.name].scores(masked, output_gradients)
+
+        self._backward(batch, contract)
+        return result
+
+    def token_scores(self, batch: TokenBatch) -> torch.Tensor:
+        """Each token's contribution ``sum_m (L^T ds_t) . (R^T a_t)``: (B, T, Q); sums over T to the score."""
+        result = torch.zeros(len(batch.ids), batch.input_ids.shape[1], len(self.query_ids), dtype=self.dtype, device=batch.input_ids.device)
+
+        def contract(module: TrackedModule, activations: torch.Tensor, output_gradients: torch.Tensor) -> None:
+            masked = activations * batch.attention_mask.unsqueeze(-1).to(self.dtype)
+            result.add_(self.contractions[module.name].token_scores(masked, output_gradients))
+
+        self._backward(batch, contract)
+        return result
+
+    def _backward(self, batch: TokenBatch, contract) -> None:
+        with GradientCapture(self.model, self.tracked, contract, dtype=self.dtype):
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            sequence_log_prob(logits, batch).sum().backward()

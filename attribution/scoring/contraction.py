@@ -1,0 +1,54 @@
+"""Two ways to contract a document's (a, ds) with Q queries' factors, and a cost model to pick one.
+
+For document z and module m, ``<L R^T, dW(z)> = sum_t (L^T ds_t) . (R^T a_t)``:
+
+- ``low_rank``: project every token's ``ds_t`` and ``a_t`` onto the stacked query
+  factors; cost per sequence ``T (d_out + d_in') Q r``, and token-wise scores come free.
+- ``per_document``: form ``dW(z) = sum_t ds_t a_t^T`` and dot it with the dense ``L R^T``;
+  cost per sequence ``(T + Q) d_out d_in'`` and memory ``Q d_out d_in'`` for the dense factors.
+
+Both compute the same number on the same rank-r factors.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from attribution.scoring.query_factors import ModuleQueryFactors
+
+Contraction = Literal["low_rank", "per_document"]
+
+
+def choose_contraction(d_in: int, d_out: int, num_queries: int, rank: int, tokens: int) -> Contraction:
+    """The cheaper contraction in multiply-adds for sequences of ``tokens`` tokens."""
+    low_rank_cost = tokens * (d_in + d_out) * num_queries * rank
+    per_document_cost = (tokens + num_queries) * d_in * d_out
+    return "per_document" if per_document_cost < low_rank_cost else "low_rank"
+
+
+class ModuleContraction:
+    """One module's query factors, laid out for the chosen contraction."""
+
+    def __init__(self, factors: ModuleQueryFactors, contraction: Contraction) -> None:
+        self.contraction = contraction
+        self.num_queries, _, self.rank = factors.left.shape
+        # (d, Q r): one matmul projects a token onto every query's factors at once.
+        self.left = factors.left.permute(1, 0, 2).flatten(1)
+        self.right = factors.right.permute(1, 0, 2).flatten(1)
+        self.dense = factors.dense() if contraction == "per_document" else None
+
+    def token_scores(self, activations: torch.Tensor, output_gradients: torch.Tensor) -> torch.Tensor:
+        """``(L_q^T ds_t) . (R_q^T a_t)`` per token and query: (B, T, Q)."""
+        projected_a = activations @ self.right
+        projected_ds = output_gradients @ self.left
+        products = (projected_a * projected_ds).unflatten(-1, (self.num_queries, self.rank))
+        return products.sum(-1)
+
+    def scores(self, activations: torch.Tensor, output_gradients: torch.Tensor) -> torch.Tensor:
+        """``<L_q R_q^T, dW(z)>`` per document and query: (B, Q)."""
+        if self.dense is None:
+            return self.token_scores(activations, output_gradients).sum(1)
+        per_document_gradient = torch.einsum("bto,bti->boi", output_gradients, activations)
+        return torch.einsum("boi,qoi->bq", per_document_gradient, self.dense)

@@ -1,0 +1,111 @@
+"""Preconditioned query gradients, compressed per module to rank r.
+
+For query q and module m, with ``m(q) = log p(completion | prompt)``,
+
+    P_{q,m} = (G_m + lambda_m I)^{-1} grad_{W_m} m(q)  ~=  L_{q,m} R_{q,m}^T,
+
+where ``L = U_r diag(s_r)`` (d_out x r) and ``R = V_r`` (d_in' x r) come from the SVD of
+``P_{q,m}``. A candidate's score is then ``sum_m <L_{q,m} R_{q,m}^T, dW_m(z)>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from attribution.curvature.capture import GradientCapture
+from attribution.data.batching import TokenBatch, sequence_log_prob
+from attribution.models import TrackedModule
+
+# Beyond this fraction of the full rank an exact SVD costs little more than a randomized one.
+RANDOMIZED_SVD_MAX_FRACTION = 0.25
+RANDOMIZED_SVD_OVERSAMPLING = 10
+RANDOMIZED_SVD_ITERATIONS = 4
+
+Precondition = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ModuleQueryFactors:
+    """Stacked low-rank factors of Q queries' preconditioned gradients for one module."""
+
+    left: torch.Tensor  # (Q, d_out, r) = U diag(s)
+    right: torch.Tensor  # (Q, d_in', r) = V
+
+    @property
+    def rank(self) -> int:
+        return self.left.shape[-1]
+
+    def dense(self) -> torch.Tensor:
+        """``L R^T`` for every query, (Q, d_out, d_in')."""
+        return self.left @ self.right.mT
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> ModuleQueryFactors:
+        return ModuleQueryFactors(self.left.to(device, dtype), self.right.to(device, dtype))
+
+
+@dataclass
+class QueryFactors:
+    query_ids: list[str]
+    modules: dict[str, ModuleQueryFactors]
+
+
+def per_sequence_gradients(
+    model: PreTrainedModel,
+    tracked: Sequence[TrackedModule],
+    batch: TokenBatch,
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, torch.Tensor]:
+    """``grad_W sum_t log p(x_t | x_<t)`` over target positions, per sequence and module: (B, d_out, d_in')."""
+    gradients: dict[str, torch.Tensor] = {}
+    mask = batch.attention_mask.to(dtype).unsqueeze(-1)
+
+    def keep(module: TrackedModule, activations: torch.Tensor, output_gradients: torch.Tensor) -> None:
+        gradients[module.name] = torch.einsum("bto,bti->boi", output_gradients, activations * mask)
+
+    with GradientCapture(model, tracked, keep, dtype=dtype):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        sequence_log_prob(logits, batch).sum().backward()
+    return gradients
+
+
+def compress(matrices: torch.Tensor, rank: int | None) -> ModuleQueryFactors:
+    """Best rank-r approximation of each (d_out, d_in') matrix of a (Q, d_out, d_in') stack.
+
+    ``rank=None`` (or at least min(d_out, d_in')) keeps the exact matrix. Small ranks of
+    large matrices use a randomized SVD (Halko et al.), otherwise an exact one.
+    """
+    full_rank = min(matrices.shape[-2:])
+    if rank is None or rank >= full_rank:
+        rank = full_rank
+    if rank <= RANDOMIZED_SVD_MAX_FRACTION * full_rank:
+        lefts, rights = [], []
+        for matrix in matrices:
+            u, s, v = torch.svd_lowrank(matrix, q=min(rank + RANDOMIZED_SVD_OVERSAMPLING, full_rank), niter=RANDOMIZED_SVD_ITERATIONS)
+            lefts.append(u[:, :rank] * s[:rank])
+            rights.append(v[:, :rank])
+        return ModuleQueryFactors(torch.stack(lefts), torch.stack(rights))
+    u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
+    return ModuleQueryFactors(u[..., :rank] * s[:, None, :rank], vh[:, :rank].mT)
+
+
+def query_factors(
+    model: PreTrainedModel,
+    tracked: Sequence[TrackedModule],
+    batch: TokenBatch,
+    precondition: Precondition,
+    rank: int | None,
+) -> tuple[QueryFactors, list[str]]:
+    """Factors of the queries whose gradients are finite, and the ids of those that were not."""
+    gradients = per_sequence_gradients(model, tracked, batch)
+    preconditioned = {name: precondition(name, g) for name, g in gradients.items()}
+    finite = torch.ones(len(batch.ids), dtype=torch.bool, device=batch.input_ids.device)
+    for matrices in preconditioned.values():
+        finite &= torch.isfinite(matrices).flatten(1).all(1)
+    kept = [query_id for query_id, ok in zip(batch.ids, finite.tolist()) if ok]
+    rejected = [query_id for query_id, ok in zip(batch.ids, finite.tolist()) if not ok]
+    modules = {m.name: compress(preconditioned[m.name][finite], rank) for m in tracked} if kept else {}
+    return QueryFactors(kept, modules), rejected

@@ -1,0 +1,21 @@
+"""Score queries against a corpus: ``python -m jobs.score key=value ...`` (see conf/score.yaml)."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from attribution.scoring.run import run_score
+from jobs.wiring import factor_settings, limit_threads, model_and_data, plain, query_settings, score_settings
+
+
+@hydra.main(config_path="../conf", config_name="score", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    limit_threads()
+    model, data = model_and_data(cfg)
+    summary = run_score(model, data, factor_settings(cfg), query_settings(cfg), score_settings(cfg), cfg.output_dir, plain(cfg))
+    print(summary.line())
+
+
+if __name__ == "__main__":
+    main()
