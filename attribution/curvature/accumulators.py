@@ -73,7 +73,7 @@ class EigenvalueSums:
         # in the original basis first; the cost is the same, the memory is (B, d_out, d_in').
         rotated_a = _masked(activations, mask) @ self.activation_eigenvectors[module.name]
         rotated_ds = gradients @ self.gradient_eigenvectors[module.name]
-        rotated_gradient = torch.einsum("bto,bti->boi", rotated_ds, rotated_a)
+        rotated_gradient = rotated_ds.mT @ rotated_a
         self.squares[module.name].add_(rotated_gradient.square().sum(0))
 
     def count(self, mask: torch.Tensor) -> None:

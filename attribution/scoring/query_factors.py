@@ -64,7 +64,7 @@ def per_sequence_gradients(
     mask = batch.attention_mask.to(dtype).unsqueeze(-1)
 
     def keep(module: TrackedModule, activations: torch.Tensor, output_gradients: torch.Tensor) -> None:
-        gradients[module.name] = torch.einsum("bto,bti->boi", output_gradients, activations * mask)
+        gradients[module.name] = output_gradients.mT @ (activations * mask)
 
     with GradientCapture(model, tracked, keep, dtype=dtype):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
