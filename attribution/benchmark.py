@@ -3,7 +3,8 @@
 Both are timed in one process on identical batches (median over repeats after a warm-up):
 
 - baseline: ``log p(z)`` forward and a training backward (parameter gradients included);
-- scoring: :class:`CandidateScorer` layer scores of the batch against Q queries at rank r.
+- scoring: :class:`CandidateScorer` layer scores of the batch against Q queries at rank r;
+- fitting: one batch of the covariance pass and of the corrected-eigenvalue pass.
 
 The preconditioner does not touch the candidate path, so the query factors here come from
 gradients preconditioned by the identity: no factor fit is needed to measure throughput.
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, PreTrainedModel
 
+from attribution.curvature.accumulators import CovarianceSums, EigenvalueSums
+from attribution.curvature.fit import FitConfig, run_pass
 from attribution.curvature.precondition import Preconditioner
 from attribution.data.batching import TokenBatch, sequence_log_prob
 from attribution.models import find_tracked_modules, model_fingerprint
@@ -29,6 +32,9 @@ from attribution.scoring.run import identity_factor_set
 
 @dataclass(frozen=True)
 class BenchmarkRow:
+    """One measured step; ``queries`` is 0 for the plain and fitting rows, whose kind is ``step``."""
+
+    step: str
     model: str
     parameters: int
     queries: int
@@ -99,7 +105,10 @@ def benchmark_model(
     baseline = median_seconds(plain_forward_backward(model), batches, warmup, repeats)
     preconditioner = Preconditioner(identity_factor_set(tracked, model_fingerprint(model, tracked)), device=device)
     parameters = sum(p.numel() for p in model.parameters())
-    rows = [BenchmarkRow(name, parameters, 0, None, batch_size / baseline, batch_size * length / baseline, 1.0, 0, len(tracked))]
+    rows = [BenchmarkRow("plain f+b", name, parameters, 0, None, batch_size / baseline, batch_size * length / baseline, 1.0, 0, len(tracked))]
+    for step, seconds in fitting_seconds(model, tracked, batches, warmup, repeats).items():
+        rows.append(BenchmarkRow(step, name, parameters, 0, None, batch_size / seconds, batch_size * length / seconds,
+                                 baseline / seconds, 0, len(tracked)))
     for count in query_counts:
         queries = random_batches(vocab, 1, count, length // 2, seed=1)[0].to(device)
         for rank in ranks:
@@ -108,6 +117,7 @@ def benchmark_model(
             seconds = median_seconds(scorer.layer_scores, batches, warmup, repeats)
             rows.append(
                 BenchmarkRow(
+                    step="score",
                     model=name,
                     parameters=parameters,
                     queries=count,
@@ -122,14 +132,29 @@ def benchmark_model(
     return rows
 
 
+def fitting_seconds(model: PreTrainedModel, tracked, batches: Sequence[TokenBatch], warmup: int, repeats: int) -> dict[str, float]:
+    """Per-batch time of each fitting pass (identity eigenvectors: the cost does not depend on them)."""
+    device = batches[0].input_ids.device
+    config = FitConfig(progress=False)
+    covariances = CovarianceSums(tracked, config.dtype, device)
+    eye = {m.name: torch.eye(m.d_in_augmented, device=device) for m in tracked}
+    eye_out = {m.name: torch.eye(m.d_out, device=device) for m in tracked}
+    eigenvalues = EigenvalueSums(tracked, eye, eye_out)
+    return {
+        f"fit: {label}": median_seconds(lambda batch, acc=accumulator: run_pass(model, tracked, [batch], acc, config, label),
+                                        batches, warmup, repeats)
+        for label, accumulator in (("covariance", covariances), ("eigenvalues", eigenvalues))
+    }
+
+
 def format_rows(rows: Sequence[BenchmarkRow]) -> str:
-    header = f"{'model':<14}{'params':>10}{'queries':>9}{'rank':>6}{'docs/s':>10}{'tokens/s':>11}{'ratio':>8}  per-doc modules"
+    header = f"{'step':<18}{'model':<14}{'params':>10}{'queries':>9}{'rank':>6}{'docs/s':>10}{'tokens/s':>11}{'ratio':>8}  per-doc modules"
     lines = [header, "-" * len(header)]
     for row in rows:
-        label = "plain f+b" if row.queries == 0 else str(row.queries)
+        label = "-" if row.queries == 0 else str(row.queries)
         rank = "-" if row.queries == 0 else ("full" if row.rank is None else str(row.rank))
         lines.append(
-            f"{row.model:<14}{row.parameters / 1e6:>9.2f}M{label:>9}{rank:>6}{row.documents_per_second:>10.1f}"
+            f"{row.step:<18}{row.model:<14}{row.parameters / 1e6:>9.2f}M{label:>9}{rank:>6}{row.documents_per_second:>10.1f}"
             f"{row.tokens_per_second:>11.0f}{row.ratio:>8.2f}  {row.per_document_modules}/{row.modules}"
         )
     return "\n".join(lines)
