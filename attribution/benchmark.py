@@ -27,7 +27,7 @@ from attribution.data.batching import TokenBatch, sequence_log_prob
 from attribution.models import find_tracked_modules, model_fingerprint
 from attribution.scoring.candidates import CandidateScorer
 from attribution.scoring.query_factors import query_factors
-from attribution.scoring.run import identity_factor_set
+from attribution.scoring.stages import identity_factor_set
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def benchmark_model(
     vocab = model.config.vocab_size
     batches = [b.to(device) for b in random_batches(vocab, num_batches, batch_size, length, seed=0)]
     baseline = median_seconds(plain_forward_backward(model), batches, warmup, repeats)
-    preconditioner = Preconditioner(identity_factor_set(tracked, model_fingerprint(model, tracked)), device=device)
+    preconditioner = Preconditioner(identity_factor_set(tracked, model_fingerprint(model)), device=device)
     parameters = sum(p.numel() for p in model.parameters())
     rows = [BenchmarkRow("plain f+b", name, parameters, 0, None, batch_size / baseline, batch_size * length / baseline, 1.0, 0, len(tracked))]
     for step, seconds in fitting_seconds(model, tracked, batches, warmup, repeats).items():

@@ -12,7 +12,7 @@ from attribution.curvature.fit import FitConfig, fit_factors
 from attribution.curvature.store import save_factors
 from attribution.data.batching import TokenBatch
 from attribution.data.corpus import Skip, list_shards
-from attribution.data.stream import document_batches
+from attribution.data.stream import is_prompt_completion, training_batches
 from attribution.models import find_tracked_modules, load_model, model_fingerprint
 from attribution.runs import RunRecord
 from attribution.settings import DataSettings, FactorSettings, ModelSettings, SettingsError, resolve_device, torch_dtype
@@ -49,7 +49,7 @@ def run_fit(
     device = resolve_device(model_settings.device)
     model, tokenizer = load_model(model_settings.path, model_settings.trust_remote_code, torch_dtype(model_settings.dtype), device)
     tracked = find_tracked_modules(model, model_settings.tracked_modules)
-    fingerprint = model_fingerprint(model, tracked)
+    fingerprint = model_fingerprint(model)
     record.fingerprints["model"] = fingerprint
     shards = list_shards(data_settings.path)
     skips: list[Skip] = []
@@ -59,7 +59,7 @@ def run_fit(
         # Every pass reads the same sample; its skips are recorded once.
         first_pass = next(passes) == 0
         on_skip = skips.append if first_pass else _ignore
-        yield from document_batches(tokenizer, shards, data_settings, on_skip, limit=factor_settings.max_sequences)
+        yield from training_batches(tokenizer, shards, data_settings, on_skip, limit=factor_settings.max_sequences)
 
     fit_config = FitConfig(
         strategy=factor_settings.strategy,
@@ -70,6 +70,7 @@ def run_fit(
     )
     description = {
         "path": str(data_settings.path),
+        "objective": "log p(completion | prompt)" if is_prompt_completion(shards) else "log p(z)",
         "shards": [str(s) for s in shards],
         "max_sequences": factor_settings.max_sequences,
         "max_length": data_settings.max_length,

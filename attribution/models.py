@@ -116,13 +116,16 @@ def find_tracked_modules(model: nn.Module, selection: str = "all") -> list[Track
     return chosen
 
 
-def model_fingerprint(model: PreTrainedModel, tracked: list[TrackedModule]) -> str:
-    """sha256 of the architecture config and the tracked modules' names and float32 weights."""
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """sha256 of the architecture config and every named parameter in float32.
+
+    All parameters, not just the tracked ones: the factors depend on every weight through
+    the activations, and a store fitted on all modules must serve a run that tracks a
+    subset (``mlp``, or the modules two models share).
+    """
     config = {k: v for k, v in model.config.to_dict().items() if k not in _CONFIG_KEYS_NOT_FINGERPRINTED}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for module in tracked:
-        digest.update(module.name.encode())
-        for parameter in (module.module.weight, module.module.bias):
-            if parameter is not None:
-                digest.update(parameter.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    for name, parameter in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(parameter.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -72,6 +73,21 @@ class FactorSettings:
 
 
 @dataclass(frozen=True)
+class FinetuneSettings:
+    """Set both paths for multi-stage scoring; ``damping`` is the fine-tuned stage's (null = heuristic)."""
+
+    model_path: str | None = None
+    factors_path: str | None = None
+    damping: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        if (self.model_path is None) != (self.factors_path is None):
+            raise SettingsError("multi-stage scoring needs both finetune.model_path and finetune.factors_path")
+        return self.model_path is not None
+
+
+@dataclass(frozen=True)
 class QuerySettings:
     path: str | None = None
 
@@ -85,3 +101,41 @@ class ScoreSettings:
     token_scores: bool = True
     dtype: str = "float32"
     progress: bool = True
+
+
+PREFILTER_KINDS = ("none", "tfidf", "bm25", "dense")
+DENSE_INDEX_TYPES = ("flat", "ivf", "hnsw")
+
+
+@dataclass(frozen=True)
+class PrefilterSettings:
+    """Candidate retrieval before influence scoring; mirrors conf/prefilter/default.yaml."""
+
+    kind: str = "none"
+    path: str | None = None
+    top_m: int = 100
+    n_features: int = 2**20
+    k1: float = 1.2
+    b: float = 0.75
+    model: str | None = None
+    device: str = "auto"
+    index_type: str = "flat"
+    nlist: int = 256
+    nprobe: int = 16
+    train_size: int | None = None
+    hnsw_m: int = 32
+    ef_construction: int = 200
+    ef_search: int = 128
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.kind not in PREFILTER_KINDS:
+            raise SettingsError(f"prefilter.kind={self.kind!r}; expected one of {', '.join(PREFILTER_KINDS)}")
+        if self.index_type not in DENSE_INDEX_TYPES:
+            raise SettingsError(f"prefilter.index_type={self.index_type!r}; expected one of {', '.join(DENSE_INDEX_TYPES)}")
+        if self.top_m < 1:
+            raise SettingsError(f"prefilter.top_m={self.top_m}; expected a positive number of candidates per query")
+
+    def index_path(self, output_dir: str | Path) -> Path:
+        """Where the index lives: ``path``, else ``<output_dir>/prefilter/<kind>``."""
+        return Path(self.path) if self.path is not None else Path(output_dir) / "prefilter" / self.kind

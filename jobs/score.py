@@ -6,14 +6,25 @@ import hydra
 from omegaconf import DictConfig
 
 from attribution.scoring.run import run_score
-from jobs.wiring import factor_settings, limit_threads, model_and_data, plain, query_settings, score_settings
+from jobs.wiring import (
+    factor_settings,
+    finetune_settings,
+    limit_threads,
+    model_and_data,
+    plain,
+    query_settings,
+    score_settings,
+)
 
 
 @hydra.main(config_path="../conf", config_name="score", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     limit_threads()
     model, data = model_and_data(cfg)
-    summary = run_score(model, data, factor_settings(cfg), query_settings(cfg), score_settings(cfg), cfg.output_dir, plain(cfg))
+    summary = run_score(
+        model, data, factor_settings(cfg), query_settings(cfg), score_settings(cfg), cfg.output_dir, plain(cfg),
+        finetune_settings(cfg),
+    )
     print(summary.line())
 
 

@@ -13,6 +13,7 @@ from attribution.demo.train import DemoConfig, DemoPaths, ensure_demo
 from attribution.settings import (
     DataSettings,
     FactorSettings,
+    FinetuneSettings,
     ModelSettings,
     QuerySettings,
     ScoreSettings,
@@ -60,3 +61,7 @@ def score_settings(cfg: DictConfig) -> ScoreSettings:
 
 def factor_settings(cfg: DictConfig) -> FactorSettings:
     return from_mapping(FactorSettings, plain(cfg.factors), "factors")
+
+
+def finetune_settings(cfg: DictConfig) -> FinetuneSettings:
+    return from_mapping(FinetuneSettings, plain(cfg.finetune), "finetune")

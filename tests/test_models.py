@@ -49,17 +49,16 @@ def test_selection_errors():
         find_tracked_modules(model, "(")
 
 
-def test_fingerprint_depends_on_tracked_weights_only():
+def test_fingerprint_covers_config_and_every_weight():
     model = tiny_model("gpt_neox")
-    tracked = find_tracked_modules(model)
-    before = model_fingerprint(model, tracked)
-    assert model_fingerprint(tiny_model("gpt_neox"), find_tracked_modules(tiny_model("gpt_neox"))) == before
-    with torch.no_grad():
-        model.get_output_embeddings().weight.add_(1.0)
-    assert model_fingerprint(model, tracked) == before
-    with torch.no_grad():
-        tracked[-1].module.weight[0, 0] += 1e-3
-    assert model_fingerprint(model, tracked) != before
+    before = model_fingerprint(model)
+    assert model_fingerprint(tiny_model("gpt_neox")) == before
+    assert model_fingerprint(tiny_model("gpt_neox", seed=1)) != before
+    for parameter in (model.get_input_embeddings().weight, find_tracked_modules(model)[-1].module.weight):
+        with torch.no_grad():
+            parameter[0, 0] += 1e-3
+        assert model_fingerprint(model) != before
+        before = model_fingerprint(model)
 
 
 def test_load_model_errors_name_the_directory(tmp_path):

@@ -3,13 +3,52 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from attribution.data.batching import TokenBatch, batch_documents
-from attribution.data.corpus import SkipHandler, iter_documents
+import pyarrow.parquet as pq
+
+from attribution.data.batching import TokenBatch, batch_documents, batch_queries
+from attribution.data.corpus import PARQUET_SUFFIXES, DataError, SkipHandler, iter_documents
+from attribution.data.queries import QUERY_COLUMNS, read_queries
 from attribution.settings import DataSettings
+
+
+def column_names(shard: Path) -> list[str]:
+    """Columns of a Parquet file, or keys of the first record of a JSON Lines file."""
+    if shard.suffix.lower() in PARQUET_SUFFIXES:
+        return pq.read_schema(shard).names
+    with shard.open(encoding="utf-8") as lines:
+        for line in lines:
+            if line.strip():
+                try:
+                    return list(json.loads(line))
+                except (json.JSONDecodeError, TypeError) as error:
+                    raise DataError(f"{shard} row 0: not a JSON object: {error}") from error
+    return []
+
+
+def is_prompt_completion(shards: Sequence[Path]) -> bool:
+    """Fine-tuning data (``id``/``prompt``/``completion`` rows) rather than ``id``/``text`` documents."""
+    return set(QUERY_COLUMNS) <= set(column_names(shards[0]))
+
+
+def training_batches(
+    tokenizer: Any,
+    shards: Sequence[Path],
+    settings: DataSettings,
+    on_skip: SkipHandler,
+    limit: int | None = None,
+) -> Iterator[TokenBatch]:
+    """Batches of the training objective: ``log p(z)`` for documents, ``log p(completion | prompt)``
+    (completion tokens only) for fine-tuning rows, recognised by their columns."""
+    if not is_prompt_completion(shards):
+        yield from document_batches(tokenizer, shards, settings, on_skip, limit)
+        return
+    rows = read_queries(settings.path, on_skip)
+    yield from batch_queries(tokenizer, rows[:limit], settings.batch_size, settings.max_length, on_skip)
 
 
 def document_batches(

@@ -28,6 +28,12 @@ def reciprocal_rank(ranked: Sequence[Ranked], sources: Sequence[str]) -> float:
     return 0.0
 
 
+def recall_at(ranked: Sequence[Ranked], sources: Sequence[str], k: int = 10) -> float:
+    """Share of the true sources among the first k rows."""
+    top = {row.doc_id for row in ranked if row.rank <= k}
+    return len(top & set(sources)) / len(sources)
+
+
 def format_top_documents(queries: Sequence[Query], top: dict[str, list[Ranked]], texts: dict[str, str], show: int) -> str:
     lines = []
     with_sources = [q for q in queries if q.source_ids and q.id in top]

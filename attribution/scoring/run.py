@@ -6,7 +6,6 @@ Writes ``<output_dir>/scores/<run_id>.parquet``, ``<output_dir>/token_scores/<ru
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,24 +14,22 @@ import numpy as np
 import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from attribution.curvature.factors import identity_factors
-from attribution.curvature.precondition import Preconditioner
-from attribution.curvature.store import FactorSet, Manifest, ModuleSpec, load_factors
 from attribution.data.batching import TokenBatch, batch_documents, batch_queries
 from attribution.data.corpus import Skip, iter_documents, list_shards
 from attribution.data.queries import read_queries
 from attribution.data.stream import document_batches
-from attribution.models import TrackedModule, find_tracked_modules, load_model, model_fingerprint
 from attribution.runs import RunRecord
 from attribution.scoring.candidates import CandidateScorer
 from attribution.scoring.query_factors import query_factors
+from attribution.scoring.stages import multi_stage, single_stage
 from attribution.scoring.tables import TOKEN_SCHEMA, score_table, write_part
 from attribution.scoring.topk import Ranked, StreamingTopK
 from attribution.settings import (
     DataSettings,
     FactorSettings,
+    FinetuneSettings,
     ModelSettings,
     QuerySettings,
     ScoreSettings,
@@ -63,25 +60,6 @@ class ScoreSummary:
         )
 
 
-def identity_factor_set(tracked: Sequence[TrackedModule], fingerprint: str) -> FactorSet:
-    """The gradient dot product needs no fitted store."""
-    manifest = Manifest("identity", "true", fingerprint, [ModuleSpec.of(m) for m in tracked], 0, 0, {}, "float64")
-    return FactorSet(manifest, {m.name: identity_factors(m.d_in_augmented, m.d_out, torch.float64, "cpu") for m in tracked})
-
-
-def load_factor_set(settings: FactorSettings, tracked: list[TrackedModule], fingerprint: str, output_dir: Path) -> FactorSet:
-    """The store to precondition with; ``factors.strategy=identity`` needs none."""
-    if settings.strategy == "identity":
-        return identity_factor_set(tracked, fingerprint)
-    factors = load_factors(settings.path or output_dir / "factors", tracked, fingerprint)
-    if factors.manifest.strategy != settings.strategy:
-        raise SettingsError(
-            f"factor store {settings.path or output_dir / 'factors'} holds {factors.manifest.strategy} factors, "
-            f"but factors.strategy={settings.strategy}"
-        )
-    return factors
-
-
 class _SkipOnce:
     """Records each skip once, although every query batch streams the corpus again."""
 
@@ -104,6 +82,7 @@ def run_score(
     score_settings: ScoreSettings,
     output_dir: str | Path,
     config: dict[str, Any],
+    finetune_settings: FinetuneSettings = FinetuneSettings(),
 ) -> ScoreSummary:
     if model_settings.path is None or data_settings.path is None or query_settings.path is None:
         raise SettingsError("model.path, data.path and queries.path must be set (the jobs fill them in with the demo)")
@@ -111,13 +90,14 @@ def run_score(
     record = RunRecord(job="score", config=config)
     device = resolve_device(model_settings.device)
     dtype = torch_dtype(score_settings.dtype)
-    model, tokenizer = load_model(model_settings.path, model_settings.trust_remote_code, torch_dtype(model_settings.dtype), device)
-    tracked = find_tracked_modules(model, model_settings.tracked_modules)
-    fingerprint = model_fingerprint(model, tracked)
-    factors = load_factor_set(factor_settings, tracked, fingerprint, output_dir)
-    preconditioner = Preconditioner(factors, factor_settings.damping, device)
-    method = factors.manifest.strategy
-    record.fingerprints = {"model": fingerprint, "factors_created": factors.manifest.created}
+    if finetune_settings.enabled:
+        stages = multi_stage(model_settings, finetune_settings, factor_settings, output_dir, device)
+    else:
+        stages = single_stage(model_settings, factor_settings, output_dir, device)
+    model, tokenizer, tracked, method = stages.candidate_model, stages.candidate_tokenizer, stages.tracked, stages.method
+    record.fingerprints = stages.fingerprints
+    record.config["modules"] = [m.name for m in tracked]
+    record.config["excluded_modules"] = stages.excluded_modules
     skip_once = _SkipOnce(record)
     queries = read_queries(query_settings.path, on_skip=skip_once)
     shards = list_shards(data_settings.path)
@@ -127,8 +107,11 @@ def run_score(
     negative: list[Ranked] = []
     token_rows: list[dict[str, Any]] = []
     counts = {"queries": len(queries), "queries_scored": 0, "documents_scored": 0, "query_batches": 0}
-    for query_batch in batch_queries(tokenizer, queries, score_settings.query_batch_size, data_settings.max_length, skip_once):
-        query_set, rejected = query_factors(model, tracked, query_batch.to(device), preconditioner.apply, score_settings.rank)
+    query_batches = batch_queries(stages.query_tokenizer, queries, score_settings.query_batch_size, data_settings.max_length, skip_once)
+    for query_batch in query_batches:
+        query_set, rejected = query_factors(
+            stages.query_model, stages.query_tracked, query_batch.to(device), stages.precondition, score_settings.rank
+        )
         for query_id in rejected:
             skip_once(Skip(query_id, str(query_settings.path), None, NON_FINITE_QUERY))
         if not query_set.query_ids:
@@ -170,9 +153,10 @@ def run_score(
         "data": asdict(data_settings),
         "factors": asdict(factor_settings),
         "queries": asdict(query_settings),
+        "finetune": asdict(finetune_settings),
         "score": asdict(score_settings),
     }
-    record.config["damping"] = preconditioner.damping
+    record.config["damping"] = stages.damping
     record_path = record.write(output_dir)
     top_by_query: dict[str, list[Ranked]] = {}
     for row in positive:

@@ -12,7 +12,7 @@ from attribution.models import find_tracked_modules
 from attribution.scoring.candidates import CandidateScorer
 from attribution.scoring.contraction import ModuleContraction, choose_contraction
 from attribution.scoring.query_factors import ModuleQueryFactors, compress, query_factors
-from attribution.scoring.run import identity_factor_set
+from attribution.scoring.stages import identity_factor_set
 from attribution.scoring.topk import StreamingTopK
 from tests.curvature.test_fit import fit
 from tests.tiny import make_batch, query_batch, random_sequences, tiny_model

@@ -1,0 +1,136 @@
+"""Which model gives the query gradients, which the candidate gradients, and what preconditions between them.
+
+Single stage: ``I(q, z) = grad m(q)^T (G + lambda I)^{-1} grad log p(z)``, one model.
+Multi-stage (Bao et al. 2025):
+
+    I(q, z) = grad m(q; theta_ft)^T (G_ft + lambda_ft I)^{-1} (G_pt + lambda_pt I)^{-1} grad log p(z; theta_pt).
+
+Both inverses are symmetric, so both go on the query side,
+``P_q = (G_pt + lambda_pt I)^{-1} (G_ft + lambda_ft I)^{-1} grad m(q; theta_ft)``, and the
+candidate hot path is the single-stage one on the pretrained model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from attribution.curvature.factors import identity_factors
+from attribution.curvature.precondition import Preconditioner
+from attribution.curvature.store import FactorSet, Manifest, ModuleSpec, load_factors
+from attribution.models import TrackedModule, find_tracked_modules, load_model, model_fingerprint
+from attribution.settings import FactorSettings, FinetuneSettings, ModelSettings, SettingsError, torch_dtype
+
+
+@dataclass
+class Stages:
+    """Everything the scoring loop needs to know about models and preconditioning."""
+
+    candidate_model: PreTrainedModel
+    candidate_tokenizer: PreTrainedTokenizerBase
+    query_model: PreTrainedModel
+    query_tokenizer: PreTrainedTokenizerBase
+    tracked: list[TrackedModule]  # candidate side, in layer-score order
+    query_tracked: list[TrackedModule]  # same names, on the query model
+    precondition: Callable[[str, torch.Tensor], torch.Tensor]
+    method: str
+    fingerprints: dict[str, str]
+    damping: dict[str, dict[str, float]]
+    excluded_modules: list[dict[str, str]] = field(default_factory=list)
+
+
+def identity_factor_set(tracked: list[TrackedModule], fingerprint: str) -> FactorSet:
+    """The gradient dot product needs no fitted store."""
+    manifest = Manifest("identity", "true", fingerprint, [ModuleSpec.of(m) for m in tracked], 0, 0, {}, "float64")
+    return FactorSet(manifest, {m.name: identity_factors(m.d_in_augmented, m.d_out, torch.float64, "cpu") for m in tracked})
+
+
+def load_factor_set(settings: FactorSettings, path: str | Path, tracked: list[TrackedModule], fingerprint: str) -> FactorSet:
+    """The store to precondition with; ``factors.strategy=identity`` needs none."""
+    if settings.strategy == "identity":
+        return identity_factor_set(tracked, fingerprint)
+    factors = load_factors(path, tracked, fingerprint)
+    if factors.manifest.strategy != settings.strategy:
+        raise SettingsError(f"factor store {path} holds {factors.manifest.strategy} factors, but factors.strategy={settings.strategy}")
+    return factors
+
+
+def single_stage(model_settings: ModelSettings, factor_settings: FactorSettings, output_dir: Path, device: torch.device) -> Stages:
+    model, tokenizer = _load(model_settings.path, model_settings, device)
+    tracked = find_tracked_modules(model, model_settings.tracked_modules)
+    fingerprint = model_fingerprint(model)
+    factors = load_factor_set(factor_settings, factor_settings.path or output_dir / "factors", tracked, fingerprint)
+    preconditioner = Preconditioner(factors, factor_settings.damping, device)
+    return Stages(model, tokenizer, model, tokenizer, tracked, tracked, preconditioner.apply, factors.manifest.strategy,
+                  {"model": fingerprint}, {"model": preconditioner.damping})
+
+
+def multi_stage(
+    model_settings: ModelSettings,
+    finetune_settings: FinetuneSettings,
+    factor_settings: FactorSettings,
+    output_dir: Path,
+    device: torch.device,
+) -> Stages:
+    """Query side on the fine-tuned model, candidates on the pretrained one, over the modules both share."""
+    pretrained, pretrained_tokenizer = _load(model_settings.path, model_settings, device)
+    finetuned, finetuned_tokenizer = _load(finetune_settings.model_path, model_settings, device)
+    if pretrained.config.model_type != finetuned.config.model_type:
+        raise SettingsError(
+            f"fine-tuned model {finetune_settings.model_path} ({finetuned.config.model_type}) is not a descendant of "
+            f"pretrained model {model_settings.path} ({pretrained.config.model_type})"
+        )
+    tracked, query_tracked, excluded = shared_modules(
+        find_tracked_modules(pretrained, model_settings.tracked_modules),
+        find_tracked_modules(finetuned, model_settings.tracked_modules),
+    )
+    if not tracked:
+        raise SettingsError(f"fine-tuned model {finetune_settings.model_path} shares no tracked module with {model_settings.path}")
+    fingerprints = {"model": model_fingerprint(pretrained), "finetuned_model": model_fingerprint(finetuned)}
+    pretrained_factors = load_factor_set(factor_settings, factor_settings.path or output_dir / "factors", tracked, fingerprints["model"])
+    finetuned_factors = load_factor_set(factor_settings, finetune_settings.factors_path, query_tracked, fingerprints["finetuned_model"])
+    pretrained_inverse = Preconditioner(pretrained_factors, factor_settings.damping, device)
+    finetuned_inverse = Preconditioner(finetuned_factors, finetune_settings.damping, device)
+    method = "multi_stage_identity" if factor_settings.strategy == "identity" else "multi_stage"
+    return Stages(pretrained, pretrained_tokenizer, finetuned, finetuned_tokenizer, tracked, query_tracked,
+                  two_stage_inverse(finetuned_inverse, pretrained_inverse),
+                  method, fingerprints, {"model": pretrained_inverse.damping, "finetuned_model": finetuned_inverse.damping},
+                  excluded)
+
+
+def two_stage_inverse(finetuned: Preconditioner, pretrained: Preconditioner) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """``g -> (G_pt + lambda_pt I)^{-1} (G_ft + lambda_ft I)^{-1} g``, per module."""
+
+    def apply(name: str, gradient: torch.Tensor) -> torch.Tensor:
+        return pretrained.apply(name, finetuned.apply(name, gradient))
+
+    return apply
+
+
+def shared_modules(
+    pretrained: list[TrackedModule], finetuned: list[TrackedModule]
+) -> tuple[list[TrackedModule], list[TrackedModule], list[dict[str, str]]]:
+    """Modules present with the same shape in both models, and the others with why they are left out."""
+    by_name = {m.name: m for m in finetuned}
+    kept_pretrained, kept_finetuned, excluded = [], [], []
+    for module in pretrained:
+        other = by_name.pop(module.name, None)
+        if other is None:
+            excluded.append({"module": module.name, "reason": "not in the fine-tuned model"})
+        elif ModuleSpec.of(other) != ModuleSpec.of(module):
+            excluded.append({"module": module.name, "reason": f"shape differs: pretrained {ModuleSpec.of(module)}, fine-tuned {ModuleSpec.of(other)}"})
+        else:
+            kept_pretrained.append(module)
+            kept_finetuned.append(other)
+    excluded += [{"module": name, "reason": "not in the pretrained model"} for name in by_name]
+    return kept_pretrained, kept_finetuned, excluded
+
+
+def _load(path: str | None, settings: ModelSettings, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if path is None:
+        raise SettingsError("a model path is required")
+    return load_model(path, settings.trust_remote_code, torch_dtype(settings.dtype), device)
