@@ -8,14 +8,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from attribution.curvature.fit import FitConfig, fit_factors
-from attribution.curvature.store import save_factors
+import torch
+
+from attribution.curvature.fit import Collective, FitConfig, SingleProcess, fit_factors
+from attribution.curvature.store import FactorSet, save_factors
 from attribution.data.batching import TokenBatch
 from attribution.data.corpus import Skip, list_shards
 from attribution.data.stream import is_prompt_completion, training_batches
 from attribution.models import find_tracked_modules, load_model, model_fingerprint
 from attribution.runs import RunRecord
-from attribution.settings import DataSettings, FactorSettings, ModelSettings, SettingsError, resolve_device, torch_dtype
+from attribution.settings import (
+    ClusterSettings,
+    DataSettings,
+    FactorSettings,
+    ModelSettings,
+    SettingsError,
+    resolve_device,
+    torch_dtype,
+)
 
 
 @dataclass(frozen=True)
@@ -34,32 +44,47 @@ class FitSummary:
         )
 
 
-def run_fit(
+@dataclass
+class StoreFit:
+    """One worker's fit: the all-reduced factors, its skips, and the parameter elements it held."""
+
+    factors: FactorSet
+    skips: list[Skip]
+    parameters_held: int
+
+
+def fit_store(
     model_settings: ModelSettings,
     data_settings: DataSettings,
     factor_settings: FactorSettings,
-    output_dir: str | Path,
-    config: dict[str, Any],
+    collective: Collective = SingleProcess(),
     progress: bool = True,
-) -> FitSummary:
-    """Fit and save the factor store named by ``factor_settings.path`` (default ``output_dir/factors``)."""
+    shard_model: bool = False,
+) -> StoreFit:
+    """This worker's part of a fit: its share of the sample, all-reduced with the others.
+
+    ``shard_model`` shards the parameters over the collective's process group (FSDP2).
+    """
     if model_settings.path is None or data_settings.path is None:
         raise SettingsError("model.path and data.path must be set (the jobs fill them in with the demo)")
-    record = RunRecord(job="fit_factors", config=config)
     device = resolve_device(model_settings.device)
     model, tokenizer = load_model(model_settings.path, model_settings.trust_remote_code, torch_dtype(model_settings.dtype), device)
     tracked = find_tracked_modules(model, model_settings.tracked_modules)
+    # The fingerprint hashes the full parameters: take it before they are sharded.
     fingerprint = model_fingerprint(model)
-    record.fingerprints["model"] = fingerprint
+    if shard_model:
+        from attribution.distributed.sharding import shard_model as shard
+
+        shard(model)
     shards = list_shards(data_settings.path)
     skips: list[Skip] = []
     passes = itertools.count()
 
     def batches() -> Iterator[TokenBatch]:
         # Every pass reads the same sample; its skips are recorded once.
-        first_pass = next(passes) == 0
-        on_skip = skips.append if first_pass else _ignore
-        yield from training_batches(tokenizer, shards, data_settings, on_skip, limit=factor_settings.max_sequences)
+        on_skip = skips.append if next(passes) == 0 else _ignore
+        yield from training_batches(tokenizer, shards, data_settings, on_skip, factor_settings.max_sequences,
+                                    collective.rank, collective.world_size)
 
     fit_config = FitConfig(
         strategy=factor_settings.strategy,
@@ -75,26 +100,66 @@ def run_fit(
         "max_sequences": factor_settings.max_sequences,
         "max_length": data_settings.max_length,
         "seed": factor_settings.seed,
+        "workers": collective.world_size,
     }
-    factors = fit_factors(model, tracked, batches, fit_config, fingerprint, description)
+    factors = fit_factors(model, tracked, batches, fit_config, fingerprint, description, collective)
+    return StoreFit(factors, skips, parameters_held(model))
+
+
+def parameters_held(model: torch.nn.Module) -> int:
+    """Parameter elements in this process: all of them, or this worker's shards under FSDP."""
+    return sum(getattr(parameter, "to_local", lambda: parameter)().numel() for parameter in model.parameters())
+
+
+def run_fit(
+    model_settings: ModelSettings,
+    data_settings: DataSettings,
+    factor_settings: FactorSettings,
+    output_dir: str | Path,
+    config: dict[str, Any],
+    progress: bool = True,
+    cluster: ClusterSettings = ClusterSettings(num_workers=0),
+) -> FitSummary:
+    """Fit and save the factor store named by ``factor_settings.path`` (default ``output_dir/factors``).
+
+    With ``cluster.num_workers > 0`` the fit runs on that many Ray workers; this process
+    is the one writer of the store.
+    """
+    record = RunRecord(job="fit_factors", config=config)
+    if cluster.uses_ray:
+        from attribution.distributed.fit import fit_on_ray
+
+        parts = fit_on_ray(model_settings, data_settings, factor_settings, cluster)
+        factors = parts[0].factors
+        skips = [skip for part in parts for skip in part.skips]
+        record.config["workers"] = [{"peak_memory_mib": round(part.peak_memory_mib, 1),
+                                     "parameters_held": part.parameters_held} for part in parts]
+    else:
+        fit = fit_store(model_settings, data_settings, factor_settings, progress=progress)
+        factors, skips = fit.factors, fit.skips
     seconds = record.lap("fit")
     factors_path = save_factors(factors, factor_settings.path or Path(output_dir) / "factors")
-    for skip in skips:
+    unique_skips = list(dict.fromkeys(skips))
+    for skip in unique_skips:
         record.skip(skip)
+    record.fingerprints["model"] = factors.manifest.model_fingerprint
     record.counts = {
         "sequences": factors.manifest.num_sequences,
         "tokens": factors.manifest.num_tokens,
-        "skipped": len(skips),
-        "modules": len(tracked),
+        "skipped": len(unique_skips),
+        "modules": len(factors.manifest.modules),
+        "workers": max(cluster.num_workers, 1),
     }
     record.outputs["factors"] = str(factors_path)
     record.config["resolved_settings"] = {
         "model": asdict(model_settings),
         "data": asdict(data_settings),
         "factors": asdict(factor_settings),
+        "cluster": asdict(cluster),
     }
     record_path = record.write(output_dir)
-    return FitSummary(factors_path, record_path, factors.manifest.num_sequences, factors.manifest.num_tokens, len(skips), seconds)
+    return FitSummary(factors_path, record_path, factors.manifest.num_sequences, factors.manifest.num_tokens,
+                      len(unique_skips), seconds)
 
 
 def _ignore(skip: Skip) -> None:

@@ -9,9 +9,18 @@ from typing import Any
 from attribution.data.corpus import list_shards
 from attribution.data.queries import read_queries
 from attribution.fitting import FitSummary, run_fit
+from attribution.prefilter.index import run_build_index
 from attribution.report.top_documents import document_texts, format_top_documents
 from attribution.scoring.run import ScoreSummary, run_score
-from attribution.settings import DataSettings, FactorSettings, ModelSettings, QuerySettings, ScoreSettings
+from attribution.settings import (
+    ClusterSettings,
+    DataSettings,
+    FactorSettings,
+    ModelSettings,
+    PrefilterSettings,
+    QuerySettings,
+    ScoreSettings,
+)
 
 
 def run_pipeline(
@@ -24,14 +33,20 @@ def run_pipeline(
     config: dict[str, Any],
     show_top: int = 3,
     progress: bool = True,
+    prefilter: PrefilterSettings = PrefilterSettings(),
+    cluster: ClusterSettings = ClusterSettings(num_workers=0),
 ) -> tuple[FitSummary | None, ScoreSummary, str]:
-    """Fit the store (unless the strategy is the identity), score, and format the top documents."""
+    """Fit the store (unless the strategy is the identity), build or extend the prefilter index (if any),
+    score, and format the top documents."""
     output_dir = Path(output_dir)
     fit_summary = None
     if factors.strategy != "identity":
-        fit_summary = run_fit(model, data, factors, output_dir, config, progress=progress)
+        fit_summary = run_fit(model, data, factors, output_dir, config, progress, cluster)
         factors = replace(factors, path=str(fit_summary.factors_path))
-    score_summary = run_score(model, data, factors, queries, score, output_dir, config)
+    if prefilter.kind != "none":
+        run_build_index(prefilter, data, output_dir, config)
+    score_summary = run_score(model, data, factors, queries, score, output_dir, config, prefilter_settings=prefilter,
+                              cluster=cluster)
     shown = {row.doc_id for rows in score_summary.top.values() for row in rows[:show_top]}
     texts = document_texts(shown, list_shards(data.path), data.id_field, data.text_field)
     report = format_top_documents(read_queries(queries.path, on_skip=lambda skip: None), score_summary.top, texts, show_top)

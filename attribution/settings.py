@@ -101,6 +101,13 @@ class ScoreSettings:
     token_scores: bool = True
     dtype: str = "float32"
     progress: bool = True
+    # influence: I(q, z) on every document (or the prefilter's candidates); prefilter: the
+    # prefilter's own ranking as the score table (method column = prefilter.kind), for comparison.
+    method: str = "influence"
+
+    def __post_init__(self) -> None:
+        if self.method not in ("influence", "prefilter"):
+            raise SettingsError(f"score.method={self.method!r}; expected influence or prefilter")
 
 
 PREFILTER_KINDS = ("none", "tfidf", "bm25", "dense")
@@ -139,3 +146,23 @@ class PrefilterSettings:
     def index_path(self, output_dir: str | Path) -> Path:
         """Where the index lives: ``path``, else ``<output_dir>/prefilter/<kind>``."""
         return Path(self.path) if self.path is not None else Path(output_dir) / "prefilter" / self.kind
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """``num_workers=0`` runs in this process without Ray (debugging, notebooks, tests)."""
+
+    address: str | None = None
+    num_workers: int = 2
+    # Attempts per shard beyond the first, whether the worker raised or died.
+    max_retries: int = 2
+    # Finish with the shards that did succeed instead of failing the job.
+    allow_failed_shards: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    # Shard the model's parameters over the fit workers (FSDP2) for models too big for one worker.
+    shard_model: bool = False
+
+    @property
+    def uses_ray(self) -> bool:
+        return self.num_workers > 0

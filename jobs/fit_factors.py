@@ -6,14 +6,14 @@ import hydra
 from omegaconf import DictConfig
 
 from attribution.fitting import run_fit
-from jobs.wiring import factor_settings, limit_threads, model_and_data, plain
+from jobs.wiring import cluster_settings, factor_settings, limit_threads, model_and_data, plain
 
 
 @hydra.main(config_path="../conf", config_name="fit_factors", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     limit_threads()
     model, data = model_and_data(cfg)
-    summary = run_fit(model, data, factor_settings(cfg), cfg.output_dir, plain(cfg), progress=cfg.progress)
+    summary = run_fit(model, data, factor_settings(cfg), cfg.output_dir, plain(cfg), cfg.progress, cluster_settings(cfg))
     print(summary.line())
 
 

@@ -6,7 +6,16 @@ import hydra
 from omegaconf import DictConfig
 
 from attribution.pipeline import run_pipeline
-from jobs.wiring import factor_settings, limit_threads, model_and_data, plain, query_settings, score_settings
+from jobs.wiring import (
+    cluster_settings,
+    factor_settings,
+    limit_threads,
+    model_and_data,
+    plain,
+    prefilter_settings,
+    query_settings,
+    score_settings,
+)
 
 
 @hydra.main(config_path="../conf", config_name="pipeline", version_base="1.3")
@@ -15,7 +24,7 @@ def main(cfg: DictConfig) -> None:
     model, data = model_and_data(cfg)
     fit, score, report = run_pipeline(
         model, data, factor_settings(cfg), query_settings(cfg), score_settings(cfg), cfg.output_dir, plain(cfg),
-        show_top=cfg.show_top, progress=cfg.progress,
+        show_top=cfg.show_top, progress=cfg.progress, prefilter=prefilter_settings(cfg), cluster=cluster_settings(cfg),
     )
     print(report)
     if fit is not None:

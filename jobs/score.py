@@ -7,11 +7,13 @@ from omegaconf import DictConfig
 
 from attribution.scoring.run import run_score
 from jobs.wiring import (
+    cluster_settings,
     factor_settings,
     finetune_settings,
     limit_threads,
     model_and_data,
     plain,
+    prefilter_settings,
     query_settings,
     score_settings,
 )
@@ -23,7 +25,7 @@ def main(cfg: DictConfig) -> None:
     model, data = model_and_data(cfg)
     summary = run_score(
         model, data, factor_settings(cfg), query_settings(cfg), score_settings(cfg), cfg.output_dir, plain(cfg),
-        finetune_settings(cfg),
+        finetune_settings(cfg), prefilter_settings(cfg), cluster_settings(cfg),
     )
     print(summary.line())
 

@@ -11,10 +11,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from attribution.demo.train import DemoConfig, DemoPaths, ensure_demo
 from attribution.settings import (
+    ClusterSettings,
     DataSettings,
     FactorSettings,
     FinetuneSettings,
     ModelSettings,
+    PrefilterSettings,
     QuerySettings,
     ScoreSettings,
     from_mapping,
@@ -65,3 +67,11 @@ def factor_settings(cfg: DictConfig) -> FactorSettings:
 
 def finetune_settings(cfg: DictConfig) -> FinetuneSettings:
     return from_mapping(FinetuneSettings, plain(cfg.finetune), "finetune")
+
+
+def prefilter_settings(cfg: DictConfig) -> PrefilterSettings:
+    return from_mapping(PrefilterSettings, plain(cfg.prefilter), "prefilter")
+
+
+def cluster_settings(cfg: DictConfig) -> ClusterSettings:
+    return from_mapping(ClusterSettings, plain(cfg.cluster), "cluster")

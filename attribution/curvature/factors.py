@@ -50,7 +50,7 @@ def eigenvectors(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues and eigenvectors of a symmetric covariance, computed in float64."""
     symmetric = covariance.to(torch.float64)
     values, vectors = torch.linalg.eigh((symmetric + symmetric.T) / 2)
-    return values, vectors
+    return values, vectors.contiguous()
 
 
 def identity_factors(d_in: int, d_out: int, dtype: torch.dtype, device: torch.device | str) -> ModuleFactors:

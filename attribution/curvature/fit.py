@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from attribution.curvature.accumulators import CovarianceSums, EigenvalueSums
@@ -23,9 +23,28 @@ from attribution.curvature.objective import normalise_fisher, pseudo_loss
 from attribution.curvature.store import FactorSet, Manifest, ModuleSpec
 from attribution.data.batching import TokenBatch
 from attribution.models import TrackedModule
+from attribution.progress import progress_bar
 
 BatchSource = Callable[[], Iterable[TokenBatch]]
-AllReduce = Callable[[list[torch.Tensor]], None]
+
+
+class Collective(Protocol):
+    """The workers fitting one store together; ``all_reduce`` sums tensors in place across them."""
+
+    rank: int
+    world_size: int
+
+    def all_reduce(self, tensors: list[torch.Tensor]) -> None: ...
+
+
+class SingleProcess:
+    """One worker: the local sums are the global sums."""
+
+    rank = 0
+    world_size = 1
+
+    def all_reduce(self, tensors: list[torch.Tensor]) -> None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -35,10 +54,6 @@ class FitConfig:
     seed: int = 0
     dtype: torch.dtype = torch.float32
     progress: bool = True
-
-
-def _no_reduce(tensors: list[torch.Tensor]) -> None:
-    """Single process: the local sums are the global sums."""
 
 
 def run_pass(
@@ -58,7 +73,7 @@ def run_pass(
         accumulator.add(module, activations, gradients, current_mask[0])
 
     with GradientCapture(model, tracked, accumulate, dtype=config.dtype):
-        for batch in tqdm(batches, desc=description, unit="batch", disable=not config.progress):
+        for batch in progress_bar(batches, description, "batch", enabled=config.progress):
             batch = batch.to(device)
             current_mask[:] = [batch.attention_mask.bool()]
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -73,11 +88,13 @@ def fit_factors(
     config: FitConfig,
     model_fingerprint: str,
     data_description: dict,
-    all_reduce: AllReduce = _no_reduce,
+    collective: Collective = SingleProcess(),
 ) -> FactorSet:
     """Factors of every tracked module for ``config.strategy``; ``batches()`` is iterated once per pass.
 
-    ``all_reduce`` sums tensors in place across workers after each pass.
+    With several workers, each feeds its own share of the sample through ``batches()``; the
+    sums of each pass are all-reduced, and each worker eigendecomposes every
+    ``world_size``-th module, shared with the others by a summing all-reduce.
     """
     strategy = check_strategy(config.strategy)
     device = next(model.parameters()).device
@@ -88,10 +105,15 @@ def fit_factors(
     else:
         covariances = CovarianceSums(tracked, config.dtype, device)
         run_pass(model, tracked, batches(), covariances, config, "covariance pass")
-        all_reduce(covariances.tensors())
+        collective.all_reduce(covariances.tensors())
         num_tokens, num_sequences = int(covariances.num_tokens.item()), int(covariances.num_sequences.item())
         activation, gradient = covariances.means()
-        modules = {m.name: _eigen_factors(activation[m.name], gradient[m.name], strategy, config.dtype) for m in tracked}
+        modules = {
+            m.name: _eigen_factors(activation[m.name], gradient[m.name], strategy, config.dtype,
+                                   compute=index % collective.world_size == collective.rank)
+            for index, m in enumerate(tracked)
+        }
+        collective.all_reduce([t for f in modules.values() for t in (f.activation_eigenvectors, f.gradient_eigenvectors, f.corrected_eigenvalues)])
         if NEEDS_EIGENVALUE_PASS[strategy]:
             eigenvalues = EigenvalueSums(
                 tracked,
@@ -99,7 +121,7 @@ def fit_factors(
                 {name: f.gradient_eigenvectors for name, f in modules.items()},
             )
             run_pass(model, tracked, batches(), eigenvalues, config, "eigenvalue pass")
-            all_reduce(eigenvalues.tensors())
+            collective.all_reduce(eigenvalues.tensors())
             for name, corrected in eigenvalues.means().items():
                 modules[name].corrected_eigenvalues = corrected
     manifest = Manifest(
@@ -115,13 +137,18 @@ def fit_factors(
     return FactorSet(manifest, modules)
 
 
-def _eigen_factors(activation: torch.Tensor, gradient: torch.Tensor, strategy: str, dtype: torch.dtype) -> ModuleFactors:
-    """Eigenbases for ekfac/kfac, identity bases for diagonal; Lambda is filled in here only for kfac."""
+def _eigen_factors(activation: torch.Tensor, gradient: torch.Tensor, strategy: str, dtype: torch.dtype, compute: bool) -> ModuleFactors:
+    """Eigenbases for ekfac/kfac, identity bases for diagonal; Lambda is filled in here only for kfac.
+
+    A worker that does not own the module returns zeros in their place, for the summing all-reduce.
+    """
+    d_in, d_out = activation.shape[0], gradient.shape[0]
+    like = {"dtype": dtype, "device": activation.device}
+    if not compute:
+        return ModuleFactors(activation, gradient, torch.zeros(d_in, d_in, **like), torch.zeros(d_out, d_out, **like),
+                             torch.zeros(d_out, d_in, **like))
     if strategy == "diagonal":
-        eye_in = torch.eye(activation.shape[0], dtype=dtype, device=activation.device)
-        eye_out = torch.eye(gradient.shape[0], dtype=dtype, device=gradient.device)
-        placeholder = torch.zeros(gradient.shape[0], activation.shape[0], dtype=dtype, device=activation.device)
-        return ModuleFactors(activation, gradient, eye_in, eye_out, placeholder)
+        return ModuleFactors(activation, gradient, torch.eye(d_in, **like), torch.eye(d_out, **like), torch.zeros(d_out, d_in, **like))
     values_a, vectors_a = eigenvectors(activation)
     values_s, vectors_s = eigenvectors(gradient)
     # Round-off can make eigenvalues of a PSD covariance slightly negative.

@@ -41,23 +41,21 @@ def training_batches(
     settings: DataSettings,
     on_skip: SkipHandler,
     limit: int | None = None,
+    worker: int = 0,
+    num_workers: int = 1,
 ) -> Iterator[TokenBatch]:
     """Batches of the training objective: ``log p(z)`` for documents, ``log p(completion | prompt)``
-    (completion tokens only) for fine-tuning rows, recognised by their columns."""
-    if not is_prompt_completion(shards):
-        yield from document_batches(tokenizer, shards, settings, on_skip, limit)
-        return
-    rows = read_queries(settings.path, on_skip)
-    yield from batch_queries(tokenizer, rows[:limit], settings.batch_size, settings.max_length, on_skip)
+    (completion tokens only) for fine-tuning rows, recognised by their columns.
 
+    Of the first ``limit`` items, worker ``w`` of ``n`` takes those at positions ``i`` with
+    ``i mod n = w``: any number of workers covers exactly the single-worker sample.
+    """
+    if is_prompt_completion(shards):
+        items: Iterator[Any] = iter(read_queries(settings.path, on_skip))
+        to_batches: Any = batch_queries
+    else:
+        items = iter_documents(shards, settings.id_field, settings.text_field, on_skip=on_skip)
+        to_batches = batch_documents
+    share = itertools.islice(itertools.islice(items, limit), worker, None, num_workers)
+    yield from to_batches(tokenizer, share, settings.batch_size, settings.max_length, on_skip)
 
-def document_batches(
-    tokenizer: Any,
-    shards: Sequence[Path],
-    settings: DataSettings,
-    on_skip: SkipHandler,
-    limit: int | None = None,
-) -> Iterator[TokenBatch]:
-    """Stream the first ``limit`` documents (all when None) of ``shards`` as padded batches."""
-    documents = iter_documents(shards, settings.id_field, settings.text_field, on_skip=on_skip)
-    yield from batch_documents(tokenizer, itertools.islice(documents, limit), settings.batch_size, settings.max_length, on_skip)

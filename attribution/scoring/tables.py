@@ -55,6 +55,18 @@ def score_table(rows: Sequence[Ranked], run_id: str, direction: str, method: str
     )
 
 
+def read_ranked(path: str | Path, direction: str = "positive") -> dict[str, list[Ranked]]:
+    """The rows of one direction of a score table, per query, in rank order."""
+    table = pq.read_table(path, filters=[("direction", "=", direction)])
+    ranked: dict[str, list[Ranked]] = {}
+    for row in sorted(table.to_pylist(), key=lambda r: (r["query_id"], r["rank"])):
+        ranked.setdefault(row["query_id"], []).append(
+            Ranked(row["query_id"], row["rank"], row["doc_id"], row["shard"], row["score"],
+                   np.asarray(row["layer_scores"], dtype=np.float32))
+        )
+    return ranked
+
+
 def write_part(table: pa.Table, directory: str | Path, name: str) -> Path:
     """Write ``directory/name.parquet`` through a hidden temporary file and a rename.
 

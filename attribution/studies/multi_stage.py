@@ -1,4 +1,4 @@
-"""Fact tracing on the demo's fine-tuned model: multi-stage vs single-stage vs gradient dot product.
+"""Fact tracing on the demo's fine-tuned model: multi-stage vs single-stage vs gradient dot product vs BM25.
 
 The fine-tuned demo model answers questions about facts it saw only in pretraining
 documents; each ``finetune_queries.jsonl`` row names the documents that state its fact.
@@ -11,12 +11,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from attribution.data.corpus import list_shards
 from attribution.data.queries import read_queries
 from attribution.demo.train import DemoPaths
 from attribution.fitting import run_fit
+from attribution.prefilter.index import update_index
 from attribution.report.top_documents import recall_at, reciprocal_rank
 from attribution.scoring.run import ScoreSummary, run_score
-from attribution.settings import DataSettings, FactorSettings, FinetuneSettings, ModelSettings, QuerySettings, ScoreSettings
+from attribution.settings import (
+    DataSettings,
+    FactorSettings,
+    FinetuneSettings,
+    ModelSettings,
+    PrefilterSettings,
+    QuerySettings,
+    ScoreSettings,
+)
 
 
 @dataclass(frozen=True)
@@ -53,28 +63,34 @@ def run_study(demo: DemoPaths, dampings: list[float | None], output_dir: Path, r
     }
     scores = output_dir / "scores"
 
-    def measure(method: str, damping: float | None, summary: ScoreSummary) -> StudyRow:
+    def measure(method: str, damping: str, summary: ScoreSummary) -> StudyRow:
         mrr, recall = fact_tracing(summary, Path(queries.path))
-        return StudyRow(method, "heuristic" if damping is None else f"{damping:g}", mrr, recall, summary.seconds)
+        return StudyRow(method, damping, mrr, recall, summary.seconds)
 
     rows = []
     for damping in dampings:
+        label = "heuristic" if damping is None else f"{damping:g}"
         multi = run_score(pretrained, corpus, FactorSettings(path=str(stores["pretrained"].factors_path), damping=damping),
                           queries, score, scores, {},
                           FinetuneSettings(str(demo.finetuned_model_dir), str(stores["finetuned_on_finetune_data"].factors_path), damping))
-        rows.append(measure("multi-stage EK-FAC", damping, multi))
+        rows.append(measure("multi-stage EK-FAC", label, multi))
         single = run_score(finetuned, corpus, FactorSettings(path=str(stores["finetuned_on_corpus"].factors_path), damping=damping),
                            queries, score, scores, {})
-        rows.append(measure("single-stage EK-FAC (fine-tuned)", damping, single))
+        rows.append(measure("single-stage EK-FAC (fine-tuned)", label, single))
     identity = FactorSettings(strategy="identity")
     multi_dot = run_score(pretrained, corpus, identity, queries, score, scores, {},
                           FinetuneSettings(str(demo.finetuned_model_dir), str(stores["finetuned_on_finetune_data"].factors_path)))
-    rows.append(measure("multi-stage gradient dot product", None, multi_dot))
-    rows.append(measure("gradient dot product (fine-tuned)", None, run_score(finetuned, corpus, identity, queries, score, scores, {})))
+    rows.append(measure("multi-stage gradient dot product", "-", multi_dot))
+    rows.append(measure("gradient dot product (fine-tuned)", "-", run_score(finetuned, corpus, identity, queries, score, scores, {})))
+    bm25 = PrefilterSettings(kind="bm25", path=str(output_dir / "bm25"))
+    update_index(bm25.path, bm25, corpus, list_shards(corpus.path), on_skip=lambda skip: None)
+    bm25_ranking = run_score(pretrained, corpus, FactorSettings(), queries, ScoreSettings(method="prefilter", top_k=score.top_k),
+                             scores, {}, prefilter_settings=bm25)
+    rows.append(measure("BM25 (prompt + answer)", "-", bm25_ranking))
     return rows
 
 
 def format_table(rows: list[StudyRow]) -> str:
-    lines = [f"| method | damping | MRR | Recall@10 | seconds |", "|---|---|---|---|---|"]
+    lines = ["| method | damping | MRR | Recall@10 | seconds |", "|---|---|---|---|---|"]
     lines += [f"| {r.method} | {r.damping} | {r.mrr:.3f} | {r.recall_at_10:.3f} | {r.seconds:.1f} |" for r in rows]
     return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""Factor fitting on Ray: one actor per worker, joined in a torch.distributed process group.
+
+Each worker fits on its share of the sample; covariance and eigenvalue sums are all-reduced
+(gloo on CPU, nccl on GPU), eigendecompositions are spread over the workers by module, and
+the driver, the one writer, receives rank 0's factors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+import torch
+import torch.distributed as dist
+
+from attribution.curvature.store import FactorSet
+from attribution.data.corpus import Skip
+from attribution.distributed.cluster import free_port, peak_memory_mib, prepare_worker_process, ray_session
+from attribution.fitting import fit_store
+from attribution.settings import ClusterSettings, DataSettings, FactorSettings, ModelSettings
+
+
+class TorchCollective:
+    """The process group of this worker: sums in place across all workers."""
+
+    def __init__(self) -> None:
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def all_reduce(self, tensors: list[torch.Tensor]) -> None:
+        for tensor in tensors:
+            if tensor.is_contiguous():
+                dist.all_reduce(tensor)
+            else:
+                # The backends reduce raw memory: a strided tensor (eigh returns column-major
+                # eigenvectors) would be summed against another rank's row-major copy.
+                reduced = tensor.contiguous()
+                dist.all_reduce(reduced)
+                tensor.copy_(reduced)
+
+
+@dataclass
+class WorkerFit:
+    """What one worker sends back: the factors (rank 0 only), its skips, and its footprint."""
+
+    factors: FactorSet | None
+    skips: list[Skip]
+    parameters_held: int
+    peak_memory_mib: float
+
+
+@ray.remote
+class FitWorker:
+    def __init__(self) -> None:
+        prepare_worker_process()
+
+    def rendezvous(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), free_port()
+
+    def fit(
+        self,
+        rank: int,
+        world_size: int,
+        address: str,
+        port: int,
+        model_settings: ModelSettings,
+        data_settings: DataSettings,
+        factor_settings: FactorSettings,
+        shard_model: bool,
+    ) -> WorkerFit:
+        backend = "nccl" if torch.cuda.is_available() and model_settings.device != "cpu" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size)
+        try:
+            fit = fit_store(model_settings, data_settings, factor_settings, TorchCollective(),
+                            progress=rank == 0, shard_model=shard_model)
+        finally:
+            dist.destroy_process_group()
+        peak = peak_memory_mib()
+        if rank != 0:
+            return WorkerFit(None, fit.skips, fit.parameters_held, peak)
+        on_cpu = {name: f.to("cpu", f.corrected_eigenvalues.dtype) for name, f in fit.factors.modules.items()}
+        return WorkerFit(FactorSet(fit.factors.manifest, on_cpu), fit.skips, fit.parameters_held, peak)
+
+
+def fit_on_ray(
+    model_settings: ModelSettings,
+    data_settings: DataSettings,
+    factor_settings: FactorSettings,
+    cluster: ClusterSettings,
+) -> list[WorkerFit]:
+    """Every worker's part, by rank; rank 0's holds the factors."""
+    with ray_session(cluster):
+        options = {"num_cpus": cluster.cpus_per_worker, "num_gpus": cluster.gpus_per_worker}
+        workers = [FitWorker.options(**options).remote() for _ in range(cluster.num_workers)]
+        try:
+            address, port = ray.get(workers[0].rendezvous.remote())
+            results = ray.get([
+                worker.fit.remote(rank, len(workers), address, port, model_settings, data_settings, factor_settings,
+                                  cluster.shard_model)
+                for rank, worker in enumerate(workers)
+            ])
+        finally:
+            for worker in workers:
+                ray.kill(worker)
+    return results

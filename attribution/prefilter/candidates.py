@@ -1,0 +1,76 @@
+"""Prefilter candidates for influence scoring: per query, the documents it may rank.
+
+A query batch streams only the union of its queries' candidates (read from the shards that
+hold them), scores them in one pass, and :meth:`Candidates.mask` keeps each query's ranking
+to its own candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attribution.data.queries import Query
+from attribution.prefilter.index import open_index
+from attribution.prefilter.ranking import Hit
+from attribution.settings import PrefilterSettings
+
+
+def query_text(query: Query) -> str:
+    """What retrieval matches documents against: the prompt and its completion, as one text."""
+    return query.prompt + query.completion
+
+
+@dataclass
+class Candidates:
+    """Each query's top-M documents from the index at ``index``, out of ``searched`` documents."""
+
+    index: str
+    kind: str
+    top_m: int
+    searched: int
+    hits: dict[str, list[Hit]]
+
+    def union(self, query_ids: Sequence[str]) -> dict[str, str]:
+        """doc_id -> shard of every candidate of these queries."""
+        return {hit.doc_id: hit.shard for query_id in query_ids for hit in self.hits.get(query_id, [])}
+
+    def mask(self, query_ids: Sequence[str], doc_ids: Sequence[str]) -> np.ndarray:
+        """(documents, queries) bool: True where the document is a candidate of the query."""
+        sets = [{hit.doc_id for hit in self.hits.get(query_id, [])} for query_id in query_ids]
+        return np.array([[doc_id in allowed for allowed in sets] for doc_id in doc_ids], dtype=bool).reshape(
+            len(doc_ids), len(query_ids)
+        )
+
+    def counts(self) -> dict[str, int]:
+        """Documents kept by each stage: searched by the prefilter, candidate pairs, distinct candidates."""
+        return {
+            "prefilter_searched_documents": self.searched,
+            "prefilter_candidates": sum(len(hits) for hits in self.hits.values()),
+            "prefilter_union": len(self.union(list(self.hits))),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "kind": self.kind,
+            "top_m": self.top_m,
+            "candidates_per_query": {query_id: len(hits) for query_id, hits in self.hits.items()},
+        }
+
+
+def retrieve_candidates(
+    settings: PrefilterSettings, queries: Sequence[Query], corpus: Sequence[Path], output_dir: str | Path
+) -> Candidates | None:
+    """The top ``prefilter.top_m`` documents of ``corpus`` per query; None when ``prefilter.kind=none``."""
+    if settings.kind == "none":
+        return None
+    directory = settings.index_path(output_dir)
+    index = open_index(directory, settings, corpus)
+    hits = index.top_m([query_text(query) for query in queries], settings.top_m)
+    searched = sum(index.manifest.shards[position].documents for position in index.selection)
+    return Candidates(str(directory), settings.kind, settings.top_m, searched, {q.id: h for q, h in zip(queries, hits)})

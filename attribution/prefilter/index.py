@@ -1,0 +1,192 @@
+"""Build, extend and open prefilter indexes of any kind.
+
+``update_index`` creates the index at a directory or adds the corpus shards it lacks (the
+nightly sweep); ``open_index`` checks it against the settings and the corpus to be searched
+and returns a retriever with ``top_m(texts, m) -> [[Hit(doc_id, score, shard), ...] per text]``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from attribution.data.corpus import Document, IdRegistry, SkipHandler, iter_documents, list_shards
+from attribution.prefilter import dense, sparse
+from attribution.prefilter.manifest import (
+    MANIFEST_NAME,
+    IndexManifest,
+    PrefilterError,
+    json_fingerprint,
+    read_manifest,
+    select_shards,
+    shard_fingerprint,
+    write_manifest,
+)
+from attribution.prefilter.ranking import Hit
+from attribution.runs import RunRecord
+from attribution.settings import DataSettings, PrefilterSettings, SettingsError
+
+
+class Retriever(Protocol):
+    manifest: IndexManifest
+    # Position in manifest.shards -> current path of each shard searched.
+    selection: Mapping[int, str]
+
+    def top_m(self, texts: Sequence[str], m: int) -> list[list[Hit]]: ...
+
+
+@dataclass
+class UpdateSummary:
+    path: Path
+    kind: str
+    shards_added: int
+    documents_added: int
+    shards: int
+    documents: int
+    seconds: float
+    already_indexed: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        rate = self.documents_added / self.seconds if self.seconds else 0.0
+        return (
+            f"{self.kind} index {self.path}: added {self.shards_added} shard(s), {self.documents_added} documents "
+            f"in {self.seconds:.1f} s ({rate:.0f} documents/s); now {self.shards} shard(s), {self.documents} documents"
+        )
+
+
+def _require_kind(settings: PrefilterSettings) -> str:
+    if settings.kind == "none":
+        raise SettingsError("prefilter.kind=none has no index: choose tfidf, bm25 or dense")
+    return settings.kind
+
+
+def encoder_identity(settings: PrefilterSettings) -> tuple[dict[str, Any], str]:
+    """How text becomes index entries, and its fingerprint (for dense: a hash of the model's files)."""
+    if _require_kind(settings) == "dense":
+        return dense.encoder_description(settings), dense.model_fingerprint(dense.model_directory(settings.model))
+    description = sparse.encoder_description(settings)
+    return description, json_fingerprint(description)
+
+
+def _structure(settings: PrefilterSettings) -> dict[str, Any]:
+    return dense.structure_description(settings) if settings.kind == "dense" else {}
+
+
+def _check_encoder(directory: Path, manifest: IndexManifest, settings: PrefilterSettings) -> None:
+    if manifest.kind != settings.kind:
+        raise PrefilterError(f"prefilter index {directory} is a {manifest.kind} index, but prefilter.kind={settings.kind}")
+    description, fingerprint = encoder_identity(settings)
+    if fingerprint != manifest.encoder_fingerprint:
+        raise PrefilterError(
+            f"prefilter index {directory} was built with another encoder: {manifest.encoder} "
+            f"(fingerprint {manifest.encoder_fingerprint}); the settings ask for {description} (fingerprint {fingerprint})"
+        )
+
+
+def update_index(
+    directory: str | Path,
+    settings: PrefilterSettings,
+    data: DataSettings,
+    shards: Sequence[Path],
+    on_skip: SkipHandler,
+) -> UpdateSummary:
+    """Create the index at ``directory`` over ``shards``, or add those it does not hold yet.
+
+    Shards are identified by content (sha256), so one already indexed is never read again;
+    the index must have been built with the same kind, encoder, FAISS structure and fields.
+    """
+    _require_kind(settings)
+    started = time.perf_counter()
+    directory = Path(directory)
+    if (directory / MANIFEST_NAME).exists():
+        manifest = read_manifest(directory)
+        _check_encoder(directory, manifest, settings)
+        wanted = (_structure(settings), data.id_field, data.text_field)
+        if wanted != (manifest.structure, manifest.id_field, manifest.text_field):
+            raise PrefilterError(
+                f"prefilter index {directory} was built with index structure {manifest.structure} and fields "
+                f"{manifest.id_field!r}/{manifest.text_field!r}; these settings ask for {wanted[0]} and "
+                f"{data.id_field!r}/{data.text_field!r}: use the same, or another prefilter.path"
+            )
+    else:
+        description, fingerprint = encoder_identity(settings)
+        manifest = IndexManifest(settings.kind, data.id_field, data.text_field, description, fingerprint, _structure(settings))
+    indexed = {shard.fingerprint for shard in manifest.shards}
+    new = [(path, fingerprint) for path in shards if (fingerprint := shard_fingerprint(path)) not in indexed]
+    already = [str(path) for path in shards if path not in dict(new)]
+    documents_before = manifest.documents
+    if new:
+        (directory / "shards").mkdir(parents=True, exist_ok=True)
+        builder = _builder(directory, manifest, settings)
+        registry = IdRegistry()
+        for path, fingerprint in new:
+            stem = f"shards/{len(manifest.shards):06d}"
+            documents = _unique(iter_documents([path], data.id_field, data.text_field, on_skip=on_skip), registry)
+            manifest.shards.append(builder.add_shard(path, fingerprint, stem, documents))
+        previous = dict(manifest.files)
+        manifest.generation += 1
+        manifest.files = builder.finish(manifest.generation)
+        write_manifest(directory, manifest)
+        for name in previous.values():
+            (directory / name).unlink(missing_ok=True)
+    return UpdateSummary(
+        directory, settings.kind, len(new), manifest.documents - documents_before, len(manifest.shards),
+        manifest.documents, time.perf_counter() - started, already,
+    )
+
+
+def _unique(documents: Iterable[Document], registry: IdRegistry) -> Iterator[Document]:
+    """Ids must be unique across the shards of one build, as they must be within a scoring run."""
+    for doc in documents:
+        registry.add(doc.id, Path(doc.shard), doc.row)
+        yield doc
+
+
+def _builder(directory: Path, manifest: IndexManifest, settings: PrefilterSettings) -> sparse.SparseBuilder | dense.DenseBuilder:
+    if manifest.kind == "dense":
+        return dense.DenseBuilder(directory, manifest, settings)
+    return sparse.SparseBuilder(directory, manifest)
+
+
+def open_index(directory: str | Path, settings: PrefilterSettings, corpus: Sequence[Path] | None = None) -> Retriever:
+    """The index at ``directory``, checked against ``settings``; searching only ``corpus`` (all shards if None).
+
+    PrefilterError, naming the directory, when it is missing or corrupt, of another kind,
+    built with another encoder, or lacks a shard of ``corpus``.
+    """
+    _require_kind(settings)
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    _check_encoder(directory, manifest, settings)
+    if corpus is None:
+        selection = {position: shard.path for position, shard in enumerate(manifest.shards)}
+    else:
+        selection = select_shards(directory, manifest, corpus)
+    opener: Callable[..., Retriever] = dense.DenseIndex if manifest.kind == "dense" else sparse.SparseIndex
+    return opener(directory, manifest, settings, selection)
+
+
+def run_build_index(
+    settings: PrefilterSettings, data: DataSettings, output_dir: str | Path, config: dict[str, Any]
+) -> UpdateSummary:
+    """The build_index job: create or extend the index, and write ``runs/<run_id>.json`` with every skip."""
+    if data.path is None:
+        raise SettingsError("data.path must be set (the jobs fill it in with the demo corpus)")
+    record = RunRecord(job="build_index", config=config)
+    directory = settings.index_path(output_dir)
+    summary = update_index(directory, settings, data, list_shards(data.path), record.skip)
+    record.lap("build")
+    record.counts = {
+        "shards_added": summary.shards_added,
+        "documents_added": summary.documents_added,
+        "shards": summary.shards,
+        "documents": summary.documents,
+        "skipped": len(record.skips),
+    }
+    record.config["already_indexed_shards"] = summary.already_indexed
+    record.outputs = {"index": str(directory)}
+    record.write(output_dir)
+    return summary

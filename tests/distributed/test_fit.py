@@ -1,0 +1,112 @@
+"""Factors from two Ray workers equal factors from one process."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from attribution.curvature.precondition import Preconditioner
+from attribution.curvature.store import load_factors
+from attribution.fitting import run_fit
+from attribution.models import find_tracked_modules, load_model
+from attribution.settings import ClusterSettings, DataSettings, FactorSettings, ModelSettings
+from tests.scoring.test_run import corpus_rows, write_shards
+from tests.tiny import save_tiny_lm
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray for the module, kept on loopback."""
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
+def test_two_workers_equal_one_process(tmp_path, ray_local, strategy):
+    rows = corpus_rows(11)
+    model_dir = save_tiny_lm(tmp_path / "model", [r["text"] for r in rows])
+    # Uneven shards: 7, 1 and 3 documents, with an empty text among them.
+    corpus = write_shards(tmp_path / "corpus", [rows[:7], [{"id": "blank", "text": ""}], rows[7:]])
+    model = ModelSettings(path=str(model_dir), device="cpu", dtype="float64")
+    data = DataSettings(path=corpus, batch_size=3, max_length=16)
+    factors = FactorSettings(strategy=strategy, dtype="float64")
+    single = run_fit(model, data, FactorSettings(**{**factors.__dict__, "path": str(tmp_path / "one")}), tmp_path / "a", {}, progress=False)
+    double = run_fit(model, data, FactorSettings(**{**factors.__dict__, "path": str(tmp_path / "two")}), tmp_path / "b", {},
+                     progress=False, cluster=ClusterSettings(num_workers=2))
+    assert (single.num_sequences, single.num_tokens, single.num_skipped) == (double.num_sequences, double.num_tokens, double.num_skipped)
+    assert single.num_skipped == 1
+    lm, _ = load_model(model_dir)
+    tracked = find_tracked_modules(lm)
+    one = load_factors(single.factors_path, tracked, None)
+    two = load_factors(double.factors_path, tracked, None)
+    for name, left in one.modules.items():
+        right = two.modules[name]
+        for key in ("activation_covariance", "gradient_covariance"):
+            torch.testing.assert_close(right.as_dict()[key], left.as_dict()[key], rtol=1e-9, atol=1e-12, msg=f"{name} {key}")
+    # Eigenvectors are defined up to sign (and rotation within a degenerate eigenspace), so
+    # compare what the factors imply: the damped inverse applied to a vector.
+    generator = torch.Generator().manual_seed(0)
+    for spec in one.manifest.modules:
+        vector = torch.randn(spec.d_out, spec.d_in + spec.bias, generator=generator, dtype=torch.float64)
+        expected = Preconditioner(one, damping=1e-3).apply(spec.name, vector)
+        actual = Preconditioner(two, damping=1e-3).apply(spec.name, vector)
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-8 * float(expected.abs().max()))
+    assert two.manifest.data["workers"] == 2
+
+
+def test_sharded_model_gives_the_same_factors(tmp_path, ray_local):
+    """FSDP2 inside the workers: each holds half of every block's parameters, and the hooks
+    still see full activations and output gradients."""
+    rows = corpus_rows(8)
+    model_dir = save_tiny_lm(tmp_path / "model", [r["text"] for r in rows])
+    corpus = write_shards(tmp_path / "corpus", [rows[:5], rows[5:]])
+    model = ModelSettings(path=str(model_dir), device="cpu", dtype="float64")
+    data = DataSettings(path=corpus, batch_size=2, max_length=16)
+    single = run_fit(model, data, FactorSettings(dtype="float64", path=str(tmp_path / "one")), tmp_path / "a", {}, progress=False)
+    sharded = run_fit(model, data, FactorSettings(dtype="float64", path=str(tmp_path / "two")), tmp_path / "b", {},
+                      progress=False, cluster=ClusterSettings(num_workers=2, shard_model=True))
+    lm, _ = load_model(model_dir)
+    tracked = find_tracked_modules(lm)
+    one = load_factors(single.factors_path, tracked, None)
+    two = load_factors(sharded.factors_path, tracked, None)
+    assert two.manifest.model_fingerprint == one.manifest.model_fingerprint
+    held = [worker["parameters_held"] for worker in json.loads(sharded.run_record.read_text())["config"]["workers"]]
+    total = sum(parameter.numel() for parameter in lm.parameters())
+    assert sum(held) == total and max(held) < 0.6 * total, f"each worker should hold about half: {held} of {total}"
+    for name, left in one.modules.items():
+        torch.testing.assert_close(two.modules[name].activation_covariance, left.activation_covariance, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(two.modules[name].gradient_covariance, left.gradient_covariance, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(two.modules[name].corrected_eigenvalues.sort().values,
+                                   left.corrected_eigenvalues.sort().values, rtol=1e-6, atol=1e-10)
+
+
+def test_shard_model_shards_every_block():
+    """One-process group: every parameter becomes a DTensor, and a model without declared
+    blocks is refused by name."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from attribution.distributed.cluster import free_port
+    from attribution.distributed.sharding import ShardingError, shard_model
+    from tests.tiny import tiny_model
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        lm = tiny_model()
+        assert shard_model(lm) == lm.config.num_hidden_layers
+        assert all(isinstance(parameter, DTensor) for parameter in lm.parameters())
+        undeclared = tiny_model()
+        undeclared._no_split_modules = None
+        with pytest.raises(ShardingError, match="declares no transformer block"):
+            shard_model(undeclared)
+    finally:
+        dist.destroy_process_group()
