@@ -7,6 +7,7 @@ Writes ``<output_dir>/scores/<run_id>.parquet``, ``<output_dir>/token_scores/<ru
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,12 @@ def run_score(
     finetune_settings: FinetuneSettings = FinetuneSettings(),
     prefilter_settings: PrefilterSettings = PrefilterSettings(),
     cluster: ClusterSettings = ClusterSettings(num_workers=0),
+    shards: Sequence[Path] | None = None,
 ) -> ScoreSummary:
     """Score every query against the corpus (or its prefilter candidates) and write the tables.
+
+    ``shards`` restricts the run to these shards (the nightly sweep's new ones) instead of
+    every shard of ``data.path``.
 
     Work is split into (query batch, shard) units run in this process or on a Ray pool; each
     finished unit leaves a completion marker, so a rerun resumes, and a run already finished
@@ -132,7 +137,7 @@ def run_score(
     record.config["excluded_modules"] = stages.excluded_modules
     skip_once = _SkipOnce(record)
     queries = read_queries(query_settings.path, on_skip=skip_once)
-    shards = list_shards(data_settings.path)
+    shards = list(shards) if shards is not None else list_shards(data_settings.path)
     # Per query, the documents influence may rank (None: all); a unit scores their union once.
     candidates = retrieve_candidates(prefilter_settings, queries, shards, output_dir)
     query_sets = []
