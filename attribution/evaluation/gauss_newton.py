@@ -1,0 +1,162 @@
+"""Gauss-Newton-vector products of the language-modelling loss over the tracked parameters.
+
+With ``z_{n,t}`` the logits that predict target position ``t`` of sequence ``n`` (the
+positions of the batch's ``target_mask``), ``p_{n,t} = softmax(z_{n,t})`` and
+``J_{n,t} = dz_{n,t} / dtheta`` over the tracked weights and biases,
+
+    G = (1/N) sum_n sum_t J_{n,t}^T H_{n,t} J_{n,t},      H_{n,t} = diag(p_{n,t}) - p_{n,t} p_{n,t}^T,
+
+with ``N`` the number of sequences. ``H`` is the Hessian of the cross-entropy in the
+logits, and also the covariance of its logit gradient ``p - e_y`` under labels
+``y ~ p``, whose mean is zero. Labels are drawn independently per position given
+the data inputs, so cross-position terms vanish and G equals the expected outer
+product of the per-sequence pseudo-gradient ``g_n = grad sum_t -log p(y_{n,t})``,
+averaged over sequences: the matrix whose eigenvalues EK-FAC fits (SPEC "Math"), on
+the same per-sequence scale.
+
+Each product costs one Jacobian-vector product and one vector-Jacobian product. The
+JVP differentiates the linear map ``u -> J^T u`` (built once with ``create_graph``)
+with respect to ``u``; both graphs are kept per batch, so repeated products (conjugate
+gradient) never re-run the forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from attribution.data.batching import TokenBatch
+from attribution.evaluation.parameters import ParameterLayout
+from attribution.models import TrackedModule
+
+
+def use_eager_attention(model: PreTrainedModel) -> None:
+    """Switch to the eager attention: the same function, built from ops that have
+    double-backward formulas (fused CPU/CUDA attention kernels have none)."""
+    if model.config._attn_implementation != "eager":
+        model.set_attn_implementation("eager")
+
+
+@contextmanager
+def only_these_require_grad(model: nn.Module, parameters: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Differentiate with respect to the tracked parameters only, restoring the flags after."""
+    before = {parameter: parameter.requires_grad for parameter in model.parameters()}
+    try:
+        for parameter in before:
+            parameter.requires_grad_(False)
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        yield
+    finally:
+        for parameter, flag in before.items():
+            parameter.requires_grad_(flag)
+
+
+@dataclass
+class _Linearisation:
+    """One batch's forward graph and the graph of ``u -> J^T u``."""
+
+    logits: torch.Tensor  # (B, T-1, V), the logits that predict positions 1..T-1
+    dual: torch.Tensor  # u, shaped like logits
+    transpose: tuple[torch.Tensor, ...]  # J^T u, one tensor per parameter
+    probabilities: torch.Tensor  # p, detached
+    mask: torch.Tensor  # (B, T-1, 1), 1 on target positions
+
+
+class GaussNewton:
+    """The operator ``V -> G V`` on (Q, P) vectors of :class:`ParameterLayout`.
+
+    ``cache=True`` keeps both graphs of every batch for repeated products (memory
+    about twice a training step's activations per batch); ``cache=False`` rebuilds
+    them per product. ``columns_per_product`` columns share one pass through the
+    graphs. The model is switched to eager attention (see :func:`use_eager_attention`).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tracked: Sequence[TrackedModule],
+        batches: Iterable[TokenBatch],
+        cache: bool = True,
+        columns_per_product: int = 8,
+    ) -> None:
+        use_eager_attention(model)
+        self.model = model
+        self.layout = ParameterLayout(tracked)
+        self.device = next(model.parameters()).device
+        self.batches = [batch.to(self.device) for batch in batches]
+        self.num_sequences = sum(len(batch.ids) for batch in self.batches)
+        if self.num_sequences == 0:
+            raise ValueError("the Gauss-Newton operator needs at least one sequence")
+        self.dtype = next(model.parameters()).dtype
+        # Columns differentiated together: memory grows with it (C copies of the backward's buffers).
+        self.columns_per_product = max(1, columns_per_product)
+        self._cached = [self._linearise(batch) for batch in self.batches] if cache else None
+
+    @property
+    def size(self) -> int:
+        return self.layout.size
+
+    def _linearise(self, batch: TokenBatch) -> _Linearisation:
+        parameters = self.layout.parameters
+        with only_these_require_grad(self.model, parameters), torch.enable_grad():
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+            dual = torch.zeros_like(logits, requires_grad=True)
+            transpose = torch.autograd.grad(logits, parameters, dual, create_graph=True)
+        probabilities = torch.softmax(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        mask = batch.target_mask[:, 1:].unsqueeze(-1).to(probabilities.dtype)
+        return _Linearisation(logits, dual, transpose, probabilities, mask)
+
+    def _linearisations(self) -> Iterator[_Linearisation]:
+        if self._cached is not None:
+            yield from self._cached
+        else:
+            for batch in self.batches:
+                yield self._linearise(batch)
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``G V`` for V of shape (Q, P) (or (P,)), returned in float64."""
+        single = vectors.dim() == 1
+        vectors = vectors.reshape(-1, self.size).to(self.device)
+        result = torch.zeros(vectors.shape, dtype=torch.float64, device=self.device)
+        for lin in self._linearisations():
+            for start in range(0, vectors.shape[0], self.columns_per_product):
+                chunk = vectors[start : start + self.columns_per_product].to(self.dtype)
+                result[start : start + len(chunk)] += self._product(lin, chunk)
+        result /= self.num_sequences
+        return result[0] if single else result
+
+    def _product(self, lin: _Linearisation, chunk: torch.Tensor) -> torch.Tensor:
+        """``sum_t J_t^T H_t J_t v`` of one batch for the (C, P) columns of ``chunk``, float64.
+
+        ``J v`` is the derivative of ``u -> (J^T u) . v`` in ``u``; ``H_t w = p * (w - p . w)``.
+        Columns go through autograd together (``is_grads_batched``, a vmap over the backward
+        graph): one traversal of the graph instead of C.
+        """
+        parameters = self.layout.parameters
+        tangents = self.layout.to_parameter_shapes(chunk)
+        jvp = torch.autograd.grad(lin.transpose, lin.dual, tangents, retain_graph=True, is_grads_batched=True)[0]
+        p = lin.probabilities
+        jvp = jvp.to(p.dtype)
+        curvature = lin.mask * p * (jvp - (p * jvp).sum(-1, keepdim=True))
+        back = torch.autograd.grad(lin.logits, parameters, curvature.to(lin.logits.dtype), retain_graph=True,
+                                   is_grads_batched=True)
+        return self.layout.from_parameter_shapes(back).to(torch.float64)
+
+
+def dense_gauss_newton(operator: GaussNewton, chunk: int = 64) -> torch.Tensor:
+    """The explicit (P, P) matrix, one product per basis vector: for small models only."""
+    size = operator.size
+    columns = []
+    for start in range(0, size, chunk):
+        basis = torch.zeros(min(chunk, size - start), size, dtype=torch.float64)
+        basis[:, start : start + basis.shape[0]] = torch.eye(basis.shape[0], dtype=torch.float64)
+        columns.append(operator(basis))
+    matrix = torch.cat(columns)
+    # Round-off leaves the product slightly asymmetric; G is symmetric by construction.
+    return (matrix + matrix.T) / 2
