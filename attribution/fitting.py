@@ -92,6 +92,7 @@ def fit_store(
         seed=factor_settings.seed,
         dtype=torch_dtype(factor_settings.dtype),
         progress=progress,
+        lockstep=shard_model,
     )
     description = {
         "path": str(data_settings.path),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -54,6 +54,32 @@ class FitConfig:
     seed: int = 0
     dtype: torch.dtype = torch.float32
     progress: bool = True
+    # The model is sharded over the workers (FSDP): every forward gathers parameters from all
+    # of them, so all must run the same number of passes.
+    lockstep: bool = False
+
+
+def in_lockstep(batches: Iterable[TokenBatch], collective: Collective, device: torch.device) -> Iterator[tuple[TokenBatch, bool]]:
+    """``(batch, counts)`` until every worker is out of batches; a worker out before the others
+    replays a ghost (its last batch, or a two-token placeholder) that contributes nothing."""
+    iterator = iter(batches)
+    last: TokenBatch | None = None
+    while True:
+        batch = next(iterator, None)
+        remaining = torch.tensor([0 if batch is None else 1], device=device)
+        collective.all_reduce([remaining])
+        if int(remaining.item()) == 0:
+            return
+        if batch is not None:
+            last = batch
+            yield batch, True
+        else:
+            yield (last if last is not None else _placeholder_batch()), False
+
+
+def _placeholder_batch() -> TokenBatch:
+    return TokenBatch(["ghost"], [""], torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long),
+                      torch.tensor([[False, True]]), [False])
 
 
 def run_pass(
@@ -63,22 +89,28 @@ def run_pass(
     accumulator: CovarianceSums | EigenvalueSums,
     config: FitConfig,
     description: str,
+    collective: Collective = SingleProcess(),
 ) -> None:
     """One forward and backward pass per batch of the pseudo-loss, feeding ``a`` and ``ds`` to the accumulator."""
     device = next(model.parameters()).device
     fisher = normalise_fisher(config.fisher)
     current_mask: list[torch.Tensor] = []
+    counting = [True]
 
     def accumulate(module: TrackedModule, activations: torch.Tensor, gradients: torch.Tensor) -> None:
-        accumulator.add(module, activations, gradients, current_mask[0])
+        if counting[0]:
+            accumulator.add(module, activations, gradients, current_mask[0])
 
+    steps = in_lockstep(batches, collective, device) if config.lockstep else ((batch, True) for batch in batches)
     with GradientCapture(model, tracked, accumulate, dtype=config.dtype):
-        for batch in progress_bar(batches, description, "batch", enabled=config.progress):
+        for batch, counts in progress_bar(steps, description, "batch", enabled=config.progress):
+            counting[0] = counts
             batch = batch.to(device)
             current_mask[:] = [batch.attention_mask.bool()]
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             pseudo_loss(logits, batch, fisher, config.seed).backward()
-            accumulator.count(current_mask[0])
+            if counts:
+                accumulator.count(current_mask[0])
 
 
 def fit_factors(
@@ -104,7 +136,7 @@ def fit_factors(
         modules = {m.name: identity_factors(m.d_in_augmented, m.d_out, config.dtype, device) for m in tracked}
     else:
         covariances = CovarianceSums(tracked, config.dtype, device)
-        run_pass(model, tracked, batches(), covariances, config, "covariance pass")
+        run_pass(model, tracked, batches(), covariances, config, "covariance pass", collective)
         collective.all_reduce(covariances.tensors())
         num_tokens, num_sequences = int(covariances.num_tokens.item()), int(covariances.num_sequences.item())
         activation, gradient = covariances.means()
@@ -120,7 +152,7 @@ def fit_factors(
                 {name: f.activation_eigenvectors for name, f in modules.items()},
                 {name: f.gradient_eigenvectors for name, f in modules.items()},
             )
-            run_pass(model, tracked, batches(), eigenvalues, config, "eigenvalue pass")
+            run_pass(model, tracked, batches(), eigenvalues, config, "eigenvalue pass", collective)
             collective.all_reduce(eigenvalues.tensors())
             for name, corrected in eigenvalues.means().items():
                 modules[name].corrected_eigenvalues = corrected

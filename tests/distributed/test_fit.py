@@ -66,11 +66,13 @@ def test_two_workers_equal_one_process(tmp_path, ray_local, strategy):
 def test_sharded_model_gives_the_same_factors(tmp_path, ray_local):
     """FSDP2 inside the workers: each holds half of every block's parameters, and the hooks
     still see full activations and output gradients."""
-    rows = corpus_rows(8)
+    rows = corpus_rows(7)
     model_dir = save_tiny_lm(tmp_path / "model", [r["text"] for r in rows])
     corpus = write_shards(tmp_path / "corpus", [rows[:5], rows[5:]])
     model = ModelSettings(path=str(model_dir), device="cpu", dtype="float64")
-    data = DataSettings(path=corpus, batch_size=2, max_length=16)
+    # Worker 0 gets 4 documents (2 batches), worker 1 gets 3 (1 batch): every forward of a
+    # sharded model gathers from both, so worker 1 must keep step without counting.
+    data = DataSettings(path=corpus, batch_size=3, max_length=16)
     single = run_fit(model, data, FactorSettings(dtype="float64", path=str(tmp_path / "one")), tmp_path / "a", {}, progress=False)
     sharded = run_fit(model, data, FactorSettings(dtype="float64", path=str(tmp_path / "two")), tmp_path / "b", {},
                       progress=False, cluster=ClusterSettings(num_workers=2, shard_model=True))

@@ -31,6 +31,17 @@ def wait_for(url: str, seconds: float) -> None:
     raise TimeoutError(f"{url} did not answer within {seconds} s")
 
 
+def submit_when_the_agent_is_up(command: list[str], environment: dict[str, str]) -> subprocess.CompletedProcess:
+    """The dashboard answers before the head's job agent is ready, and a loaded machine can take
+    a minute more: a submission refused for that reason (no job was created) is sent again."""
+    deadline = time.monotonic() + 180
+    while True:
+        finished = subprocess.run(command, env=environment, cwd=REPOSITORY, capture_output=True, text=True, timeout=600)
+        if "No available agent to submit job" not in finished.stderr or time.monotonic() > deadline:
+            return finished
+        time.sleep(5)
+
+
 @pytest.fixture
 def ray_head():
     """`ray start --head --block` in its own process group: stopping it stops only this head."""
@@ -71,7 +82,7 @@ def test_fit_job_sent_with_ray_job_submit(tmp_path, ray_head):
         sys.executable, "-m", "jobs.fit_factors", f"model.path={model_dir}", f"data.path={corpus}",
         f"output_dir={tmp_path / 'out'}", "model.device=cpu", "cluster.num_workers=2", "progress=false",
     ]
-    finished = subprocess.run(command, env=environment, cwd=REPOSITORY, capture_output=True, text=True, timeout=600)
+    finished = submit_when_the_agent_is_up(command, environment)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     assert "fitted factors on 9 sequences" in finished.stdout
     manifest = (tmp_path / "out" / "factors" / "manifest.json").read_text()
