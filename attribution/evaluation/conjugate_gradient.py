@@ -15,7 +15,7 @@ A larger shift converges no slower than the base, so the base system sets the st
 point. Columns of a (Q, P) right-hand side are independent systems solved side by
 side; a column stops being multiplied once all its shifts have converged.
 
-A snapshot of every column's solutions is kept when it first meets a looser tolerance
+A snapshot of each damping's solution per column is kept when it first meets a looser tolerance
 (by default 10x the final one; NaN for a column that never does): how much the scores still move between the two says
 whether the stopping tolerance is tight enough.
 """
@@ -84,14 +84,15 @@ def multi_shift_cg(
     iterations = [0] * num_columns
     history = []
     snapshot = None if snapshot_factor is None else torch.zeros_like(x)
-    snapped = torch.zeros(num_columns, dtype=torch.bool, device=b.device)
+    snapped = torch.zeros(len(shifts_sorted), num_columns, dtype=torch.bool, device=b.device)
 
     bar = tqdm(total=max_iterations, desc="conjugate gradient", unit="it", disable=not progress)
     for _ in range(max_iterations):
         residual = zeta.abs() * rr.sqrt()
         if snapshot is not None:
-            newly = (residual <= snapshot_factor * tolerance * b_norm).all(0) & ~snapped
-            snapshot[:, newly] = x[:, newly]
+            # Per damping: a small damping may never meet the looser tolerance that a large one meets.
+            newly = (residual <= snapshot_factor * tolerance * b_norm) & ~snapped
+            snapshot[newly] = x[newly]
             snapped |= newly
         active &= ~(residual <= tolerance * b_norm).all(0)
         if not bool(active.any()):
@@ -122,7 +123,7 @@ def multi_shift_cg(
     if snapshot is not None:
         # A column that never met the snapshot tolerance has no snapshot: NaN, not its last
         # iterate (which would claim a perfect stability).
-        snapshot[:, ~snapped] = float("nan")
+        snapshot[~snapped] = float("nan")
     residuals = torch.full((len(shifts_sorted), num_columns), float("nan"), dtype=torch.float64)
     if check_residuals:
         for k, damping in enumerate(shifts_sorted):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from attribution.data.batching import TokenBatch, batch_documents, batch_queries
 from attribution.data.corpus import Document, iter_documents, list_shards
@@ -166,12 +167,16 @@ def run_evaluate(
                                          truth.seconds, ""), "all")
         detail = _truth_detail(truth, damping)
         if truth.snapshot is not None:
-            # How much the scores still moved since the iterate at the 10x looser tolerance.
-            loose = evaluator.score(Prepared(factors_from_gradients(
-                problem.query_ids, layout.split(truth.snapshot[truth.dampings.index(damping)]), None), 0.0, ""), "all")
-            loose_scores = loose.scores[evaluator.correlation_rows]
-            reached = ~np.isnan(loose_scores).any(0)  # queries whose CG met the looser tolerance
-            moved = mean_per_query(loose_scores[:, reached], exact.scores[evaluator.correlation_rows][:, reached])
+            # How much the scores still moved since the iterate at the 10x looser tolerance; a query
+            # whose CG never met that tolerance has a NaN snapshot and is left out.
+            snapshot = truth.snapshot[truth.dampings.index(damping)]
+            reached = torch.isfinite(snapshot).all(1).cpu().numpy()
+            moved = float("nan")
+            if reached.any():
+                loose = evaluator.score(Prepared(factors_from_gradients(
+                    problem.query_ids, layout.split(torch.nan_to_num(snapshot)), None), 0.0, ""), "all")
+                moved = mean_per_query(loose.scores[evaluator.correlation_rows][:, reached],
+                                       exact.scores[evaluator.correlation_rows][:, reached])
             stability[f"{damping:.3e}"] = moved
             detail += (f"; Spearman with the iterate at {truth.info['snapshot_tolerance']:.0e}: {moved:.3f} "
                        f"({int(reached.sum())} of {len(reached)} queries reached it)")

@@ -119,6 +119,19 @@ def test_cg_ground_truth_equals_dense_and_is_cached(inputs, preconditioner):
     assert [row.spearman for row in again.rows] == pytest.approx([row.spearman for row in cg.rows])
 
 
+@pytest.mark.parametrize("preconditioner", ["ekfac", "none"])
+def test_unconverged_ground_truth_still_gives_a_table(inputs, preconditioner):
+    """Two CG steps meet neither tolerance: the snapshot of every query is NaN, so the stability
+    check is reported as reached by none, and every row is still computed."""
+    methods = (MethodSpec("ekfac", "ekfac"), MethodSpec("identity", "identity"))
+    spec = GroundTruthSpec(kind="cg", tolerance=1e-12, max_iterations=2, preconditioner=preconditioner)
+    summary = evaluate(inputs, f"unconverged-{preconditioner}", settings(ground_truth=spec, methods=methods, compare=(),
+                                                                         damping=DampingSpec(values=(0.01,))))
+    assert [row.method for row in summary.rows] == ["cg", "bm25", "ekfac", "identity"]
+    assert "(0 of 3 queries reached it)" in summary.rows[0].detail
+    assert all(-1.0 <= row.spearman <= 1.0 for row in summary.rows)
+
+
 def test_the_hydra_job_runs_with_the_shipped_config(inputs):
     """``python -m jobs.evaluate`` with conf/evaluate.yaml's methods (LiSSA at equal time included), tiny sizes."""
     output = inputs["root"] / "job"

@@ -65,6 +65,18 @@ def gauss_newton():
     return operator, matrix, right_hand_sides, flat_preconditioner(factors, ParameterLayout(tracked), 1.0), factors, tracked
 
 
+
+def test_snapshot_is_kept_per_damping():
+    """Within a few iterations a large damping meets the looser tolerance and a tiny one does not:
+    the first keeps its snapshot, the second's is NaN."""
+    matrix = random_spd(60, 1e4, seed=0)
+    right_hand_sides = torch.randn(2, 60, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    result = multi_shift_cg(lambda v: v @ matrix, right_hand_sides, [1e-6, 10.0], tolerance=1e-3, max_iterations=6)
+    small, large = result.dampings.index(1e-6), result.dampings.index(10.0)
+    assert result.snapshot is not None
+    assert torch.isfinite(result.snapshot[large]).all()
+    assert torch.isnan(result.snapshot[small]).all()
+
 def test_cg_on_gauss_newton_products_agrees_with_the_dense_solve(gauss_newton):
     """The CG ground truth equals the explicit solve: relative residual below 1e-9 for every damping."""
     operator, matrix, right_hand_sides, *_ = gauss_newton
