@@ -136,8 +136,22 @@ def run_score(
     record.config["modules"] = [m.name for m in stages.tracked]
     record.config["excluded_modules"] = stages.excluded_modules
     skip_once = _SkipOnce(record)
-    queries = read_queries(query_settings.path, on_skip=skip_once)
     shards = list(shards) if shards is not None else list_shards(data_settings.path)
+    # The run key needs no query factors: a finished run is found before any are computed.
+    markers = MarkerStore(output_dir, run_key({
+        "fingerprints": stages.fingerprints,
+        "modules": record.config["modules"],
+        "damping": stages.damping,
+        "queries": [file_fingerprint(path) for path in list_shards(query_settings.path)],
+        "shards": [file_fingerprint(shard) for shard in shards],
+        "data": asdict(data_settings),
+        "score": {**asdict(score_settings), "progress": None},
+        "prefilter": asdict(prefilter_settings),
+    }))
+    finished_record = markers.complete()
+    if finished_record is not None:
+        return finished_summary(finished_record, stages.method)
+    queries = read_queries(query_settings.path, on_skip=skip_once)
     # Per query, the documents influence may rank (None: all); a unit scores their union once.
     candidates = retrieve_candidates(prefilter_settings, queries, shards, output_dir)
     query_sets = []
@@ -152,25 +166,10 @@ def run_score(
             query_sets.append(query_set)
     record.lap("setup")
 
-    markers = MarkerStore(output_dir, run_key({
-        "fingerprints": stages.fingerprints,
-        "modules": record.config["modules"],
-        "damping": stages.damping,
-        "queries": [file_fingerprint(path) for path in list_shards(query_settings.path)],
-        "shards": [file_fingerprint(shard) for shard in shards],
-        "data": asdict(data_settings),
-        "score": {**asdict(score_settings), "progress": None},
-        "prefilter": asdict(prefilter_settings),
-    }))
-    finished_record = markers.complete()
-    if finished_record is not None:
-        return finished_summary(finished_record, stages.method)
-    units = [
-        WorkUnit(index, str(shard))
-        for index, query_set in enumerate(query_sets)
-        for shard in shards
-        if candidates is None or str(shard) in set(candidates.union(query_set.query_ids).values())
-    ]
+    units = []
+    for index, query_set in enumerate(query_sets):
+        holding = None if candidates is None else set(candidates.union(query_set.query_ids).values())
+        units += [WorkUnit(index, str(shard)) for shard in shards if holding is None or str(shard) in holding]
     pending = [unit for unit in units if not markers.done(unit)]
     local = ShardScorer(stages.candidate_model, stages.candidate_tokenizer, stages.tracked, query_sets, data_settings,
                         score_settings, candidates)

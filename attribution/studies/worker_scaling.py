@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from attribution.fitting import run_fit
@@ -42,12 +42,12 @@ def run_scaling(model: ModelSettings, data: DataSettings, queries: QuerySettings
         cluster = ClusterSettings(num_workers=workers)
         directory = output_dir / f"workers-{workers}-{time.strftime('%Y%m%dT%H%M%S')}"
         started = time.perf_counter()
-        fit = run_fit(model, data, FactorSettings(**{**factors.__dict__, "path": str(directory / "factors")}), directory, {},
+        fit = run_fit(model, data, replace(factors, path=str(directory / "factors")), directory, {},
                       progress=False, cluster=cluster)
         timings["fit"].append((workers, time.perf_counter() - started, fit.num_sequences, _peaks(fit.run_record)))
         store = store or fit.factors_path
         started = time.perf_counter()
-        scored = run_score(model, data, FactorSettings(**{**factors.__dict__, "path": str(store)}), queries, score,
+        scored = run_score(model, data, replace(factors, path=str(store)), queries, score,
                            directory, {}, cluster=cluster)
         timings["score"].append((workers, time.perf_counter() - started, scored.counts["documents_scored"], _peaks(scored.run_record)))
     rows = []

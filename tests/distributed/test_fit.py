@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,17 +19,6 @@ from tests.tiny import save_tiny_lm
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray for the module, kept on loopback."""
-    import ray
-
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
 def test_two_workers_equal_one_process(tmp_path, ray_local, strategy):
     rows = corpus_rows(11)
@@ -39,8 +28,8 @@ def test_two_workers_equal_one_process(tmp_path, ray_local, strategy):
     model = ModelSettings(path=str(model_dir), device="cpu", dtype="float64")
     data = DataSettings(path=corpus, batch_size=3, max_length=16)
     factors = FactorSettings(strategy=strategy, dtype="float64")
-    single = run_fit(model, data, FactorSettings(**{**factors.__dict__, "path": str(tmp_path / "one")}), tmp_path / "a", {}, progress=False)
-    double = run_fit(model, data, FactorSettings(**{**factors.__dict__, "path": str(tmp_path / "two")}), tmp_path / "b", {},
+    single = run_fit(model, data, replace(factors, path=str(tmp_path / "one")), tmp_path / "a", {}, progress=False)
+    double = run_fit(model, data, replace(factors, path=str(tmp_path / "two")), tmp_path / "b", {},
                      progress=False, cluster=ClusterSettings(num_workers=2))
     assert (single.num_sequences, single.num_tokens, single.num_skipped) == (double.num_sequences, double.num_tokens, double.num_skipped)
     assert single.num_skipped == 1

@@ -15,7 +15,6 @@ from attribution.fitting import run_fit
 from attribution.scoring.run import ShardFailure, run_score
 from attribution.scoring.shards import FAULT_SWITCH
 from attribution.settings import ClusterSettings, DataSettings, FactorSettings, ModelSettings, QuerySettings, ScoreSettings
-from tests.distributed.test_fit import ray_local  # noqa: F401  (fixture)
 from tests.scoring.test_run import WORDS, corpus_rows, write_shards
 from tests.tiny import save_tiny_lm
 
@@ -45,7 +44,7 @@ def rows(summary):
     return sorted((r["query_id"], r["direction"], r["rank"], r["doc_id"], round(r["score"], 4)) for r in table)
 
 
-def test_pool_equals_in_process_and_survives_a_killed_worker(inputs, ray_local, tmp_path, monkeypatch):  # noqa: F811
+def test_pool_equals_in_process_and_survives_a_killed_worker(inputs, ray_local, tmp_path, monkeypatch):
     root, model, data, factors, queries, score, reference = inputs
     pooled = run_score(model, data, factors, queries, score, tmp_path / "pool", {}, cluster=ClusterSettings(num_workers=2))
     assert rows(pooled) == rows(reference)
