@@ -9,7 +9,7 @@ from typing import Any
 from attribution.curvature.factors import STRATEGIES
 from attribution.settings import SettingsError, from_mapping
 
-METHOD_KINDS = (*STRATEGIES, "lissa")
+METHOD_KINDS = (*STRATEGIES, "lissa", "block_exact")
 GROUND_TRUTH_KINDS = ("cg", "dense")
 PRECONDITIONERS = ("ekfac", "none")
 
@@ -19,7 +19,9 @@ class MethodSpec:
     """One compared method.
 
     ``kind``: a factor strategy (``ekfac``, ``kfac``, ``diagonal``), ``identity`` (gradient
-    dot product) or ``lissa``. ``rank``: the query-factor rank of the scoring engine (null =
+    dot product), ``lissa`` or ``block_exact`` (the exact inverse of G's module-diagonal
+    blocks, by CG per module to the ground truth's tolerance: a per-module method with no
+    error inside a module). ``rank``: the query-factor rank of the scoring engine (null =
     full). ``tracked_modules``: ``all``, ``mlp`` or a regex; the ground truth always uses all.
     LiSSA only: ``batch_size`` sequences per stochastic product, ``max_iterations`` (null =
     run for the overhead time of method ``equal_time_to``), ``scale`` (null = twice the

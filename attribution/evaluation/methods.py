@@ -3,7 +3,9 @@
 - factor strategies (``ekfac``, ``kfac``, ``diagonal``) and ``identity``: the engine itself,
   :func:`fit_factors` on the fitting sequences, then :func:`query_factors` with a
   :class:`Preconditioner` at the shared damping;
-- ``lissa``: :func:`~attribution.evaluation.lissa.lissa` on mini-batch Gauss-Newton products.
+- ``lissa``: :func:`~attribution.evaluation.lissa.lissa` on mini-batch Gauss-Newton products;
+- ``block_exact``: the exact inverse of the module-diagonal part of G, by CG per module: the
+  reference for every per-module approximation (what it gives with no error inside a module).
 
 Overhead seconds are everything that does not grow with the number of candidates: fitting,
 and preconditioning the queries (the inverse products for LiSSA).
@@ -19,7 +21,8 @@ import torch
 from attribution.curvature.fit import FitConfig, fit_factors
 from attribution.curvature.precondition import Preconditioner
 from attribution.curvature.store import FactorSet
-from attribution.evaluation.config import MethodSpec
+from attribution.evaluation.config import GroundTruthSpec, MethodSpec
+from attribution.evaluation.conjugate_gradient import multi_shift_cg
 from attribution.evaluation.gauss_newton import GaussNewton
 from attribution.evaluation.lissa import largest_eigenvalue, lissa
 from attribution.evaluation.parameters import ParameterLayout
@@ -94,6 +97,35 @@ def prepare_lissa(spec: MethodSpec, problem: Problem, damping: float, budget_sec
     factors = factors_from_gradients(problem.query_ids, layout.split(result.solution), spec.rank)
     budget = "" if budget_seconds is None else f" in {budget_seconds:.1f} s (equal time to {spec.equal_time_to})"
     detail = f"{_describe(spec)}; {result.iterations} steps of {spec.batch_size} sequences{budget}, scale {scale:.3g}"
+    return Prepared(factors, time.perf_counter() - started, detail)
+
+
+def block_diagonal_solve(problem: Problem, spec: MethodSpec, damping: float, solver: GroundTruthSpec,
+                         batch_size: int) -> tuple[torch.Tensor, list[int], float]:
+    """``x_m = (G_mm + lambda I)^{-1} g_m`` for every module m: EK-FAC, K-FAC and the diagonal
+    approximate each G_mm and ignore every G_mn, so this is what they would give with no error
+    inside a module. CG per module to ``solver``'s tolerance; returns the (Q, P) solutions, the
+    iterations per module and the largest relative residual."""
+    tracked = problem.modules(spec.tracked_modules)
+    batches = problem.fit_batches(batch_size)
+    gradients = problem.query_vectors(tracked)
+    pieces, iterations, residual = [], [], 0.0
+    for module, right_hand_sides in zip(tracked, gradients.split(ParameterLayout(tracked).sizes, dim=1)):
+        operator = GaussNewton(problem.model, [module], batches)
+        result = multi_shift_cg(operator, right_hand_sides, [damping], solver.tolerance, solver.max_iterations, snapshot_factor=None)
+        pieces.append(result.solutions[0])
+        iterations.append(max(result.iterations))
+        residual = max(residual, float(result.relative_residuals.max()))
+    return torch.cat(pieces, dim=1), iterations, residual
+
+
+def prepare_block_exact(spec: MethodSpec, problem: Problem, damping: float, solver: GroundTruthSpec, batch_size: int) -> Prepared:
+    started = time.perf_counter()
+    solution, iterations, residual = block_diagonal_solve(problem, spec, damping, solver, batch_size)
+    layout = ParameterLayout(problem.modules(spec.tracked_modules))
+    factors = factors_from_gradients(problem.query_ids, layout.split(solution), spec.rank)
+    detail = (f"{_describe(spec)}; exact per-module inverse, CG {min(iterations)}-{max(iterations)} iterations per module, "
+              f"relative residual <= {residual:.1e}")
     return Prepared(factors, time.perf_counter() - started, detail)
 
 

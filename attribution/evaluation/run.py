@@ -26,9 +26,15 @@ from attribution.evaluation.candidates import (
     candidate_sets,
 )
 from attribution.evaluation.config import EvaluationSettings
-from attribution.evaluation.gauss_newton import use_eager_attention
+from attribution.evaluation.curvature_structure import CurvatureStructure, curvature_structure
+from attribution.evaluation.gauss_newton import GaussNewton, use_eager_attention
 from attribution.evaluation.ground_truth import GroundTruth, cached_solve
-from attribution.evaluation.methods import FactorMethod, Prepared, prepare_lissa
+from attribution.evaluation.methods import (
+    FactorMethod,
+    Prepared,
+    prepare_block_exact,
+    prepare_lissa,
+)
 from attribution.evaluation.metrics import (
     fact_tracing,
     mean_per_query,
@@ -61,12 +67,14 @@ from attribution.settings import (
 class EvaluationSummary:
     rows: list[MetricsRow]
     comparisons: dict[str, float]
+    structure: CurvatureStructure
     metrics_path: Path
     run_record: Path
 
     def report(self) -> str:
         lines = [format_rows(self.rows)]
         lines += [f"Spearman {pair}: {value:.3f}" for pair, value in self.comparisons.items()]
+        lines.append(self.structure.describe("EK-FAC"))
         return "\n".join(lines)
 
 
@@ -155,6 +163,10 @@ def run_evaluate(
     truth = cached_solve(problem, settings.ground_truth, dampings, settings.batch_size, output_dir / "ground_truth", settings.progress,
                          factor_method("ekfac", "all").factor_set)
     record.lap("ground_truth")
+    # Why per-module methods can or cannot follow the truth on this model (M products of Q columns).
+    structure = curvature_structure(GaussNewton(model, tracked, problem.fit_batches(settings.batch_size)),
+                                    problem.query_vectors(tracked), factor_method("ekfac", "all").factor_set, seed=settings.seed)
+    record.lap("curvature_structure")
 
     evaluator = Evaluator(problem, candidates, queries, settings.recall_k)
     layout = ParameterLayout(tracked)
@@ -190,6 +202,8 @@ def run_evaluate(
             if spec.kind == "lissa":
                 budget = None if spec.max_iterations is not None else overheads[spec.equal_time_to]
                 prepared = prepare_lissa(spec, problem, damping, budget, settings.seed)
+            elif spec.kind == "block_exact":
+                prepared = prepare_block_exact(spec, problem, damping, settings.ground_truth, settings.batch_size)
             else:
                 prepared = factor_method(spec.kind, spec.tracked_modules).prepare(spec, damping)
             scores = evaluator.score(prepared, spec.tracked_modules)
@@ -216,11 +230,12 @@ def run_evaluate(
         "mean_eigenvalue": mean_eigenvalue, "dampings": dampings,
         "ground_truth": truth.info, "ground_truth_seconds": truth.seconds,
         "ground_truth_stability_spearman": stability, "comparisons": comparisons,
+        "curvature_structure": structure.as_dict(),
         "missing_sources": sets.missing_sources,
         "rerank_sizes": {q: len(ids) for q, ids in sets.rerank.items()},
     }
     record_path = record.write(output_dir)
-    return EvaluationSummary(rows, comparisons, metrics_path, record_path)
+    return EvaluationSummary(rows, comparisons, structure, metrics_path, record_path)
 
 
 def _read_corpus(shards: Sequence[Path], data: DataSettings, settings: EvaluationSettings, tokenizer: Any,

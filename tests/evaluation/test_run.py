@@ -59,6 +59,7 @@ def settings(**overrides) -> EvaluationSettings:
         MethodSpec("kfac", "kfac"),
         MethodSpec("identity", "identity"),
         MethodSpec("lissa", "lissa", batch_size=4, max_iterations=3, equal_time_to=None),
+        MethodSpec("block", "block_exact"),
     )
     values = {"fit_sequences": 12, "num_queries": None, "correlation_documents": 15, "bm25_top": 3, "random_documents": 3,
               "batch_size": 4, "progress": False, "methods": methods, "compare": (("ekfac_rank2", "ekfac"),), **overrides}
@@ -78,7 +79,7 @@ def test_dense_ground_truth_run_writes_every_metric(inputs):
     table = pq.read_table(summary.metrics_path)
     assert table.schema.equals(METRICS_SCHEMA, check_metadata=False)
     rows = table.to_pylist()
-    names = ["dense", "bm25", "ekfac", "ekfac_rank2", "ekfac_mlp", "kfac", "identity", "lissa"]
+    names = ["dense", "bm25", "ekfac", "ekfac_rank2", "ekfac_mlp", "kfac", "identity", "block", "lissa"]
     assert [row["method"] for row in rows] == names * 2
     assert [row["relative_damping"] for row in rows] == pytest.approx([1.0] * len(names) + [10.0] * len(names))
     for row in rows:
@@ -94,6 +95,10 @@ def test_dense_ground_truth_run_writes_every_metric(inputs):
     # Rerank sets: 2 true sources + 3 BM25 (overlapping) + 3 random, no duplicates.
     assert all(5 <= size <= 8 for size in record["config"]["resolved"]["rerank_sizes"].values())
     assert "dense" in summary.report() and "ekfac_rank2 vs ekfac" in summary.report()
+    structure = record["config"]["resolved"]["curvature_structure"]
+    assert len(structure["full"]) == 3 and structure["largest_eigenvalue"] > 0
+    assert structure["cross_module_share"] == pytest.approx(summary.structure.cross_module_share)
+    assert "in cross-module blocks" in summary.report()
 
 
 @pytest.mark.parametrize("preconditioner", ["ekfac", "none"])
