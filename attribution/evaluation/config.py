@@ -50,11 +50,12 @@ class GroundTruthSpec:
     relative residual of ``tolerance`` for every damping; ``dense``: the explicit G and a
     dense solve (models with at most ``max_dense_parameters`` tracked parameters).
     ``preconditioner``: ``ekfac`` (CG preconditioned by the EK-FAC fit, one run per damping)
-    or ``none`` (multi-shift CG); it changes the speed, not the solution."""
+    or ``none`` (multi-shift CG); it changes the speed, not the solution. Defaults mirror
+    conf/evaluate.yaml."""
 
     kind: str = "cg"
-    preconditioner: str = "ekfac"
-    tolerance: float = 1e-3
+    preconditioner: str = "none"
+    tolerance: float = 1e-2
     max_iterations: int = 300
     max_dense_parameters: int = 6000
 
@@ -73,7 +74,7 @@ class DampingSpec:
     same lambda (the gradient dot product has none).
     """
 
-    values: tuple[float, ...] = (1.0,)
+    values: tuple[float, ...] = (10.0, 100.0, 1.0)
     relative: bool = True
 
     def __post_init__(self) -> None:
@@ -85,8 +86,8 @@ class DampingSpec:
 class EvaluationSettings:
     """What is evaluated, on which data."""
 
-    fit_sequences: int = 256
-    num_queries: int | None = 16
+    fit_sequences: int = 64
+    num_queries: int | None = 8
     correlation_documents: int = 200
     bm25_top: int = 100
     random_documents: int = 100
@@ -105,7 +106,7 @@ class EvaluationSettings:
         """Build from the ``evaluate`` config section (plain mappings and lists)."""
         values = dict(values)
         damping = values.pop("damping", {}) or {}
-        damping = from_mapping(DampingSpec, {**damping, "values": tuple(damping.get("values", (1.0,)))}, "evaluate.damping")
+        damping = from_mapping(DampingSpec, {**damping, "values": tuple(damping.get("values", DampingSpec().values))}, "evaluate.damping")
         truth = from_mapping(GroundTruthSpec, values.pop("ground_truth", {}) or {}, "evaluate.ground_truth")
         methods = tuple(
             from_mapping(MethodSpec, {"name": name, **(spec or {})}, f"evaluate.methods.{name}")

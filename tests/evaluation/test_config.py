@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from attribution.evaluation.config import EvaluationSettings
+from attribution.evaluation.config import DampingSpec, EvaluationSettings, GroundTruthSpec
 from attribution.evaluation.table import MetricsRow, format_rows, metrics_table
 from attribution.settings import SettingsError
 
@@ -25,6 +26,14 @@ def test_shipped_config_parses():
     assert kinds["ekfac"] == "ekfac" and kinds["lissa"] == "lissa" and kinds["identity"] == "identity"
     assert ("ekfac_rank32", "ekfac") in settings.compare
     assert settings.damping.values[0] > 0 and settings.ground_truth.kind == "cg"
+
+
+def test_defaults_mirror_the_shipped_config():
+    """Code that builds settings without the conf (tests, notebooks) gets what the job runs."""
+    settings = EvaluationSettings.from_config(shipped())
+    assert settings.ground_truth == GroundTruthSpec() and settings.damping == DampingSpec()
+    without_methods = dataclasses.replace(settings, methods=(), compare=())
+    assert without_methods == EvaluationSettings()
 
 
 @pytest.mark.parametrize(
