@@ -19,12 +19,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
+from attribution.errors import UserError
+
 # A module inside a block has a numeric path component: "gpt_neox.layers.3.mlp.dense_h_to_4h".
 _BLOCK_COMPONENT = re.compile(r"\.\d+\.")
 _CONFIG_KEYS_NOT_FINGERPRINTED = ("_name_or_path", "transformers_version", "torch_dtype", "dtype")
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model directory that cannot be loaded, or a module selection that matches nothing."""
 
 

@@ -19,6 +19,7 @@ from attribution.settings import (
     ModelSettings,
     PrefilterSettings,
     QuerySettings,
+    RefineSettings,
     ScoreSettings,
 )
 
@@ -35,6 +36,7 @@ def run_pipeline(
     progress: bool = True,
     prefilter: PrefilterSettings = PrefilterSettings(),
     cluster: ClusterSettings = ClusterSettings(num_workers=0),
+    refine: RefineSettings = RefineSettings(),
 ) -> tuple[FitSummary | None, ScoreSummary, str]:
     """Fit the store (unless the strategy is the identity), build or extend the prefilter index (if any),
     score, and format the top documents."""
@@ -46,7 +48,7 @@ def run_pipeline(
     if prefilter.kind != "none":
         run_build_index(prefilter, data, output_dir, config)
     score_summary = run_score(model, data, factors, queries, score, output_dir, config, prefilter_settings=prefilter,
-                              cluster=cluster)
+                              cluster=cluster, refine_settings=refine)
     shown = {row.doc_id for rows in score_summary.top.values() for row in rows[:show_top]}
     texts = document_texts(shown, list_shards(data.path), data.id_field, data.text_field)
     report = format_top_documents(read_queries(queries.path, on_skip=lambda skip: None), score_summary.top, texts, show_top)

@@ -13,10 +13,12 @@ from typing import Any, TypeVar
 
 import torch
 
+from attribution.errors import UserError
+
 T = TypeVar("T")
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError, ValueError):
     """A configuration value that the library cannot use."""
 
 
@@ -108,6 +110,34 @@ class ScoreSettings:
     def __post_init__(self) -> None:
         if self.method not in ("influence", "prefilter"):
             raise SettingsError(f"score.method={self.method!r}; expected influence or prefilter")
+
+
+REFINE_METHODS = ("none", "cg", "stochastic")
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """Query-side refinement of ``(G + lambda I)^{-1} grad m(q)`` on the true Gauss-Newton matrix of a
+    document sample, preconditioned by and started at the closed-form EK-FAC solution; mirrors
+    conf/refine/default.yaml. ``data_path`` / ``finetune_data_path``: the pretraining / fine-tuning
+    stage's sample (null = the data recorded in that stage's factor store)."""
+
+    method: str = "none"
+    steps: int = 20
+    batch_size: int = 8
+    tolerance: float = 1e-3
+    data_path: str | None = None
+    finetune_data_path: str | None = None
+    max_sequences: int | None = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in REFINE_METHODS:
+            raise SettingsError(f"refine.method={self.method!r}; expected one of {', '.join(REFINE_METHODS)}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
 
 
 PREFILTER_KINDS = ("none", "tfidf", "bm25", "dense")

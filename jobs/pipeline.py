@@ -14,6 +14,7 @@ from jobs.wiring import (
     plain,
     prefilter_settings,
     query_settings,
+    refine_settings,
     score_settings,
 )
 
@@ -25,6 +26,7 @@ def main(cfg: DictConfig) -> None:
     fit, score, report = run_pipeline(
         model, data, factor_settings(cfg), query_settings(cfg), score_settings(cfg), cfg.output_dir, plain(cfg),
         show_top=cfg.show_top, progress=cfg.progress, prefilter=prefilter_settings(cfg), cluster=cluster_settings(cfg),
+        refine=refine_settings(cfg),
     )
     print(report)
     if fit is not None:

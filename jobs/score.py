@@ -15,6 +15,7 @@ from jobs.wiring import (
     plain,
     prefilter_settings,
     query_settings,
+    refine_settings,
     score_settings,
 )
 
@@ -25,7 +26,7 @@ def main(cfg: DictConfig) -> None:
     model, data = model_and_data(cfg)
     summary = run_score(
         model, data, factor_settings(cfg), query_settings(cfg), score_settings(cfg), cfg.output_dir, plain(cfg),
-        finetune_settings(cfg), prefilter_settings(cfg), cluster_settings(cfg),
+        finetune_settings(cfg), prefilter_settings(cfg), cluster_settings(cfg), refine_settings=refine_settings(cfg),
     )
     print(summary.line())
 

@@ -18,6 +18,7 @@ from attribution.settings import (
     ModelSettings,
     PrefilterSettings,
     QuerySettings,
+    RefineSettings,
     ScoreSettings,
     from_mapping,
 )
@@ -75,3 +76,7 @@ def prefilter_settings(cfg: DictConfig) -> PrefilterSettings:
 
 def cluster_settings(cfg: DictConfig) -> ClusterSettings:
     return from_mapping(ClusterSettings, plain(cfg.cluster), "cluster")
+
+
+def refine_settings(cfg: DictConfig) -> RefineSettings:
+    return from_mapping(RefineSettings, plain(cfg.refine), "refine")

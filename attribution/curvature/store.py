@@ -20,13 +20,14 @@ from safetensors.torch import load_file, save_file
 
 from attribution import __version__
 from attribution.curvature.factors import ModuleFactors, check_strategy
+from attribution.errors import UserError
 from attribution.models import TrackedModule
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-class FactorStoreError(ValueError):
+class FactorStoreError(UserError, ValueError):
     """A missing, corrupt or mismatched factor store."""
 
 

@@ -19,13 +19,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from attribution.errors import UserError
+
 PARQUET_SUFFIXES = frozenset({".parquet"})
 JSONL_SUFFIXES = frozenset({".jsonl", ".json"})
 SUPPORTED_SUFFIXES = PARQUET_SUFFIXES | JSONL_SUFFIXES
 _GLOB_CHARS = frozenset("*?[")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input data that cannot be used; the message names the file and row."""
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel
 
+from attribution.errors import UserError
 
-class ShardingError(ValueError):
-    pass
+
+class ShardingError(UserError, ValueError):
+    """A model that cannot be sharded as asked (``cluster.shard_model``)."""
 
 
 def shard_model(model: PreTrainedModel) -> int:

@@ -30,13 +30,14 @@ import numpy as np
 import scipy.sparse as sp
 
 from attribution import __version__
+from attribution.errors import UserError
 from attribution.runs import write_json_atomically
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 
-class PrefilterError(ValueError):
+class PrefilterError(UserError, ValueError):
     """An index that cannot be used: missing, corrupt, or built for another corpus or encoder."""
 
 

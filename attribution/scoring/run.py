@@ -25,9 +25,8 @@ from attribution.runs import RunRecord
 from attribution.scoring.candidates import CandidateScorer
 from attribution.scoring.execution import run_in_process, run_on_ray
 from attribution.scoring.markers import MarkerStore, UnitResult, WorkUnit, file_fingerprint, run_key
-from attribution.scoring.query_factors import query_factors
 from attribution.scoring.shards import ShardScorer
-from attribution.scoring.stages import multi_stage, single_stage
+from attribution.scoring.stages import build_stages
 from attribution.scoring.tables import TOKEN_SCHEMA, read_ranked, score_table, write_part
 from attribution.scoring.topk import Ranked, StreamingTopK
 from attribution.settings import (
@@ -38,6 +37,7 @@ from attribution.settings import (
     ModelSettings,
     PrefilterSettings,
     QuerySettings,
+    RefineSettings,
     ScoreSettings,
     SettingsError,
     resolve_device,
@@ -108,6 +108,7 @@ def run_score(
     prefilter_settings: PrefilterSettings = PrefilterSettings(),
     cluster: ClusterSettings = ClusterSettings(num_workers=0),
     shards: Sequence[Path] | None = None,
+    refine_settings: RefineSettings = RefineSettings(),
 ) -> ScoreSummary:
     """Score every query against the corpus (or its prefilter candidates) and write the tables.
 
@@ -128,10 +129,7 @@ def run_score(
     output_dir = Path(output_dir)
     record = RunRecord(job="score", config=config)
     device = resolve_device(model_settings.device)
-    if finetune_settings.enabled:
-        stages = multi_stage(model_settings, finetune_settings, factor_settings, output_dir, device)
-    else:
-        stages = single_stage(model_settings, factor_settings, output_dir, device)
+    stages = build_stages(model_settings, factor_settings, finetune_settings, refine_settings, output_dir, device)
     record.fingerprints = stages.fingerprints
     record.config["modules"] = [m.name for m in stages.tracked]
     record.config["excluded_modules"] = stages.excluded_modules
@@ -147,6 +145,7 @@ def run_score(
         "data": asdict(data_settings),
         "score": {**asdict(score_settings), "progress": None},
         "prefilter": asdict(prefilter_settings),
+        "refine": asdict(refine_settings),
     }))
     finished_record = markers.complete()
     if finished_record is not None:
@@ -157,13 +156,11 @@ def run_score(
     query_sets = []
     query_batches = batch_queries(stages.query_tokenizer, queries, score_settings.query_batch_size, data_settings.max_length, skip_once)
     for query_batch in query_batches:
-        query_set, rejected = query_factors(
-            stages.query_model, stages.query_tracked, query_batch.to(device), stages.precondition, score_settings.rank
-        )
-        for query_id in rejected:
+        prepared = stages.query_factors(query_batch, score_settings.rank)
+        for query_id in prepared.rejected:
             skip_once(Skip(query_id, str(query_settings.path), None, NON_FINITE_QUERY))
-        if query_set.query_ids:
-            query_sets.append(query_set)
+        if prepared.factors.query_ids:
+            query_sets.append(prepared.factors)
     record.lap("setup")
 
     units = []
@@ -228,6 +225,7 @@ def run_score(
         "finetune": asdict(finetune_settings),
         "score": asdict(score_settings),
         "prefilter": asdict(prefilter_settings),
+        "refine": asdict(refine_settings),
         "cluster": asdict(cluster),
     }
     record.config["damping"] = stages.damping

@@ -22,8 +22,27 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from attribution.curvature.factors import identity_factors
 from attribution.curvature.precondition import Preconditioner
 from attribution.curvature.store import FactorSet, Manifest, ModuleSpec, load_factors
+from attribution.data.batching import TokenBatch
 from attribution.models import TrackedModule, find_tracked_modules, load_model, model_fingerprint
-from attribution.settings import FactorSettings, FinetuneSettings, ModelSettings, SettingsError, torch_dtype
+from attribution.scoring.query_factors import QueryFactors, query_factors
+from attribution.settings import (
+    FactorSettings,
+    FinetuneSettings,
+    ModelSettings,
+    RefineSettings,
+    SettingsError,
+    torch_dtype,
+)
+
+
+@dataclass
+class QueryBatchFactors:
+    """One query batch's factors, the queries left out (non-finite gradients) and, per query, how its
+    inverse product was obtained (JSON-able; refinement residuals and Gauss-Newton products)."""
+
+    factors: QueryFactors
+    rejected: list[str]
+    diagnostics: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -41,6 +60,26 @@ class Stages:
     fingerprints: dict[str, str]
     damping: dict[str, dict[str, float]]
     excluded_modules: list[dict[str, str]] = field(default_factory=list)
+
+    def query_factors(self, batch: TokenBatch, rank: int | None) -> QueryBatchFactors:
+        """Preconditioned, rank-r compressed query gradients of one batch (on the query model's device)."""
+        device = next(self.query_model.parameters()).device
+        factors, rejected = query_factors(self.query_model, self.query_tracked, batch.to(device), self.precondition, rank)
+        return QueryBatchFactors(factors, rejected)
+
+
+def build_stages(
+    model_settings: ModelSettings,
+    factor_settings: FactorSettings,
+    finetune_settings: FinetuneSettings,
+    refine_settings: RefineSettings,
+    output_dir: Path,
+    device: torch.device,
+) -> Stages:
+    """Models, stores and query-side inverse of a score run: single- or multi-stage."""
+    if finetune_settings.enabled:
+        return multi_stage(model_settings, finetune_settings, factor_settings, output_dir, device)
+    return single_stage(model_settings, factor_settings, output_dir, device)
 
 
 def identity_factor_set(tracked: list[TrackedModule], fingerprint: str) -> FactorSet:

@@ -22,6 +22,7 @@ from typing import Any
 
 from attribution.curvature.store import MANIFEST, read_manifest
 from attribution.data.corpus import list_shards
+from attribution.errors import UserError
 from attribution.models import load_model, model_fingerprint
 from attribution.prefilter.manifest import shard_fingerprint
 from attribution.settings import (
@@ -46,7 +47,7 @@ _NOT_IDENTITY = {
 }
 
 
-class IdentityError(ValueError):
+class IdentityError(UserError, ValueError):
     """A model, factor store or query file the sweep cannot fingerprint."""
 
 

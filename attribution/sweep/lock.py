@@ -21,10 +21,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from attribution.errors import UserError
+
 LOCK_NAME = "sweep.lock"
 
 
-class SweepLocked(RuntimeError):
+class SweepLocked(UserError, RuntimeError):
     """Another sweep holds the lock on this output directory."""
 
 

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from attribution.errors import UserError
 from attribution.runs import write_json_atomically
 from attribution.sweep.shards import KnownShard
 
@@ -23,7 +24,7 @@ STATE_NAME = "sweep_state.json"
 FORMAT_VERSION = 1
 
 
-class StateError(ValueError):
+class StateError(UserError, ValueError):
     """A state file this library cannot read; the message names it."""
 
 
