@@ -12,6 +12,7 @@ gradients preconditioned by the identity: no factor fit is needed to measure thr
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -26,13 +27,21 @@ from attribution.curvature.precondition import Preconditioner
 from attribution.data.batching import TokenBatch, sequence_log_prob
 from attribution.models import find_tracked_modules, model_fingerprint
 from attribution.scoring.candidates import CandidateScorer
-from attribution.scoring.query_factors import query_factors
+from attribution.scoring.query_factors import QueryFactors, query_factors
+from attribution.scoring.query_files import concatenate
 from attribution.scoring.stages import identity_factor_set
+
+
+# Query gradients are formed this many queries at a time (float64, Q x parameters each).
+QUERY_CHUNK = 64
 
 
 @dataclass(frozen=True)
 class BenchmarkRow:
-    """One measured step; ``queries`` is 0 for the plain and fitting rows, whose kind is ``step``."""
+    """One measured step; ``queries`` is 0 for the plain and fitting rows, whose kind is ``step``.
+
+    ``peak_memory_mib``: the most device memory allocated during the step (CUDA only, else None).
+    """
 
     step: str
     model: str
@@ -44,6 +53,8 @@ class BenchmarkRow:
     ratio: float
     per_document_modules: int
     modules: int
+    dtype: str = "float32"
+    peak_memory_mib: float | None = None
 
 
 def gpt_neox_from_config(**config: int) -> PreTrainedModel:
@@ -86,6 +97,38 @@ def plain_forward_backward(model: PreTrainedModel) -> Callable[[TokenBatch], Non
     return step
 
 
+class PeakMemory:
+    """The most CUDA memory allocated inside the block (None on other devices)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.mib: float | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.mib = torch.cuda.max_memory_allocated() / 2**20
+
+
+def benchmark_query_factors(model: PreTrainedModel, tracked, queries: TokenBatch, precondition, rank: int | None,
+                            chunk: int = QUERY_CHUNK) -> QueryFactors:
+    """The queries' factors, ``chunk`` at a time (their float64 gradients would not fit at once)."""
+    parts = []
+    for start in range(0, len(queries.ids), chunk):
+        rows = slice(start, start + chunk)
+        part = dataclasses.replace(queries, ids=queries.ids[rows], shards=queries.shards[rows], input_ids=queries.input_ids[rows],
+                                    attention_mask=queries.attention_mask[rows], target_mask=queries.target_mask[rows],
+                                    truncated=queries.truncated[rows])
+        parts.append(query_factors(model, tracked, part, precondition, rank)[0])
+    return concatenate(parts)
+
+
 def benchmark_model(
     name: str,
     model: PreTrainedModel,
@@ -97,64 +140,78 @@ def benchmark_model(
     warmup: int,
     repeats: int,
     device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    dense_factors_mib: float | None = 2048,
+    fitting: bool = True,
+    query_chunk: int = QUERY_CHUNK,
 ) -> list[BenchmarkRow]:
-    model.to(device)
+    """Plain forward+backward, the fitting passes and scoring at each (Q, rank), on the same batches.
+
+    ``dense_factors_mib`` is the scorer's budget for dense query factors (``score.dense_factors_mib``).
+    """
+    model.to(device, dtype)
     tracked = find_tracked_modules(model)
     vocab = model.config.vocab_size
     batches = [b.to(device) for b in random_batches(vocab, num_batches, batch_size, length, seed=0)]
-    baseline = median_seconds(plain_forward_backward(model), batches, warmup, repeats)
-    preconditioner = Preconditioner(identity_factor_set(tracked, model_fingerprint(model)), device=device)
+    label = str(dtype).removeprefix("torch.")
     parameters = sum(p.numel() for p in model.parameters())
-    rows = [BenchmarkRow("plain f+b", name, parameters, 0, None, batch_size / baseline, batch_size * length / baseline, 1.0, 0, len(tracked))]
-    for step, seconds in fitting_seconds(model, tracked, batches, warmup, repeats).items():
-        rows.append(BenchmarkRow(step, name, parameters, 0, None, batch_size / seconds, batch_size * length / seconds,
-                                 baseline / seconds, 0, len(tracked)))
+
+    def row(step: str, seconds: float, baseline: float, peak: PeakMemory, queries: int = 0, rank: int | None = None,
+            per_document: int = 0) -> BenchmarkRow:
+        return BenchmarkRow(step, name, parameters, queries, rank, batch_size / seconds, batch_size * length / seconds,
+                            baseline / seconds, per_document, len(tracked), label, peak.mib)
+
+    with PeakMemory(device) as peak:
+        baseline = median_seconds(plain_forward_backward(model), batches, warmup, repeats)
+    rows = [row("plain f+b", baseline, baseline, peak)]
+    model.zero_grad(set_to_none=True)
+    if fitting:
+        for step, (seconds, peak) in fitting_seconds(model, tracked, batches, warmup, repeats).items():
+            rows.append(row(step, seconds, baseline, peak))
+    preconditioner = Preconditioner(identity_factor_set(tracked, model_fingerprint(model)), device=device)
     for count in query_counts:
         queries = random_batches(vocab, 1, count, length // 2, seed=1)[0].to(device)
         for rank in ranks:
-            factors, _ = query_factors(model, tracked, queries, preconditioner.apply, rank)
-            scorer = CandidateScorer(model, tracked, factors, expected_tokens=length)
-            seconds = median_seconds(scorer.layer_scores, batches, warmup, repeats)
-            rows.append(
-                BenchmarkRow(
-                    step="score",
-                    model=name,
-                    parameters=parameters,
-                    queries=count,
-                    rank=rank,
-                    documents_per_second=batch_size / seconds,
-                    tokens_per_second=batch_size * length / seconds,
-                    ratio=baseline / seconds,
-                    per_document_modules=sum(c == "per_document" for c in scorer.plan.values()),
-                    modules=len(tracked),
-                )
-            )
+            factors = benchmark_query_factors(model, tracked, queries, preconditioner.apply, rank, query_chunk)
+            with PeakMemory(device) as peak:
+                scorer = CandidateScorer(model, tracked, factors, expected_tokens=length, dtype=dtype,
+                                         dense_budget_mib=dense_factors_mib)
+                seconds = median_seconds(scorer.layer_scores, batches, warmup, repeats)
+            rows.append(row("score", seconds, baseline, peak, count, rank,
+                            sum(c == "per_document" for c in scorer.plan.values())))
+            del scorer, factors
     return rows
 
 
-def fitting_seconds(model: PreTrainedModel, tracked, batches: Sequence[TokenBatch], warmup: int, repeats: int) -> dict[str, float]:
-    """Per-batch time of each fitting pass (identity eigenvectors: the cost does not depend on them)."""
+def fitting_seconds(model: PreTrainedModel, tracked, batches: Sequence[TokenBatch], warmup: int,
+                    repeats: int) -> dict[str, tuple[float, PeakMemory]]:
+    """Per-batch time (and peak memory) of each fitting pass (identity eigenvectors: the cost does not depend on them)."""
     device = batches[0].input_ids.device
     config = FitConfig(progress=False)
     covariances = CovarianceSums(tracked, config.dtype, device)
     eye = {m.name: torch.eye(m.d_in_augmented, device=device) for m in tracked}
     eye_out = {m.name: torch.eye(m.d_out, device=device) for m in tracked}
     eigenvalues = EigenvalueSums(tracked, eye, eye_out)
-    return {
-        f"fit: {label}": median_seconds(lambda batch, acc=accumulator: run_pass(model, tracked, [batch], acc, config, label),
-                                        batches, warmup, repeats)
-        for label, accumulator in (("covariance", covariances), ("eigenvalues", eigenvalues))
-    }
+    result = {}
+    for label, accumulator in (("covariance", covariances), ("eigenvalues", eigenvalues)):
+        with PeakMemory(device) as peak:
+            seconds = median_seconds(lambda batch, acc=accumulator: run_pass(model, tracked, [batch], acc, config, label),
+                                     batches, warmup, repeats)
+        result[f"fit: {label}"] = (seconds, peak)
+    return result
 
 
 def format_rows(rows: Sequence[BenchmarkRow]) -> str:
-    header = f"{'step':<18}{'model':<14}{'params':>10}{'queries':>9}{'rank':>6}{'docs/s':>10}{'tokens/s':>11}{'ratio':>8}  per-doc modules"
+    header = (f"{'step':<18}{'model':<14}{'dtype':<10}{'params':>10}{'queries':>9}{'rank':>6}{'docs/s':>10}{'tokens/s':>11}"
+              f"{'ratio':>8}{'peak MiB':>10}  per-doc modules")
     lines = [header, "-" * len(header)]
     for row in rows:
         label = "-" if row.queries == 0 else str(row.queries)
         rank = "-" if row.queries == 0 else ("full" if row.rank is None else str(row.rank))
+        peak = "-" if row.peak_memory_mib is None else f"{row.peak_memory_mib:.0f}"
         lines.append(
-            f"{row.step:<18}{row.model:<14}{row.parameters / 1e6:>9.2f}M{label:>9}{rank:>6}{row.documents_per_second:>10.1f}"
-            f"{row.tokens_per_second:>11.0f}{row.ratio:>8.2f}  {row.per_document_modules}/{row.modules}"
+            f"{row.step:<18}{row.model:<14}{row.dtype:<10}{row.parameters / 1e6:>9.2f}M{label:>9}{rank:>6}"
+            f"{row.documents_per_second:>10.1f}{row.tokens_per_second:>11.0f}{row.ratio:>8.2f}{peak:>10}  "
+            f"{row.per_document_modules}/{row.modules}"
         )
     return "\n".join(lines)

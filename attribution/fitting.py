@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from attribution.curvature.fit import Collective, FitConfig, SingleProcess, fit_factors
-from attribution.curvature.store import FactorSet, save_factors
-from attribution.data.batching import TokenBatch
-from attribution.data.corpus import Skip, list_shards
-from attribution.data.stream import is_prompt_completion, training_batches
-from attribution.models import find_tracked_modules, load_model, model_fingerprint
+from attribution.curvature.store import save_factors
+from attribution.distributed.fit import fit_on_ray
 from attribution.runs import RunRecord
-from attribution.settings import (
-    ClusterSettings,
-    DataSettings,
-    FactorSettings,
-    ModelSettings,
-    SettingsError,
-    resolve_device,
-    torch_dtype,
-)
+from attribution.settings import ClusterSettings, DataSettings, FactorSettings, ModelSettings
+from attribution.store_fit import fit_store
 
 
 @dataclass(frozen=True)
@@ -44,74 +29,6 @@ class FitSummary:
         )
 
 
-@dataclass
-class StoreFit:
-    """One worker's fit: the all-reduced factors, its skips, and the parameter elements it held."""
-
-    factors: FactorSet
-    skips: list[Skip]
-    parameters_held: int
-
-
-def fit_store(
-    model_settings: ModelSettings,
-    data_settings: DataSettings,
-    factor_settings: FactorSettings,
-    collective: Collective = SingleProcess(),
-    progress: bool = True,
-    shard_model: bool = False,
-) -> StoreFit:
-    """This worker's part of a fit: its share of the sample, all-reduced with the others.
-
-    ``shard_model`` shards the parameters over the collective's process group (FSDP2).
-    """
-    if model_settings.path is None or data_settings.path is None:
-        raise SettingsError("model.path and data.path must be set (the jobs fill them in with the demo)")
-    device = resolve_device(model_settings.device)
-    model, tokenizer = load_model(model_settings.path, model_settings.trust_remote_code, torch_dtype(model_settings.dtype), device)
-    tracked = find_tracked_modules(model, model_settings.tracked_modules)
-    # The fingerprint hashes the full parameters: take it before they are sharded.
-    fingerprint = model_fingerprint(model)
-    if shard_model:
-        from attribution.distributed.sharding import shard_model as shard
-
-        shard(model)
-    shards = list_shards(data_settings.path)
-    skips: list[Skip] = []
-    passes = itertools.count()
-
-    def batches() -> Iterator[TokenBatch]:
-        # Every pass reads the same sample; its skips are recorded once.
-        on_skip = skips.append if next(passes) == 0 else _ignore
-        yield from training_batches(tokenizer, shards, data_settings, on_skip, factor_settings.max_sequences,
-                                    collective.rank, collective.world_size)
-
-    fit_config = FitConfig(
-        strategy=factor_settings.strategy,
-        fisher=factor_settings.fisher,
-        seed=factor_settings.seed,
-        dtype=torch_dtype(factor_settings.dtype),
-        progress=progress,
-        lockstep=shard_model,
-    )
-    description = {
-        "path": str(data_settings.path),
-        "objective": "log p(completion | prompt)" if is_prompt_completion(shards) else "log p(z)",
-        "shards": [str(s) for s in shards],
-        "max_sequences": factor_settings.max_sequences,
-        "max_length": data_settings.max_length,
-        "seed": factor_settings.seed,
-        "workers": collective.world_size,
-    }
-    factors = fit_factors(model, tracked, batches, fit_config, fingerprint, description, collective)
-    return StoreFit(factors, skips, parameters_held(model))
-
-
-def parameters_held(model: torch.nn.Module) -> int:
-    """Parameter elements in this process: all of them, or this worker's shards under FSDP."""
-    return sum(getattr(parameter, "to_local", lambda: parameter)().numel() for parameter in model.parameters())
-
-
 def run_fit(
     model_settings: ModelSettings,
     data_settings: DataSettings,
@@ -128,8 +45,6 @@ def run_fit(
     """
     record = RunRecord(job="fit_factors", config=config)
     if cluster.uses_ray:
-        from attribution.distributed.fit import fit_on_ray
-
         parts = fit_on_ray(model_settings, data_settings, factor_settings, cluster)
         factors = parts[0].factors
         skips = [skip for part in parts for skip in part.skips]
@@ -161,7 +76,3 @@ def run_fit(
     record_path = record.write(output_dir)
     return FitSummary(factors_path, record_path, factors.manifest.num_sequences, factors.manifest.num_tokens,
                       len(unique_skips), seconds)
-
-
-def _ignore(skip: Skip) -> None:
-    """Skips of a repeated pass were already recorded by the first."""

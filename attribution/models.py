@@ -16,7 +16,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.pytorch_utils import Conv1D
 
 from attribution.errors import UserError
@@ -24,6 +29,8 @@ from attribution.errors import UserError
 # A module inside a block has a numeric path component: "gpt_neox.layers.3.mlp.dense_h_to_4h".
 _BLOCK_COMPONENT = re.compile(r"\.\d+\.")
 _CONFIG_KEYS_NOT_FINGERPRINTED = ("_name_or_path", "transformers_version", "torch_dtype", "dtype")
+_TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt",
+                              "tokenizer.model", "spiece.model", "special_tokens_map.json"})
 
 
 class ModelError(UserError, ValueError):
@@ -67,22 +74,93 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a local directory, in eval mode (no dropout)."""
+    """Load a causal LM and its tokenizer from a local directory, in eval mode (no dropout).
+
+    Checked, not assumed: the model must attend causally (an encoder such as BERT also loads
+    as a "causal LM" head, with bidirectional attention) and the tokenizer must have a
+    vocabulary that fits the model's embedding; otherwise ModelError naming the directory.
+    """
     directory = Path(path)
     if not directory.is_dir():
         raise ModelError(f"model directory {directory} does not exist")
     if not (directory / "config.json").is_file():
         raise ModelError(f"model directory {directory} has no config.json")
+    _check_config(directory)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             directory, local_files_only=True, trust_remote_code=trust_remote_code, dtype=dtype
         )
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
+        if "trust_remote_code" in str(error) and not trust_remote_code:
+            raise ModelError(
+                f"model directory {directory} needs its own Python code (config.json auto_map names classes "
+                "transformers does not have); it runs only with model.trust_remote_code=true: set it if you trust that code"
+            ) from error
         raise ModelError(f"cannot load a causal LM and tokenizer from {directory}: {error}") from error
     model.to(device)
     model.eval()
+    check_causal(model, directory)
+    check_tokenizer(tokenizer, model, directory)
     return model, tokenizer
+
+
+def _check_config(directory: Path) -> None:
+    try:
+        json.loads((directory / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelError(f"model directory {directory}: config.json is not readable JSON ({error})") from error
+
+
+def check_causal(model: PreTrainedModel, directory: Path | str) -> None:
+    """A causal LM's prediction at position t must not depend on tokens after t.
+
+    Tested directly: changing the last token of a short input must leave the logits of every
+    earlier position unchanged (up to float rounding).
+    """
+    name = type(model).__name__
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ModelError(f"model directory {directory}: {name} is an encoder-decoder model; a decoder-only causal LM is needed")
+    vocab = model.get_input_embeddings().num_embeddings
+    length = min(8, getattr(model.config, "max_position_embeddings", None) or 8)
+    device = next(model.parameters()).device
+    ids = torch.arange(1, length + 1, device=device).remainder(vocab).unsqueeze(0)
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % vocab
+    with torch.no_grad():
+        before = model(input_ids=ids).logits[0, :-1].float()
+        after = model(input_ids=changed).logits[0, :-1].float()
+    if not (torch.isfinite(before).all() and torch.isfinite(after).all()):
+        # Inconclusive: a NaN or Inf anywhere leaks through an additive attention mask. Scoring
+        # records the documents whose scores are not finite as skips.
+        return
+    scale = float(before.abs().max()) or 1.0
+    if not torch.allclose(before, after, rtol=1e-3, atol=1e-4 * scale):
+        hint = " (config.json has is_decoder=false)" if getattr(model.config, "is_decoder", None) is False else ""
+        raise ModelError(
+            f"model directory {directory}: {name} does not attend causally{hint}: changing the last of {length} "
+            "tokens changed the predictions before it; an encoder (BERT, RoBERTa, ...) is not a causal LM"
+        )
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, directory: Path | str) -> None:
+    """The tokenizer has tokens beyond its special ones, and every id has an embedding row."""
+    vocabulary = tokenizer.get_vocab()
+    regular = set(vocabulary.values()) - set(tokenizer.all_special_ids)
+    if not regular:
+        present = sorted(p.name for p in Path(directory).iterdir() if p.name in _TOKENIZER_FILES)
+        raise ModelError(
+            f"model directory {directory}: its tokenizer has no vocabulary (only {len(vocabulary)} special tokens; "
+            f"tokenizer files there: {', '.join(present) or 'none'}); save the model's tokenizer beside it "
+            "(tokenizer.save_pretrained)"
+        )
+    rows = model.get_input_embeddings().num_embeddings
+    largest = max(vocabulary.values())
+    if largest >= rows:
+        raise ModelError(
+            f"model directory {directory}: the tokenizer has token ids up to {largest} but the model embeds "
+            f"only {rows}; the tokenizer does not belong to this model"
+        )
 
 
 def _as_tracked(name: str, module: nn.Module) -> TrackedModule | None:
@@ -113,8 +191,9 @@ def find_tracked_modules(model: nn.Module, selection: str = "all") -> list[Track
             raise ModelError(f"model.tracked_modules={selection!r} is not a valid regular expression: {error}") from error
         chosen = [t for t in linears if pattern.search(t.name)]
     if not chosen:
-        names = ", ".join(t.name for t in linears[:8])
-        raise ModelError(f"model.tracked_modules={selection!r} matches no linear module (some are: {names})")
+        names = ", ".join(t.name for t in linears[:8]) or "none: the model has no linear module"
+        where = getattr(model, "name_or_path", "") or type(model).__name__
+        raise ModelError(f"model.tracked_modules={selection!r} matches no linear module of {where} (some are: {names})")
     return chosen
 
 

@@ -1,18 +1,26 @@
 """Typed settings that jobs build from their Hydra config; the library reads only these.
 
 Each dataclass mirrors one group under ``conf/`` field for field, so an unknown or
-misspelt key fails loudly in :func:`from_mapping` instead of being ignored.
+misspelt key fails loudly in :func:`from_mapping` instead of being ignored, and checks its
+values when it is built (types, ranges, choices, and that input paths exist), before any
+model is loaded: each mistake is one :class:`SettingsError` line naming the key, the value
+and what is allowed (``score.rank=-1: expected a positive integer or null (full rank)``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import glob
+import ipaddress
+import math
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
+from attribution.curvature.factors import STRATEGIES
 from attribution.errors import UserError
 
 T = TypeVar("T")
@@ -45,6 +53,130 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class MissingPathError(SettingsError):
+    """An input path that does not exist (on this machine: a cluster's volume may hold it)."""
+
+
+def show(value: Any) -> str:
+    """A value as it is written in an override: null, true/false, numbers, quoted strings."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value)
+
+
+class Check:
+    """Checks the fields of one settings object; every error names ``group.key`` and the value.
+
+    Path existence is checked last (and raised as :class:`MissingPathError`), so a value
+    error is never hidden behind a path that exists only elsewhere.
+    """
+
+    def __init__(self, group: str, settings: Any) -> None:
+        self.group = group
+        self.settings = settings
+        self.paths: list[tuple[str, str]] = []
+
+    def fail(self, key: str, expected: str) -> None:
+        raise SettingsError(f"{self.group}.{key}={show(getattr(self.settings, key))}: expected {expected}")
+
+    def integer(self, key: str, minimum: int, none: str | None = None) -> None:
+        """An int >= ``minimum``; null too when ``none`` says what null means."""
+        value = getattr(self.settings, key)
+        if value is None and none is not None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            kind = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+            self.fail(key, kind + (f" or null ({none})" if none else ""))
+
+    def number(self, key: str, minimum: float = -math.inf, maximum: float = math.inf, positive: bool = False,
+               none: str | None = None) -> None:
+        """A finite int or float in ``[minimum, maximum]`` (``positive``: > 0); null when ``none`` is given."""
+        value = getattr(self.settings, key)
+        if value is None and none is not None:
+            return
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not numeric or value < minimum or value > maximum or (positive and value <= 0):
+            if positive:
+                kind = "a positive number"
+            elif maximum < math.inf:
+                kind = f"a number from {minimum:g} to {maximum:g}"
+            else:
+                kind = f"a number >= {minimum:g}"
+            self.fail(key, kind + (f" or null ({none})" if none else ""))
+
+    def boolean(self, key: str) -> None:
+        if not isinstance(getattr(self.settings, key), bool):
+            self.fail(key, "true or false")
+
+    def choice(self, key: str, choices: Sequence[Any]) -> None:
+        if getattr(self.settings, key) not in choices:
+            self.fail(key, "one of " + ", ".join(show(c) if not isinstance(c, str) else c for c in choices))
+
+    def text(self, key: str, none: str | None = None) -> None:
+        """A non-empty string; null when ``none`` says what null means."""
+        value = getattr(self.settings, key)
+        if value is None and none is not None:
+            return
+        if not isinstance(value, str) or not value.strip():
+            self.fail(key, "a non-empty string" + (f" or null ({none})" if none else ""))
+
+    def dtype(self, key: str) -> None:
+        value = getattr(self.settings, key)
+        if not isinstance(value, str) or not isinstance(getattr(torch, value, None), torch.dtype) \
+                or not getattr(torch, value).is_floating_point:
+            self.fail(key, "a torch floating-point dtype (float32, float64, bfloat16, float16)")
+
+    def device(self, key: str) -> None:
+        value = getattr(self.settings, key)
+        if value == "auto":
+            return
+        try:
+            torch.device(value)
+        except (RuntimeError, TypeError, ValueError):
+            self.fail(key, "auto or a torch device (cpu, cuda, cuda:1, mps, ...)")
+
+    def regex(self, key: str) -> None:
+        try:
+            re.compile(getattr(self.settings, key))
+        except re.error as error:
+            self.fail(key, f"all, mlp or a valid regular expression ({error})")
+
+    def address(self, key: str, also: Sequence[str] = ()) -> None:
+        """An IP address (not 0.0.0.0 or ::, which are not an address to reach), or one of ``also``."""
+        value = getattr(self.settings, key)
+        if value in also:
+            return
+        try:
+            valid = not ipaddress.ip_address(value).is_unspecified
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            self.fail(key, "an IP address such as 127.0.0.1" + "".join(f" or {a}" for a in also))
+
+    def exists(self, key: str, kind: str = "path") -> None:
+        """Queue an existence check: ``directory``, or ``path`` (a file, a folder or a glob that matches)."""
+        value = getattr(self.settings, key)
+        if value is None:
+            return
+        if not isinstance(value, str) or not value.strip():
+            self.fail(key, "a path or null")
+        self.paths.append((key, kind))
+
+    def done(self) -> None:
+        for key, kind in self.paths:
+            value = getattr(self.settings, key)
+            path = Path(value)
+            if kind == "directory":
+                found = path.is_dir()
+            else:
+                found = path.exists() or bool(set("*?[") & set(value) and glob.glob(value, recursive=True))
+            if not found:
+                what = "no such directory" if kind == "directory" else "no such file, folder or glob match"
+                raise MissingPathError(f"{self.group}.{key}={value}: {what}")
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     path: str | None = None
@@ -52,6 +184,20 @@ class ModelSettings:
     trust_remote_code: bool = False
     dtype: str = "float32"
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check = Check("model", self)
+        check.exists("path", "directory")
+        check.text("tracked_modules")
+        if self.tracked_modules not in ("all", "mlp"):
+            check.regex("tracked_modules")
+        check.boolean("trust_remote_code")
+        check.dtype("dtype")
+        check.device("device")
+        check.done()
+
+
+ON_BAD_ROW = ("error", "skip")
 
 
 @dataclass(frozen=True)
@@ -61,6 +207,20 @@ class DataSettings:
     text_field: str = "text"
     max_length: int = 128
     batch_size: int = 8
+    # A row that cannot be read as a document: error (stop, naming file, row and line) or skip (record it).
+    on_bad_row: str = "error"
+
+    def __post_init__(self) -> None:
+        check = Check("data", self)
+        check.exists("path")
+        check.text("id_field")
+        check.text("text_field")
+        if self.id_field == self.text_field:
+            check.fail("text_field", f"a column other than data.id_field={self.id_field!r}")
+        check.integer("max_length", 2)
+        check.integer("batch_size", 1)
+        check.choice("on_bad_row", ON_BAD_ROW)
+        check.done()
 
 
 @dataclass(frozen=True)
@@ -73,6 +233,18 @@ class FactorSettings:
     dtype: str = "float32"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check = Check("factors", self)
+        check.text("path", none="the job's default store")
+        check.choice("strategy", STRATEGIES)
+        # Hydra reads `factors.fisher=true` as a boolean.
+        if self.fisher not in (True, "true", "empirical"):
+            check.fail("fisher", "true (labels sampled from the model) or empirical (the data's own tokens)")
+        check.number("damping", positive=True, none="0.1 x the mean eigenvalue of each module")
+        check.integer("max_sequences", 1, none="the whole corpus")
+        check.dtype("dtype")
+        check.integer("seed", 0)
+
 
 @dataclass(frozen=True)
 class FinetuneSettings:
@@ -82,10 +254,17 @@ class FinetuneSettings:
     factors_path: str | None = None
     damping: float | None = None
 
-    @property
-    def enabled(self) -> bool:
+    def __post_init__(self) -> None:
         if (self.model_path is None) != (self.factors_path is None):
             raise SettingsError("multi-stage scoring needs both finetune.model_path and finetune.factors_path")
+        check = Check("finetune", self)
+        check.exists("model_path", "directory")
+        check.text("factors_path", none="single-stage scoring")
+        check.number("damping", positive=True, none="0.1 x the mean eigenvalue of each module")
+        check.done()
+
+    @property
+    def enabled(self) -> bool:
         return self.model_path is not None
 
 
@@ -93,23 +272,52 @@ class FinetuneSettings:
 class QuerySettings:
     path: str | None = None
 
+    def __post_init__(self) -> None:
+        check = Check("queries", self)
+        check.exists("path")
+        check.done()
+
 
 @dataclass(frozen=True)
 class ScoreSettings:
     rank: int | None = 32
-    top_k: int = 10
+    # A positive number of rows per query, or "all": every (query, document) pair, streamed to
+    # the pairs dataset instead of a top-k table.
+    top_k: int | str = 10
     bottom_k: int = 0
     query_batch_size: int = 16
+    # Query batches that share one pass over the corpus (their factors held together).
+    query_batches_per_pass: int = 1
     token_scores: bool = True
+    # Keep the per-module split of each score (layer_scores column).
+    layer_scores: bool = True
+    # Memory the per-document contraction may spend on dense query factors, per worker.
+    dense_factors_mib: int = 2048
     dtype: str = "float32"
     progress: bool = True
     # influence: I(q, z) on every document (or the prefilter's candidates); prefilter: the
     # prefilter's own ranking as the score table (method column = prefilter.kind), for comparison.
     method: str = "influence"
 
+    @property
+    def all_pairs(self) -> bool:
+        """``top_k=all``: every pair is written, no ranking is kept."""
+        return self.top_k == "all"
+
     def __post_init__(self) -> None:
-        if self.method not in ("influence", "prefilter"):
-            raise SettingsError(f"score.method={self.method!r}; expected influence or prefilter")
+        check = Check("score", self)
+        check.integer("rank", 1, none="full rank")
+        if self.top_k != "all" and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+            check.fail("top_k", "a positive integer (rows per query) or all (every pair)")
+        check.integer("bottom_k", 0)
+        check.integer("query_batch_size", 1)
+        check.integer("query_batches_per_pass", 1)
+        check.boolean("token_scores")
+        check.boolean("layer_scores")
+        check.integer("dense_factors_mib", 0)
+        check.dtype("dtype")
+        check.boolean("progress")
+        check.choice("method", ("influence", "prefilter"))
 
 
 REFINE_METHODS = ("none", "cg", "stochastic")
@@ -117,10 +325,11 @@ REFINE_METHODS = ("none", "cg", "stochastic")
 
 @dataclass(frozen=True)
 class RefineSettings:
-    """Query-side refinement of ``(G + lambda I)^{-1} grad m(q)`` on the true Gauss-Newton matrix of a
-    document sample, preconditioned by and started at the closed-form EK-FAC solution; mirrors
-    conf/refine/default.yaml. ``data_path`` / ``finetune_data_path``: the pretraining / fine-tuning
-    stage's sample (null = the data recorded in that stage's factor store)."""
+    """Query-side refinement of ``x = (G + D)^{-1} grad m(q)`` on the true Gauss-Newton matrix G of a
+    document sample (all tracked modules, cross-module blocks included), preconditioned by EK-FAC and
+    started from its closed form; mirrors conf/refine/default.yaml. ``data_path`` /
+    ``finetune_data_path``: the pretraining / fine-tuning stage's sample (null = the data recorded in
+    that stage's factor store)."""
 
     method: str = "none"
     steps: int = 20
@@ -129,11 +338,25 @@ class RefineSettings:
     data_path: str | None = None
     finetune_data_path: str | None = None
     max_sequences: int | None = 64
+    preconditioner_damping: float = 10.0
+    learning_rate: float | None = None
+    momentum: float = 0.9
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in REFINE_METHODS:
-            raise SettingsError(f"refine.method={self.method!r}; expected one of {', '.join(REFINE_METHODS)}")
+        check = Check("refine", self)
+        check.choice("method", REFINE_METHODS)
+        check.integer("steps", 1)
+        check.integer("batch_size", 1)
+        check.number("tolerance", 0.0, 1.0, positive=True)
+        check.exists("data_path")
+        check.exists("finetune_data_path")
+        check.integer("max_sequences", 1, none="every document of the sample")
+        check.number("preconditioner_damping", positive=True)
+        check.number("learning_rate", positive=True, none="1 / the largest eigenvalue of the preconditioned mini-batch system")
+        check.number("momentum", 0.0, 0.999)
+        check.integer("seed", 0)
+        check.done()
 
     @property
     def enabled(self) -> bool:
@@ -166,16 +389,31 @@ class PrefilterSettings:
     batch_size: int = 256
 
     def __post_init__(self) -> None:
-        if self.kind not in PREFILTER_KINDS:
-            raise SettingsError(f"prefilter.kind={self.kind!r}; expected one of {', '.join(PREFILTER_KINDS)}")
-        if self.index_type not in DENSE_INDEX_TYPES:
-            raise SettingsError(f"prefilter.index_type={self.index_type!r}; expected one of {', '.join(DENSE_INDEX_TYPES)}")
-        if self.top_m < 1:
-            raise SettingsError(f"prefilter.top_m={self.top_m}; expected a positive number of candidates per query")
+        check = Check("prefilter", self)
+        check.choice("kind", PREFILTER_KINDS)
+        check.text("path", none="<output_dir>/prefilter/<kind>")
+        check.integer("top_m", 1)
+        check.integer("n_features", 1)
+        check.number("k1", minimum=0)
+        check.number("b", minimum=0, maximum=1)
+        check.exists("model", "directory")
+        check.device("device")
+        check.choice("index_type", DENSE_INDEX_TYPES)
+        check.integer("nlist", 1)
+        check.integer("nprobe", 1)
+        check.integer("train_size", 1, none="64 x nlist")
+        check.integer("hnsw_m", 2)
+        check.integer("ef_construction", 1)
+        check.integer("ef_search", 1)
+        check.integer("batch_size", 1)
+        check.done()
 
     def index_path(self, output_dir: str | Path) -> Path:
         """Where the index lives: ``path``, else ``<output_dir>/prefilter/<kind>``."""
         return Path(self.path) if self.path is not None else Path(output_dir) / "prefilter" / self.kind
+
+
+LOOPBACK = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -192,6 +430,24 @@ class ClusterSettings:
     gpus_per_worker: float = 0.0
     # Shard the model's parameters over the fit workers (FSDP2) for models too big for one worker.
     shard_model: bool = False
+    # The address of the local Ray this job starts (no address): 127.0.0.1 keeps every Ray port
+    # on loopback; another address (or auto: Ray's pick) makes Ray listen on all interfaces.
+    node_ip: str = LOOPBACK
+    # Where the fit workers' rendezvous (torch.distributed store and gloo) listens: 127.0.0.1, or
+    # node (the Ray node's address, for workers on several machines), or an address.
+    listen: str = LOOPBACK
+
+    def __post_init__(self) -> None:
+        check = Check("cluster", self)
+        check.text("address", none="a local Ray")
+        check.integer("num_workers", 0)
+        check.integer("max_retries", 0)
+        check.boolean("allow_failed_shards")
+        check.number("cpus_per_worker", minimum=0)
+        check.number("gpus_per_worker", minimum=0)
+        check.boolean("shard_model")
+        check.address("node_ip", also=("auto",))
+        check.address("listen", also=("node",))
 
     @property
     def uses_ray(self) -> bool:

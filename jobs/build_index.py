@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from attribution.prefilter.index import run_build_index
-from jobs.wiring import limit_threads, model_and_data, plain, prefilter_settings
+from jobs.entry import job, say
 
 
-@hydra.main(config_path="../conf", config_name="build_index", version_base="1.3")
+@job("build_index")
 def main(cfg: DictConfig) -> None:
-    limit_threads()
+    from attribution.prefilter.index import run_build_index
+    from jobs.wiring import model_and_data, plain, prefilter_settings, prepare_process
+
+    prepare_process()
     _, data = model_and_data(cfg)
-    print(run_build_index(prefilter_settings(cfg), data, cfg.output_dir, plain(cfg)).line())
+    say(run_build_index(prefilter_settings(cfg), data, cfg.output_dir, plain(cfg)).line())
 
 
 if __name__ == "__main__":

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from attribution.evaluation.config import EvaluationSettings
-from attribution.evaluation.run import run_evaluate
-from jobs.wiring import limit_threads, model_and_data, plain, query_settings
+from jobs.entry import job, say
 
 
-@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@job("evaluate")
 def main(cfg: DictConfig) -> None:
-    limit_threads()
+    from dataclasses import replace
+
+    from attribution.evaluation.config import EvaluationSettings
+    from attribution.evaluation.run import run_evaluate
+    from jobs.wiring import demo_paths, model_and_data, plain, prepare_process, query_settings
+
+    prepare_process()
     model, data = model_and_data(cfg)
-    settings = EvaluationSettings.from_config(plain(cfg.evaluate))
-    summary = run_evaluate(model, data, query_settings(cfg), settings, cfg.output_dir, plain(cfg))
-    print(summary.report())
-    print(f"metrics: {summary.metrics_path}\nrun record: {summary.run_record}")
+    values = plain(cfg.evaluate)
+    queries = query_settings(cfg)
+    if values.get("stages") == "multi" and cfg.model.path is None:
+        # The demo's fine-tuned model, its question-answer rows, and its held-out questions.
+        demo = demo_paths(cfg)
+        values["finetune_model_path"] = values.get("finetune_model_path") or str(demo.finetuned_model_dir)
+        values["finetune_data_path"] = values.get("finetune_data_path") or str(demo.finetune_path)
+        if cfg.queries.path is None:
+            queries = replace(queries, path=str(demo.finetune_queries_path))
+    settings = EvaluationSettings.from_config(values)
+    summary = run_evaluate(model, data, queries, settings, cfg.output_dir, plain(cfg))
+    say(summary.report())
+    say(f"metrics: {summary.metrics_path}\nrun record: {summary.run_record}")
 
 
 if __name__ == "__main__":

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from attribution.fitting import run_fit
-from jobs.wiring import cluster_settings, factor_settings, limit_threads, model_and_data, plain
+from jobs.entry import job, say
 
 
-@hydra.main(config_path="../conf", config_name="fit_factors", version_base="1.3")
+@job("fit_factors")
 def main(cfg: DictConfig) -> None:
-    limit_threads()
+    from attribution.fitting import run_fit
+    from jobs.wiring import cluster_settings, factor_settings, model_and_data, plain, prepare_process
+
+    prepare_process()
     model, data = model_and_data(cfg)
     summary = run_fit(model, data, factor_settings(cfg), cfg.output_dir, plain(cfg), cfg.progress, cluster_settings(cfg))
-    print(summary.line())
+    say(summary.line())
 
 
 if __name__ == "__main__":

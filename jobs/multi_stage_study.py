@@ -5,20 +5,21 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from attribution.runs import write_json_atomically
-from attribution.studies.multi_stage import format_table, run_study
-from jobs.wiring import demo_paths, limit_threads
+from jobs.entry import job, say
 
 
-@hydra.main(config_path="../conf", config_name="multi_stage_study", version_base="1.3")
+@job("multi_stage_study")
 def main(cfg: DictConfig) -> None:
-    limit_threads()
+    from attribution.runs import write_json_atomically
+    from attribution.studies.multi_stage import format_table, run_study
+    from jobs.wiring import demo_paths, prepare_process
+
+    prepare_process()
     output_dir = Path(cfg.output_dir)
     rows = run_study(demo_paths(cfg), list(cfg.study.dampings), output_dir, cfg.study.rank, cfg.study.device)
-    print(format_table(rows))
+    say(format_table(rows))
     write_json_atomically(output_dir / "multi_stage_study.json", [asdict(r) for r in rows])
 
 

@@ -1,38 +1,44 @@
-"""Fit factors and score in one go: ``python -m jobs.pipeline`` runs the embedded demo (conf/pipeline.yaml)."""
+"""Fit factors, score and report in one go: ``python -m jobs.pipeline`` runs the embedded demo (conf/pipeline.yaml)."""
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from attribution.pipeline import run_pipeline
-from jobs.wiring import (
-    cluster_settings,
-    factor_settings,
-    limit_threads,
-    model_and_data,
-    plain,
-    prefilter_settings,
-    query_settings,
-    refine_settings,
-    score_settings,
-)
+from jobs.entry import job, say
 
 
-@hydra.main(config_path="../conf", config_name="pipeline", version_base="1.3")
+@job("pipeline")
 def main(cfg: DictConfig) -> None:
-    limit_threads()
+    from attribution.pipeline import run_pipeline
+    from attribution.report import render_report
+    from jobs.wiring import (
+        cluster_settings,
+        factor_settings,
+        model_and_data,
+        plain,
+        prefilter_settings,
+        prepare_process,
+        query_settings,
+        refine_settings,
+        report_settings,
+        score_settings,
+    )
+
+    prepare_process()
     model, data = model_and_data(cfg)
-    fit, score, report = run_pipeline(
+    report_options = report_settings(cfg)
+    fit, score, summary = run_pipeline(
         model, data, factor_settings(cfg), query_settings(cfg), score_settings(cfg), cfg.output_dir, plain(cfg),
         show_top=cfg.show_top, progress=cfg.progress, prefilter=prefilter_settings(cfg), cluster=cluster_settings(cfg),
         refine=refine_settings(cfg),
     )
-    print(report)
+    say(summary)
     if fit is not None:
-        print(fit.line())
-    print(score.line())
-    print(f"run record: {score.run_record}")
+        say(fit.line())
+    say(score.line())
+    say(f"run record: {score.run_record}")
+    report = render_report(score.run_record, report_options)
+    say(f"report: {report.path}")
 
 
 if __name__ == "__main__":

@@ -2,33 +2,36 @@
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from attribution.scoring.run import run_score
-from jobs.wiring import (
-    cluster_settings,
-    factor_settings,
-    finetune_settings,
-    limit_threads,
-    model_and_data,
-    plain,
-    prefilter_settings,
-    query_settings,
-    refine_settings,
-    score_settings,
-)
+from jobs.entry import job, say
 
 
-@hydra.main(config_path="../conf", config_name="score", version_base="1.3")
+@job("score")
 def main(cfg: DictConfig) -> None:
-    limit_threads()
-    model, data = model_and_data(cfg)
-    summary = run_score(
-        model, data, factor_settings(cfg), query_settings(cfg), score_settings(cfg), cfg.output_dir, plain(cfg),
-        finetune_settings(cfg), prefilter_settings(cfg), cluster_settings(cfg), refine_settings=refine_settings(cfg),
+    from attribution.scoring.run import run_score
+    from jobs.wiring import (
+        built_prefilter_settings,
+        cluster_settings,
+        finetune_settings,
+        model_and_data,
+        plain,
+        prepare_process,
+        query_settings,
+        refine_settings,
+        score_settings,
+        stored_factor_settings,
     )
-    print(summary.line())
+
+    prepare_process()
+    model, data = model_and_data(cfg)
+    queries, score, refine, cluster = query_settings(cfg), score_settings(cfg), refine_settings(cfg), cluster_settings(cfg)
+    # Then what earlier jobs must have written: the stores and the prefilter index.
+    factors, finetune, prefilter = stored_factor_settings(cfg), finetune_settings(cfg), built_prefilter_settings(cfg)
+    summary = run_score(model, data, factors, queries, score, cfg.output_dir, plain(cfg), finetune, prefilter, cluster,
+                        refine_settings=refine)
+    say(summary.line())
+    say(f"run record: {summary.run_record}")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,20 @@
-"""Turn a job's Hydra config into the library's typed settings; fill unset paths with the demo."""
+"""Turn a job's Hydra config into the library's typed settings; fill unset paths with the demo
+and with what other jobs wrote into the same run directory (``output_dir``)."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from attribution.curvature.store import MANIFEST, FactorStoreError
 from attribution.demo.train import DemoConfig, DemoPaths, ensure_demo
+from attribution.prefilter.manifest import MANIFEST_NAME, PrefilterError
+from attribution.report.settings import ReportSettings
 from attribution.settings import (
     ClusterSettings,
     DataSettings,
@@ -28,10 +33,13 @@ def plain(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-def limit_threads() -> None:
-    """One torch thread per process unless the user asked otherwise: extra threads on
-    shared cores slow CPU runs down several times."""
+def prepare_process() -> None:
+    """One torch thread per process unless the user asked otherwise (extra threads on shared
+    cores slow CPU runs down several times), and no weight-loading bars on the terminal."""
+    from transformers.utils import logging as transformers_logging
+
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    transformers_logging.disable_progress_bar()
 
 
 def demo_paths(cfg: DictConfig) -> DemoPaths:
@@ -66,12 +74,53 @@ def factor_settings(cfg: DictConfig) -> FactorSettings:
     return from_mapping(FactorSettings, plain(cfg.factors), "factors")
 
 
+def stored_factor_settings(cfg: DictConfig) -> FactorSettings:
+    """The factor store a scoring job reads: ``factors.path``, or by default the one that
+    ``fit_factors`` and ``pipeline`` write into the same ``output_dir``; it must exist.
+
+    With ``factors.strategy=identity`` (the gradient dot product) no store is read.
+    """
+    settings = factor_settings(cfg)
+    if settings.strategy == "identity":
+        return settings
+    path = Path(settings.path) if settings.path is not None else Path(cfg.output_dir) / "factors"
+    require_store(path, "factors.path", f"python -m jobs.fit_factors output_dir={cfg.output_dir}")
+    return replace(settings, path=str(path))
+
+
+def require_store(path: Path, key: str, fit_command: str) -> None:
+    """A missing store is a user error that names the key to set and the command that writes it."""
+    if not (path / MANIFEST).is_file():
+        raise FactorStoreError(
+            f"{key}={path}: no factor store there (no {MANIFEST}); fit one with `{fit_command}`, or set {key}"
+        )
+
+
 def finetune_settings(cfg: DictConfig) -> FinetuneSettings:
-    return from_mapping(FinetuneSettings, plain(cfg.finetune), "finetune")
+    settings = from_mapping(FinetuneSettings, plain(cfg.finetune), "finetune")
+    if settings.enabled and cfg.factors.strategy != "identity":
+        require_store(Path(settings.factors_path), "finetune.factors_path",
+                      "python -m jobs.fit_factors model.path=FINETUNED_MODEL data.path=FINETUNING_DATA factors.path=STORE")
+    return settings
 
 
 def prefilter_settings(cfg: DictConfig) -> PrefilterSettings:
     return from_mapping(PrefilterSettings, plain(cfg.prefilter), "prefilter")
+
+
+def built_prefilter_settings(cfg: DictConfig) -> PrefilterSettings:
+    """The prefilter a score job searches: ``prefilter.path``, or by default the index that
+    ``build_index`` and ``pipeline`` write into the same ``output_dir``; it must exist."""
+    settings = prefilter_settings(cfg)
+    if settings.kind == "none":
+        return settings
+    path = settings.index_path(cfg.output_dir)
+    if not (path / MANIFEST_NAME).is_file():
+        raise PrefilterError(
+            f"prefilter.path={path}: no {settings.kind} index there; build one with "
+            f"`python -m jobs.build_index prefilter.kind={settings.kind} output_dir={cfg.output_dir}`, or set prefilter.path"
+        )
+    return replace(settings, path=str(path))
 
 
 def cluster_settings(cfg: DictConfig) -> ClusterSettings:
@@ -80,3 +129,7 @@ def cluster_settings(cfg: DictConfig) -> ClusterSettings:
 
 def refine_settings(cfg: DictConfig) -> RefineSettings:
     return from_mapping(RefineSettings, plain(cfg.refine), "refine")
+
+
+def report_settings(cfg: DictConfig) -> ReportSettings:
+    return from_mapping(ReportSettings, plain(cfg.report), "report")

@@ -5,22 +5,23 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from attribution.runs import write_json_atomically
-from attribution.studies.worker_scaling import format_table, run_scaling
-from jobs.wiring import factor_settings, limit_threads, model_and_data, plain, query_settings, score_settings
+from jobs.entry import job, say
 
 
-@hydra.main(config_path="../conf", config_name="worker_scaling", version_base="1.3")
+@job("worker_scaling")
 def main(cfg: DictConfig) -> None:
-    limit_threads()
+    from attribution.runs import write_json_atomically
+    from attribution.studies.worker_scaling import format_table, run_scaling
+    from jobs.wiring import factor_settings, model_and_data, plain, prepare_process, query_settings, score_settings
+
+    prepare_process()
     model, data = model_and_data(cfg)
     output_dir = Path(cfg.output_dir)
     rows = run_scaling(model, data, query_settings(cfg), score_settings(cfg), factor_settings(cfg),
                        plain(cfg.scaling)["workers"], output_dir)
-    print(format_table(rows))
+    say(format_table(rows))
     write_json_atomically(output_dir / "worker_scaling.json", [asdict(r) for r in rows])
 
 

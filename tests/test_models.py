@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from transformers import AutoTokenizer
 
-from attribution.models import ModelError, find_tracked_modules, load_model, model_fingerprint
-from tests.tiny import tiny_model
+from attribution.models import (
+    ModelError,
+    check_causal,
+    find_tracked_modules,
+    load_model,
+    model_fingerprint,
+)
+from tests.tiny import save_tiny_lm, tiny_model
 
 EXPECTED_PER_BLOCK = {
     "gpt_neox": (["attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"], 2),
@@ -66,3 +75,61 @@ def test_load_model_errors_name_the_directory(tmp_path):
         load_model(tmp_path / "missing")
     with pytest.raises(ModelError, match="has no config.json"):
         load_model(tmp_path)
+
+
+def test_every_supported_architecture_passes_the_causality_check(architecture):
+    check_causal(tiny_model(architecture), "tiny")
+
+
+def test_an_encoder_loaded_as_a_causal_lm_is_refused(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    folder = tmp_path / "bert"
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    BertForMaskedLM(config).save_pretrained(folder)
+    save_tiny_lm(tmp_path / "words", ["a b c"])  # a real vocabulary for the BERT folder
+    AutoTokenizer.from_pretrained(tmp_path / "words").save_pretrained(folder)
+    with pytest.raises(ModelError, match=rf"model directory {folder}: BertLMHeadModel does not attend causally "
+                                         r"\(config.json has is_decoder=false\)"):
+        load_model(folder)
+
+
+def test_a_folder_without_tokenizer_files_is_refused(tmp_path):
+    folder = save_tiny_lm(tmp_path / "lm", ["the cat sat"])
+    load_model(folder)
+    for file in folder.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens", "vocab")):
+            file.unlink()
+    with pytest.raises(ModelError, match=rf"model directory {folder}: its tokenizer has no vocabulary "
+                                         r"\(only \d special tokens; tokenizer files there: none\)"):
+        load_model(folder)
+
+
+def test_a_tokenizer_bigger_than_the_embedding_is_refused(tmp_path):
+    folder = save_tiny_lm(tmp_path / "lm", ["the cat sat"])
+    save_tiny_lm(tmp_path / "big", ["many more words in this other tokenizer than the model embeds"])
+    AutoTokenizer.from_pretrained(tmp_path / "big").save_pretrained(folder)
+    with pytest.raises(ModelError, match="the tokenizer does not belong to this model"):
+        load_model(folder)
+
+
+def test_remote_code_runs_only_when_trusted(tmp_path):
+    folder = save_tiny_lm(tmp_path / "lm", ["the cat sat"])
+    config = json.loads((folder / "config.json").read_text())
+    auto_map = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.X"}
+    # A class transformers has: its own code is used, the folder's is not run.
+    (folder / "config.json").write_text(json.dumps({**config, "auto_map": auto_map}))
+    load_model(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "auto_map": auto_map, "model_type": "custom_lm"}))
+    with pytest.raises(ModelError, match=r"needs its own Python code .*it runs only with model.trust_remote_code=true"):
+        load_model(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match=r"config.json is not readable JSON"):
+        load_model(folder)
+
+
+def test_no_tracked_module_names_the_model(tmp_path):
+    folder = save_tiny_lm(tmp_path / "lm", ["the cat sat"])
+    model, _ = load_model(folder)
+    with pytest.raises(ModelError, match=rf"model.tracked_modules='nothing' matches no linear module of {folder}"):
+        find_tracked_modules(model, "nothing")

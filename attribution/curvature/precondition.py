@@ -9,9 +9,12 @@ a division in the Kronecker eigenbasis; ``/`` is elementwise.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from attribution.curvature.factors import ModuleFactors, default_damping
+from attribution.curvature.parameters import ParameterLayout
 from attribution.curvature.store import FactorSet
 
 
@@ -31,6 +34,22 @@ class Preconditioner:
         for name, value in self.damping.items():
             if self.strategy != "identity" and value <= 0 and bool((self.modules[name].corrected_eigenvalues <= 0).any()):
                 raise ValueError(f"module {name}: damping {value} leaves a zero or negative eigenvalue; use factors.damping > 0")
+
+    def with_damping_scaled(self, factor: float) -> Preconditioner:
+        """The same factors with every module's damping multiplied by ``factor``."""
+        scaled = copy.copy(self)
+        scaled.damping = {name: factor * value for name, value in self.damping.items()}
+        return scaled
+
+    def damping_vector(self, layout: ParameterLayout) -> torch.Tensor:
+        """The per-module damping as a (P,) vector of ``layout``: the diagonal D of ``G + D``."""
+        return torch.cat([torch.full((size,), self.damping[m.name], dtype=torch.float64)
+                          for m, size in zip(layout.tracked, layout.sizes)])
+
+    def apply_flat(self, vectors: torch.Tensor, layout: ParameterLayout) -> torch.Tensor:
+        """``(G_hat + D)^{-1} v`` for (Q, P) vectors of ``layout``, module by module, in ``vectors``' dtype."""
+        pieces = layout.split(vectors)
+        return layout.join({name: self.apply(name, matrices).to(vectors.dtype) for name, matrices in pieces.items()})
 
     def apply(self, name: str, gradient: torch.Tensor) -> torch.Tensor:
         """``(G + lambda I)^{-1} V`` for V of shape (..., d_out, d_in'), batched over leading dimensions."""

@@ -1,5 +1,6 @@
 """Reading corpora and queries, and turning them into token batches."""
 
+from attribution.data.bad_input import DataError, Skip, SkipHandler
 from attribution.data.batching import (
     TokenBatch,
     batch_documents,
@@ -7,14 +8,7 @@ from attribution.data.batching import (
     pad_id,
     sequence_log_prob,
 )
-from attribution.data.corpus import (
-    DataError,
-    Document,
-    Skip,
-    SkipHandler,
-    iter_documents,
-    list_shards,
-)
+from attribution.data.corpus import Document, iter_documents, list_shards
 from attribution.data.queries import Query, read_queries
 
 __all__ = [

@@ -9,13 +9,15 @@ query it is the completion tokens (``m(q) = log p(completion | prompt)``).
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
-from attribution.data.corpus import Document, Skip, SkipHandler
+from attribution.data.bad_input import Skip, SkipHandler
+from attribution.data.corpus import Document
 from attribution.data.queries import Query
 
 T = TypeVar("T")
@@ -147,19 +149,34 @@ def _tokenize_documents(
 ) -> Iterator[_Sequence]:
     """Tokenize documents a chunk at a time (fast tokenizers batch in parallel)."""
     for chunk in _chunks(documents, chunk_size):
-        # One token over the budget tells truncated from exactly-fitting texts
-        # without tokenizing whole (possibly huge) documents un-truncated.
-        probe = _encode(tokenizer, [doc.text for doc in chunk], max_length + 1)
-        for doc, tokens in zip(chunk, probe):
-            truncated = len(tokens) > max_length
-            if truncated:
-                # Re-encode rather than slice, so special tokens that the
-                # tokenizer appends at the end survive truncation.
-                tokens = _encode(tokenizer, [doc.text], max_length)[0]
+        for doc, (tokens, truncated) in zip(chunk, _encode_truncated(tokenizer, [doc.text for doc in chunk], max_length)):
             if len(tokens) < 2:
                 on_skip(Skip(doc.id, doc.shard, doc.row, "fewer than two tokens"))
                 continue
             yield _Sequence(doc.id, doc.shard, tokens, first_target=1, truncated=truncated)
+
+
+def _encode_truncated(tokenizer: Any, texts: list[str], max_length: int) -> list[tuple[list[int], bool]]:
+    """Each text's first ``max_length`` tokens, special tokens placed as the tokenizer places
+    them on a cut text (an appended EOS survives), and whether the text was cut.
+
+    A fast tokenizer does both in one pass: the pieces it returns beyond the first are the
+    overflow of a cut text. Otherwise one token over the budget tells truncated from exactly
+    fitting texts, and only the cut ones are encoded again.
+    """
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True,
+                            return_overflowing_tokens=True)
+        first: dict[int, int] = {}
+        pieces: Counter[int] = Counter()
+        for position, text_index in enumerate(encoded["overflow_to_sample_mapping"]):
+            first.setdefault(text_index, position)
+            pieces[text_index] += 1
+        return [(list(encoded["input_ids"][first[i]]) if i in first else [], pieces[i] > 1) for i in range(len(texts))]
+    probe = _encode(tokenizer, texts, max_length + 1)
+    cut = [i for i, tokens in enumerate(probe) if len(tokens) > max_length]
+    again = dict(zip(cut, _encode(tokenizer, [texts[i] for i in cut], max_length))) if cut else {}
+    return [(again.get(i, tokens), i in again) for i, tokens in enumerate(probe)]
 
 
 def _tokenize_queries(

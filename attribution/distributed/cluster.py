@@ -1,16 +1,29 @@
-"""Start or join Ray, with every worker process limited to the configured threads."""
+"""Start or join Ray, with every worker process limited to the configured threads; rendezvous.
+
+Private by default: a local Ray (one this job starts) runs with its node address on loopback,
+so its head, node, worker and agent ports listen on 127.0.0.1 only, and with Ray's token
+authentication, so other processes on the machine need its token to submit work. The fit
+workers' rendezvous listens on ``cluster.listen`` (loopback by default). ``cluster.node_ip``
+and ``cluster.listen`` open them deliberately (docs/security.md).
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import resource
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import ray
 
-from attribution.settings import ClusterSettings
+from attribution.settings import LOOPBACK, ClusterSettings, SettingsError
+
+AUTH_MODE = "RAY_AUTH_MODE"
+# As long as torch's own tcp:// rendezvous waits for the other workers.
+STORE_TIMEOUT = timedelta(minutes=30)
 
 
 def worker_environment() -> dict[str, str]:
@@ -44,11 +57,58 @@ def ray_session(cluster: ClusterSettings) -> Iterator[None]:
         ray.init(runtime_env=runtime_env)
     else:
         cpus = max(os.cpu_count() or 1, int(cluster.num_workers * cluster.cpus_per_worker))
-        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env)
+        start_local_ray(cluster, num_cpus=cpus, runtime_env=runtime_env)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def start_local_ray(cluster: ClusterSettings, **init_options: object) -> None:
+    """``ray.init`` of a new single-machine Ray on ``cluster.node_ip``, token-authenticated, no dashboard."""
+    use_token_authentication()
+    node_ip = None if cluster.node_ip == "auto" else cluster.node_ip
+    with _node_address_kept(node_ip):
+        ray.init(include_dashboard=False, _node_ip_address=node_ip, **init_options)
+
+
+def use_token_authentication() -> None:
+    """Token authentication for a local Ray, chosen explicitly.
+
+    Ray enables it by default for a new local cluster (generating ``~/.ray/auth_token`` when
+    missing) and logs a WARNING that it chose to; choosing it here keeps the protection and
+    the log quiet. An explicit ``RAY_AUTH_MODE`` (``token`` or ``disabled``) is kept. The
+    driver's Ray config was read when Ray was imported, so it is re-read, as Ray does itself
+    when it turns token authentication on.
+    """
+    if os.environ.get(AUTH_MODE) is None:
+        os.environ[AUTH_MODE] = "token"
+        from ray._raylet import Config
+
+        Config.initialize("")
+
+
+@contextmanager
+def _node_address_kept(node_ip: str | None) -> Iterator[None]:
+    """Keep a loopback node address while Ray starts.
+
+    Ray's servers listen on loopback only when the node address is 127.0.0.1, but on Linux
+    Ray replaces 127.0.0.1 with the machine's external address unless it runs as the
+    single-machine Ray it is on macOS and Windows (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``,
+    read once when Ray is imported). That mode is switched on for the start of this Ray only,
+    so joining a real cluster later in this process is unaffected.
+    """
+    if node_ip != LOOPBACK:
+        yield
+        return
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def peak_memory_mib() -> float:
@@ -56,8 +116,59 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def free_port() -> int:
-    """A TCP port free on this node now, for a process group's rendezvous."""
-    with socket.socket() as probe:
-        probe.bind(("", 0))
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port free on ``host`` now (loopback by default)."""
+    with socket.socket(_family(host)) as probe:
+        probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+def rendezvous_host(listen: str) -> str:
+    """The address a rendezvous listens on: ``cluster.listen``, where ``node`` is this Ray node's address."""
+    return ray.util.get_node_ip_address() if listen == "node" else listen
+
+
+def listening_socket(host: str) -> socket.socket:
+    """A TCP socket bound to ``host`` on a free port and listening, for a rendezvous server.
+
+    Bound and listening before its port is handed out, so no other process can take the port
+    in between, and bound to ``host`` alone (torch's own store binds every interface).
+    """
+    return socket.create_server((host, 0), family=_family(host), backlog=128)
+
+
+def check_rendezvous_reach(listen: str, worker_nodes: list[str]) -> None:
+    """Workers on several machines cannot meet on loopback: say which setting opens it."""
+    machines = len(set(worker_nodes))
+    if machines > 1 and listen != "node" and ipaddress.ip_address(listen).is_loopback:
+        raise SettingsError(
+            f"cluster.listen={listen}: the fit workers run on {machines} machines, which cannot reach a rendezvous "
+            "on loopback; set cluster.listen=node (the Ray node's address)"
+        )
+
+
+def init_process_group(rank: int, world_size: int, host: str, port: int, listener: socket.socket | None,
+                       use_gpu: bool) -> None:
+    """Join the workers' torch.distributed group through a TCP store at ``host:port``.
+
+    Rank 0 serves the store on ``listener`` (bound to ``host`` only); gloo's own connections
+    use a device bound to ``host`` too, and NCCL's bootstrap stays on the loopback interface
+    when ``host`` is loopback (unless NCCL_SOCKET_IFNAME says otherwise).
+    """
+    import torch.distributed as dist
+
+    fd = listener.detach() if listener is not None else None
+    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=STORE_TIMEOUT,
+                          wait_for_workers=False, master_listen_fd=fd)
+    if use_gpu:
+        if ipaddress.ip_address(host).is_loopback:
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+        dist.init_process_group("nccl", store=store, rank=rank, world_size=world_size)
+        return
+    options = dist.ProcessGroupGloo._Options()
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, pg_options=options)
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET

@@ -15,9 +15,18 @@ import torch.distributed as dist
 
 from attribution.curvature.store import FactorSet
 from attribution.data.corpus import Skip
-from attribution.distributed.cluster import free_port, peak_memory_mib, prepare_worker_process, ray_session
-from attribution.fitting import fit_store
+from attribution.distributed.cluster import (
+    check_rendezvous_reach,
+    init_process_group,
+    listening_socket,
+    peak_memory_mib,
+    prepare_worker_process,
+    ray_session,
+    rendezvous_host,
+)
+from attribution.progress import worker_progress
 from attribution.settings import ClusterSettings, DataSettings, FactorSettings, ModelSettings
+from attribution.store_fit import fit_store
 
 
 class TorchCollective:
@@ -53,9 +62,16 @@ class WorkerFit:
 class FitWorker:
     def __init__(self) -> None:
         prepare_worker_process()
+        self.listener = None
 
-    def rendezvous(self) -> tuple[str, int]:
-        return ray.util.get_node_ip_address(), free_port()
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def rendezvous(self, listen: str) -> tuple[str, int]:
+        """Rank 0: open the store's socket on ``cluster.listen`` and say where it is."""
+        host = rendezvous_host(listen)
+        self.listener = listening_socket(host)
+        return host, self.listener.getsockname()[1]
 
     def fit(
         self,
@@ -68,8 +84,8 @@ class FitWorker:
         factor_settings: FactorSettings,
         shard_model: bool,
     ) -> WorkerFit:
-        backend = "nccl" if torch.cuda.is_available() and model_settings.device != "cpu" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size)
+        use_gpu = torch.cuda.is_available() and model_settings.device != "cpu"
+        init_process_group(rank, world_size, address, port, self.listener if rank == 0 else None, use_gpu)
         try:
             fit = fit_store(model_settings, data_settings, factor_settings, TorchCollective(),
                             progress=rank == 0, shard_model=shard_model)
@@ -93,12 +109,14 @@ def fit_on_ray(
         options = {"num_cpus": cluster.cpus_per_worker, "num_gpus": cluster.gpus_per_worker}
         workers = [FitWorker.options(**options).remote() for _ in range(cluster.num_workers)]
         try:
-            address, port = ray.get(workers[0].rendezvous.remote())
-            results = ray.get([
-                worker.fit.remote(rank, len(workers), address, port, model_settings, data_settings, factor_settings,
-                                  cluster.shard_model)
-                for rank, worker in enumerate(workers)
-            ])
+            check_rendezvous_reach(cluster.listen, ray.get([worker.node.remote() for worker in workers]))
+            address, port = ray.get(workers[0].rendezvous.remote(cluster.listen))
+            with worker_progress():
+                results = ray.get([
+                    worker.fit.remote(rank, len(workers), address, port, model_settings, data_settings, factor_settings,
+                                      cluster.shard_model)
+                    for rank, worker in enumerate(workers)
+                ])
         finally:
             for worker in workers:
                 ray.kill(worker)

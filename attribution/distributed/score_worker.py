@@ -1,39 +1,37 @@
-"""The long-lived Ray actor of the scoring pool."""
+"""The long-lived Ray actor of the scoring pool: :class:`~attribution.scoring.tasks.ScoreTasks` in a worker."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 
 import ray
 
 from attribution.distributed.cluster import peak_memory_mib, prepare_worker_process
-from attribution.models import find_tracked_modules, load_model
 from attribution.prefilter.candidates import Candidates
-from attribution.scoring.markers import UnitResult, WorkUnit
-from attribution.scoring.query_factors import QueryFactors
-from attribution.scoring.shards import ShardScorer
-from attribution.settings import DataSettings, ModelSettings, ScoreSettings, resolve_device, torch_dtype
+from attribution.scoring.inputs import ScoreInputs, StageIdentity
+from attribution.scoring.markers import MarkerStore, WorkUnit
+from attribution.scoring.tasks import QueryPlan, ScoreTasks
 
 
 @ray.remote
 class ScoreWorker:
-    """Loads the candidate model and the query factors once, then scores unit after unit."""
+    """Loads the stages once, then computes query batches and scores units, each written to the work directory."""
 
-    def __init__(
-        self,
-        model: ModelSettings,
-        tracked_pattern: str,
-        query_sets: list[QueryFactors],
-        data: DataSettings,
-        score: ScoreSettings,
-        candidates: Candidates | None,
-    ) -> None:
+    def __init__(self, inputs: ScoreInputs, output_dir: str, candidates: Candidates | None) -> None:
         prepare_worker_process()
-        lm, tokenizer = load_model(model.path, model.trust_remote_code, torch_dtype(model.dtype), resolve_device(model.device))
-        tracked = find_tracked_modules(lm, tracked_pattern)
-        self.scorer = ShardScorer(lm, tokenizer, tracked, query_sets, data, score, candidates)
+        self.tasks = ScoreTasks(inputs, output_dir, candidates)
 
-    def run(self, unit: WorkUnit) -> UnitResult:
-        return self.scorer.run(unit)
+    def identity(self) -> StageIdentity:
+        return self.tasks.identity()
+
+    def query_plan(self) -> QueryPlan:
+        return self.tasks.query_plan()
+
+    def compute_query_batch(self, store: MarkerStore, index: int) -> None:
+        self.tasks.compute_query_batch(store, index)
+
+    def score_unit(self, store: MarkerStore, unit: WorkUnit, batches: Sequence[int]) -> None:
+        self.tasks.score_unit(store, unit, batches)
 
     def peak_memory_mib(self) -> float:
         return peak_memory_mib()

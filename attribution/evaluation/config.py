@@ -7,9 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from attribution.curvature.factors import STRATEGIES
-from attribution.settings import SettingsError, from_mapping
+from attribution.settings import REFINE_METHODS, SettingsError, from_mapping
 
-METHOD_KINDS = (*STRATEGIES, "lissa", "block_exact")
+METHOD_KINDS = (*STRATEGIES, "lissa", "block_exact", "refined")
+# Methods defined on one stage only: they have no multi-stage form.
+SINGLE_STAGE_KINDS = ("lissa", "block_exact")
+REFINE_SAMPLES = ("fit", "held_out")
+STAGES = ("single", "multi")
 GROUND_TRUTH_KINDS = ("cg", "dense")
 PRECONDITIONERS = ("ekfac", "none")
 
@@ -26,6 +30,14 @@ class MethodSpec:
     LiSSA only: ``batch_size`` sequences per stochastic product, ``max_iterations`` (null =
     run for the overhead time of method ``equal_time_to``), ``scale`` (null = twice the
     largest eigenvalue of one mini-batch's G, by power iteration).
+
+    ``refined``: the engine's query-side refinement (``refine.*``) of the EK-FAC closed form:
+    ``solver`` (``cg`` or ``stochastic``), at most ``steps`` Gauss-Newton products per query and
+    stage, ``tolerance``, ``batch_size`` (stochastic mini-batch), ``preconditioner_damping``,
+    ``learning_rate``, ``momentum``; ``sample``: ``fit`` refines on the same sequences as the
+    ground truth's G (the solver's accuracy), ``held_out`` on as many other ones (what a
+    different sample of the same data costs); ``curve``: also a row per step count listed here
+    (single-stage; one solve, its iterates at those counts).
     """
 
     name: str
@@ -36,10 +48,26 @@ class MethodSpec:
     max_iterations: int | None = None
     equal_time_to: str | None = "ekfac"
     scale: float | None = None
+    solver: str = "cg"
+    steps: int = 20
+    tolerance: float = 1e-3
+    preconditioner_damping: float = 10.0
+    learning_rate: float | None = None
+    momentum: float = 0.9
+    sample: str = "fit"
+    curve: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in METHOD_KINDS:
             raise SettingsError(f"method {self.name}: kind={self.kind!r}; expected one of {', '.join(METHOD_KINDS)}")
+        if self.solver not in REFINE_METHODS[1:]:
+            raise SettingsError(f"method {self.name}: solver={self.solver!r}; expected one of {', '.join(REFINE_METHODS[1:])}")
+        if self.sample not in REFINE_SAMPLES:
+            raise SettingsError(f"method {self.name}: sample={self.sample!r}; expected one of {', '.join(REFINE_SAMPLES)}")
+        if any(not isinstance(k, int) or k < 0 for k in self.curve):
+            raise SettingsError(f"method {self.name}: curve={list(self.curve)}; expected step counts >= 0")
+        if self.steps < 1:
+            raise SettingsError(f"method {self.name}: steps={self.steps}; expected a positive integer")
         if self.kind == "lissa" and self.max_iterations is None and self.equal_time_to is None:
             raise SettingsError(f"method {self.name}: LiSSA needs max_iterations or equal_time_to")
 
@@ -88,6 +116,10 @@ class EvaluationSettings:
 
     fit_sequences: int = 64
     num_queries: int | None = 8
+    # single: the model's own G; multi: fine-tuned model's queries, G_ft on its fine-tuning rows, then G_pt.
+    stages: str = "single"
+    finetune_model_path: str | None = None
+    finetune_data_path: str | None = None
     correlation_documents: int = 200
     bm25_top: int = 100
     random_documents: int = 100
@@ -109,12 +141,22 @@ class EvaluationSettings:
         damping = from_mapping(DampingSpec, {**damping, "values": tuple(damping.get("values", DampingSpec().values))}, "evaluate.damping")
         truth = from_mapping(GroundTruthSpec, values.pop("ground_truth", {}) or {}, "evaluate.ground_truth")
         methods = tuple(
-            from_mapping(MethodSpec, {"name": name, **(spec or {})}, f"evaluate.methods.{name}")
+            from_mapping(MethodSpec, {"name": name, **(spec or {}), "curve": tuple((spec or {}).get("curve", ()) or ())},
+                         f"evaluate.methods.{name}")
             for name, spec in (values.pop("methods", {}) or {}).items()
         )
         compare = tuple(tuple(pair) for pair in values.pop("compare", ()) or ())
         settings = from_mapping(cls, {**values, "damping": damping, "ground_truth": truth, "methods": methods, "compare": compare}, "evaluate")
         names = {m.name for m in methods}
+        if settings.stages not in STAGES:
+            raise SettingsError(f"evaluate.stages={settings.stages!r}; expected one of {', '.join(STAGES)}")
+        if settings.stages == "multi":
+            for method in methods:
+                if method.kind in SINGLE_STAGE_KINDS:
+                    raise SettingsError(f"evaluate.methods.{method.name}: kind {method.kind} has no multi-stage form; "
+                                        "leave it out with evaluate.stages=multi")
+            if settings.finetune_model_path is None or settings.finetune_data_path is None:
+                raise SettingsError("evaluate.stages=multi needs evaluate.finetune_model_path and evaluate.finetune_data_path")
         for pair in compare:
             if len(pair) != 2 or not set(pair) <= names:
                 raise SettingsError(f"evaluate.compare entry {list(pair)} must name two of the methods: {', '.join(sorted(names))}")

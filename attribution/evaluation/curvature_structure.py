@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from attribution.curvature.gauss_newton import GaussNewton
 from attribution.curvature.store import FactorSet
-from attribution.evaluation.gauss_newton import GaussNewton
 from attribution.evaluation.lissa import largest_eigenvalue
 
 

@@ -1,12 +1,16 @@
-"""The exact inverse-Gauss-Newton products ``(G + lambda I)^{-1} grad m(q)`` every method is compared with.
+"""The exact inverse-Gauss-Newton products every method is compared with.
+
+Single stage: ``x = (G + lambda I)^{-1} grad m(q)``. Multi-stage, two chained exact solves,
+fine-tuned stage first: ``y = (G_ft + lambda_ft I)^{-1} grad m(q; theta_ft)``, then
+``x = (G_pt + lambda_pt I)^{-1} y``. A damping is therefore one value per stage.
 
 ``cg``: conjugate gradient on Gauss-Newton-vector products over all tracked parameters: plain
-multi-shift CG, every damping from one Krylov run (``ground_truth.preconditioner=none``, the
-default: on the demo it reached a 10x smaller residual in half the time), or CG preconditioned
-by the EK-FAC fit, one run per damping (``preconditioner=ekfac``). Either way the solution is
-that of the exact system, to the stated residual; ``dense``: the explicit G and a Cholesky
-solve, for small models. Solutions are cached in a safetensors file named by a hash of
-everything they depend on, so a rerun of the evaluation does not repeat a long solve.
+multi-shift CG, every damping of a stage whose right-hand side is shared from one Krylov run
+(``ground_truth.preconditioner=none``, the default), or CG preconditioned by the EK-FAC fit, one
+run per damping (``preconditioner=ekfac``). Either way the solution is that of the exact system,
+to the stated residual; ``dense``: the explicit G and a Cholesky solve, for small models.
+Solutions are cached in a safetensors file named by a hash of everything they depend on, so a
+rerun of the evaluation does not repeat a long solve.
 """
 
 from __future__ import annotations
@@ -23,119 +27,128 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from attribution.curvature.gauss_newton import GaussNewton, dense_gauss_newton
+from attribution.curvature.parameters import ParameterLayout
 from attribution.curvature.precondition import Preconditioner
 from attribution.curvature.store import FactorSet
 from attribution.evaluation.config import GroundTruthSpec
-from attribution.evaluation.conjugate_gradient import (
-    CGResult,
-    Operator,
-    multi_shift_cg,
-    preconditioned_cg,
-)
-from attribution.evaluation.gauss_newton import GaussNewton, dense_gauss_newton
-from attribution.evaluation.parameters import ParameterLayout
-from attribution.evaluation.problem import Problem
+from attribution.evaluation.conjugate_gradient import multi_shift_cg
+from attribution.evaluation.problem import Problem, Stage
+from attribution.refine.solvers import preconditioned_cg
+
+Damping = tuple[float, ...]  # one value per stage, in the problem's stage order
 
 
 @dataclass
 class GroundTruth:
-    """Solutions (Q, P) per damping (ascending), and how they were obtained."""
+    """Solutions (K, Q, P) per damping, and how they were obtained."""
 
-    dampings: list[float]
-    solutions: torch.Tensor  # (K, Q, P)
+    dampings: list[Damping]
+    solutions: torch.Tensor
     seconds: float
     # CG only: the iterate at a 10x looser tolerance, to show how much the scores still moved.
     snapshot: torch.Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
-    def solution(self, damping: float) -> torch.Tensor:
-        return self.solutions[self.dampings.index(damping)]
+    def solution(self, damping: Damping) -> torch.Tensor:
+        return self.solutions[self.dampings.index(tuple(damping))]
 
 
-def cache_key(problem: Problem, spec: GroundTruthSpec, dampings: Sequence[float], batch_size: int) -> str:
+@dataclass
+class _StageSolution:
+    solutions: list[torch.Tensor]  # per damping, (Q, P)
+    snapshots: list[torch.Tensor] | None
+    iterations: list[list[int]]  # per damping, per column
+    residuals: list[list[float]]  # per damping, per column
+
+
+def cache_key(problem: Problem, spec: GroundTruthSpec, dampings: Sequence[Damping], batch_size: int) -> str:
     payload = {
-        "model": problem.fingerprint,
-        "modules": [m.name for m in problem.tracked],
-        "fit_documents": [doc.id for doc in problem.fit_documents],
+        "stages": [{"model": s.fingerprint, "modules": [m.name for m in s.tracked], "fit": [item.id for item in s.fit_items]}
+                   for s in problem.stages],
         "queries": problem.query_ids,
         "query_tokens": problem.query_batch.input_ids.tolist(),
-        "dampings": [float(d).hex() for d in sorted(dampings)],
+        "dampings": [[float(value).hex() for value in damping] for damping in dampings],
         "spec": asdict(spec),
         "batch_size": batch_size,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def solve(problem: Problem, spec: GroundTruthSpec, dampings: Sequence[float], batch_size: int, progress: bool = False,
-          preconditioner_factors: FactorSet | None = None) -> GroundTruth:
-    """Solve for every query and damping (no cache). ``preconditioner_factors``: the factors of
+def solve(problem: Problem, spec: GroundTruthSpec, dampings: Sequence[Damping], batch_size: int, progress: bool = False,
+          preconditioner_factors: Sequence[FactorSet] | None = None) -> GroundTruth:
+    """Solve for every query and damping (no cache). ``preconditioner_factors``: per stage, the factors of
     ``spec.preconditioner`` over every tracked module (CG with a preconditioner only)."""
     started = time.perf_counter()
-    dampings = sorted(float(d) for d in dampings)
-    layout = ParameterLayout(problem.tracked)
-    right_hand_sides = problem.query_vectors(problem.tracked)
-    operator = GaussNewton(problem.model, problem.tracked, problem.fit_batches(batch_size))
+    dampings = [tuple(float(value) for value in damping) for damping in dampings]
+    right_hand_sides = [problem.query_vectors(problem.query_stage.tracked)] * len(dampings)
+    info: dict[str, Any] = {"kind": spec.kind, "preconditioner": spec.preconditioner, "tolerance": spec.tolerance,
+                            "stages": []}
+    snapshots: list[torch.Tensor] | None = None
+    for index, stage in enumerate(problem.stages):
+        factors = None if preconditioner_factors is None else preconditioner_factors[index]
+        result = _solve_stage(stage, spec, right_hand_sides, [d[index] for d in dampings], batch_size, progress, factors)
+        right_hand_sides = result.solutions
+        # A looser first stage makes the whole chain looser: the last stage's snapshot, from the
+        # first stage's converged solution, shows how much the last solve still moved.
+        snapshots = result.snapshots
+        info["stages"].append({"stage": stage.name, "iterations": result.iterations, "relative_residuals": result.residuals})
+    solutions = torch.stack([s.cpu() for s in right_hand_sides])
+    info["snapshot_tolerance"] = None if snapshots is None else 10 * spec.tolerance
+    snapshot = None if snapshots is None else torch.stack([s.cpu() for s in snapshots])
+    return GroundTruth(dampings, solutions, time.perf_counter() - started, snapshot, info)
+
+
+def _solve_stage(stage: Stage, spec: GroundTruthSpec, right_hand_sides: list[torch.Tensor], dampings: list[float],
+                 batch_size: int, progress: bool, factors: FactorSet | None) -> _StageSolution:
+    """``(G_s + lambda_k I)^{-1} b_k`` for every damping k of one stage."""
+    layout = ParameterLayout(stage.tracked)
+    operator = GaussNewton(stage.model, stage.tracked, stage.fit_batches(batch_size))
     if spec.kind == "dense":
         if layout.size > spec.max_dense_parameters:
-            raise ValueError(
-                f"ground_truth.kind=dense needs an explicit {layout.size} x {layout.size} matrix; "
-                f"over ground_truth.max_dense_parameters={spec.max_dense_parameters}: use cg"
-            )
+            raise ValueError(f"ground_truth.kind=dense needs an explicit {layout.size} x {layout.size} matrix; "
+                             f"over ground_truth.max_dense_parameters={spec.max_dense_parameters}: use cg")
         matrix = dense_gauss_newton(operator)
         eye = torch.eye(layout.size, dtype=torch.float64, device=matrix.device)
-        solutions = torch.stack([
-            torch.cholesky_solve(right_hand_sides.T.to(matrix.device), torch.linalg.cholesky(matrix + d * eye)).T
-            for d in dampings
-        ])
-        return GroundTruth(dampings, solutions.cpu(), time.perf_counter() - started, info={"kind": "dense"})
+        solutions = [torch.cholesky_solve(b.T.to(matrix.device, torch.float64), torch.linalg.cholesky(matrix + d * eye)).T
+                     for b, d in zip(right_hand_sides, dampings)]
+        zero = [[0] * len(b) for b in right_hand_sides]
+        return _StageSolution(solutions, None, zero, [[0.0] * len(b) for b in right_hand_sides])
     if spec.preconditioner == "none":
-        result = multi_shift_cg(operator, right_hand_sides, dampings, spec.tolerance, spec.max_iterations, progress=progress)
-    else:
-        if preconditioner_factors is None:
-            raise ValueError(f"ground_truth.preconditioner={spec.preconditioner} needs its fitted factors")
-        results = [
-            preconditioned_cg(operator, right_hand_sides, d, flat_preconditioner(preconditioner_factors, layout, d),
-                              spec.tolerance, spec.max_iterations, progress=progress)
-            for d in dampings
-        ]
-        result = CGResult(
-            dampings,
-            torch.cat([r.solutions for r in results]),
-            [max(column) for column in zip(*(r.iterations for r in results))],
-            torch.cat([r.relative_residuals for r in results]),
-            [value for r in results for value in r.history],
-            torch.cat([r.snapshot for r in results]),
-            results[0].snapshot_tolerance,
-        )
-        iterations_per_damping = {str(d): r.iterations for d, r in zip(dampings, results)}
-    info = {
-        "kind": "cg",
-        "preconditioner": spec.preconditioner,
-        "tolerance": spec.tolerance,
-        "snapshot_tolerance": result.snapshot_tolerance,
-        "iterations": result.iterations,
-        "relative_residuals": {str(d): result.relative_residuals[k].tolist() for k, d in enumerate(dampings)},
-    }
-    if spec.preconditioner != "none":
-        info["iterations_per_damping"] = iterations_per_damping
-    return GroundTruth(dampings, result.solutions.cpu(), time.perf_counter() - started, result.snapshot.cpu(), info)
+        shared = all(b is right_hand_sides[0] for b in right_hand_sides)
+        groups = [list(range(len(dampings)))] if shared else [[k] for k in range(len(dampings))]
+        solutions: list[torch.Tensor] = [torch.empty(0)] * len(dampings)
+        snapshots: list[torch.Tensor] = [torch.empty(0)] * len(dampings)
+        iterations: list[list[int]] = [[]] * len(dampings)
+        residuals: list[list[float]] = [[]] * len(dampings)
+        for group in groups:
+            values = sorted({dampings[k] for k in group})
+            result = multi_shift_cg(operator, right_hand_sides[group[0]], values, spec.tolerance, spec.max_iterations,
+                                    progress=progress)
+            for k in group:
+                position = values.index(dampings[k])
+                solutions[k], snapshots[k] = result.solutions[position], result.snapshot[position]
+                iterations[k], residuals[k] = result.iterations, result.relative_residuals[position].tolist()
+        return _StageSolution(solutions, snapshots, iterations, residuals)
+    if factors is None:
+        raise ValueError(f"ground_truth.preconditioner={spec.preconditioner} needs its fitted factors")
+    solutions, iterations, residuals = [], [], []
+    for b, damping in zip(right_hand_sides, dampings):
+        preconditioner = Preconditioner(factors, damping, operator.device)
 
+        def damped(vectors: torch.Tensor, damping: float = damping) -> torch.Tensor:
+            return operator(vectors) + damping * vectors.to(torch.float64)
 
-def flat_preconditioner(factors: FactorSet, layout: ParameterLayout, damping: float) -> Operator:
-    """``M v``, blockwise ``(G_m + lambda I)^{-1} v_m`` of a factor set, on (Q, P) vectors of ``layout``."""
-    device = factors.modules[layout.tracked[0].name].activation_eigenvectors.device
-    preconditioner = Preconditioner(factors, damping, device)
-
-    def apply(vectors: torch.Tensor) -> torch.Tensor:
-        pieces = layout.split(vectors.reshape(-1, layout.size).to(device, torch.float64))
-        return layout.join({name: preconditioner.apply(name, matrices) for name, matrices in pieces.items()})
-
-    return apply
+        result = preconditioned_cg(damped, b, lambda v: preconditioner.apply_flat(v, layout), spec.tolerance, spec.max_iterations)
+        solutions.append(result.solution)
+        iterations.append(result.products)
+        residuals.append(result.relative_residuals)
+    return _StageSolution(solutions, None, iterations, residuals)
 
 
 def cached_solve(
-    problem: Problem, spec: GroundTruthSpec, dampings: Sequence[float], batch_size: int, directory: Path, progress: bool = False,
-    preconditioner_factors: FactorSet | None = None,
+    problem: Problem, spec: GroundTruthSpec, dampings: Sequence[Damping], batch_size: int, directory: Path, progress: bool = False,
+    preconditioner_factors: Sequence[FactorSet] | None = None,
 ) -> GroundTruth:
     """:func:`solve`, or the cached result of an identical earlier solve."""
     path = directory / f"{cache_key(problem, spec, dampings, batch_size)}.safetensors"
@@ -158,4 +171,5 @@ def _load(path: Path) -> GroundTruth:
         metadata = handle.metadata()
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     info = {**json.loads(metadata["info"]), "cached": str(path)}
-    return GroundTruth(json.loads(metadata["dampings"]), tensors["solutions"], float(metadata["seconds"]), tensors.get("snapshot"), info)
+    dampings = [tuple(d) for d in json.loads(metadata["dampings"])]
+    return GroundTruth(dampings, tensors["solutions"], float(metadata["seconds"]), tensors.get("snapshot"), info)

@@ -124,7 +124,8 @@ def update_index(
         registry = IdRegistry()
         for path, fingerprint in new:
             stem = f"shards/{len(manifest.shards):06d}"
-            documents = _unique(iter_documents([path], data.id_field, data.text_field, on_skip=on_skip), registry)
+            documents = _unique(iter_documents([path], data.id_field, data.text_field, on_skip=on_skip,
+                                               on_bad_row=data.on_bad_row), registry)
             manifest.shards.append(builder.add_shard(path, fingerprint, stem, documents))
         previous = dict(manifest.files)
         manifest.generation += 1

@@ -18,7 +18,7 @@ from attribution.data.queries import read_queries
 from attribution.prefilter.candidates import query_text
 from attribution.prefilter.index import open_index
 from attribution.runs import RunRecord
-from attribution.scoring.run import ScoreSummary
+from attribution.scoring.summary import ScoreSummary
 from attribution.scoring.tables import score_table, write_part
 from attribution.scoring.topk import Ranked
 from attribution.settings import DataSettings, PrefilterSettings, QuerySettings, ScoreSettings, SettingsError
@@ -45,15 +45,13 @@ def run_prefilter_scores(
     hits = index.top_m([query_text(query) for query in query_list], score.top_k)
     record.lap("score")
     no_layers = np.empty(0, dtype=np.float32)
-    top = {
-        query.id: [Ranked(query.id, rank, hit.doc_id, hit.shard, hit.score, no_layers) for rank, hit in enumerate(found, 1)]
-        for query, found in zip(query_list, hits)
-    }
-    rows = [row for ranked in top.values() for row in ranked]
+    rows = [Ranked(query.id, rank, hit.doc_id, hit.shard, hit.score, no_layers)
+            for query, found in zip(query_list, hits) for rank, hit in enumerate(found, 1)]
     scores_path = write_part(score_table(rows, record.run_id, "positive", prefilter.kind), output_dir / "scores", record.run_id)
     searched = sum(index.manifest.shards[position].documents for position in index.selection)
     record.counts = {
-        "queries": len(query_list), "queries_scored": len(query_list), "documents_scored": searched, "rows": len(rows)
+        "queries": len(query_list), "queries_scored": len(query_list), "documents_scored": searched,
+        "pairs_scored": len(query_list) * searched, "rows": len(rows)
     }
     record.fingerprints = {"prefilter_encoder": index.manifest.encoder_fingerprint}
     record.outputs = {"scores": str(scores_path)}
@@ -62,4 +60,4 @@ def run_prefilter_scores(
     }
     record_path = record.write(output_dir)
     seconds = sum(record.timings.values())
-    return ScoreSummary(record.run_id, prefilter.kind, scores_path, None, record_path, record.counts, seconds, top)
+    return ScoreSummary(record.run_id, prefilter.kind, scores_path, None, record_path, record.counts, seconds)

@@ -12,10 +12,14 @@ from attribution.scoring.topk import Ranked
 
 
 def document_texts(doc_ids: set[str], shards: Sequence[Path], id_field: str, text_field: str) -> dict[str, str]:
-    """Texts of the given documents, read from the shards that hold them."""
+    """Texts of the given documents, read from the shards that hold them.
+
+    Bad rows are passed over: the scoring pass met them first (and failed or recorded them),
+    and none of them can be among the scored documents looked up here.
+    """
     return {
         doc.id: doc.text
-        for doc in iter_documents(shards, id_field, text_field, on_skip=_not_shown)
+        for doc in iter_documents(shards, id_field, text_field, on_skip=_not_shown, on_bad_row="skip")
         if doc.id in doc_ids
     }
 

@@ -10,7 +10,7 @@ from transformers import PreTrainedModel
 from attribution.curvature.capture import GradientCapture
 from attribution.data.batching import TokenBatch, sequence_log_prob
 from attribution.models import TrackedModule
-from attribution.scoring.contraction import Contraction, ModuleContraction, choose_contraction
+from attribution.scoring.contraction import Contraction, ModuleContraction, plan_contractions
 from attribution.scoring.query_factors import QueryFactors
 
 
@@ -28,19 +28,20 @@ class CandidateScorer:
         factors: QueryFactors,
         expected_tokens: int,
         dtype: torch.dtype = torch.float32,
+        dense_budget_mib: float | None = None,
     ) -> None:
         self.model = model
         self.tracked = list(tracked)
         self.dtype = dtype
         self.query_ids = factors.query_ids
         device = next(model.parameters()).device
-        self.contractions: dict[str, ModuleContraction] = {}
-        for module in self.tracked:
-            module_factors = factors.modules[module.name].to(device, dtype)
-            contraction = choose_contraction(
-                module.d_in_augmented, module.d_out, len(self.query_ids), module_factors.rank, expected_tokens
-            )
-            self.contractions[module.name] = ModuleContraction(module_factors, contraction)
+        shapes = {m.name: (m.d_in_augmented, m.d_out, factors.modules[m.name].rank) for m in self.tracked}
+        budget = None if dense_budget_mib is None else dense_budget_mib * 2**20
+        plan = plan_contractions(shapes, len(self.query_ids), expected_tokens, dtype.itemsize, budget)
+        self.contractions: dict[str, ModuleContraction] = {
+            module.name: ModuleContraction(factors.modules[module.name].to(device, dtype), plan[module.name])
+            for module in self.tracked
+        }
         self.module_index = {module.name: index for index, module in enumerate(self.tracked)}
 
     @property

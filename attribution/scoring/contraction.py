@@ -21,11 +21,39 @@ from attribution.scoring.query_factors import ModuleQueryFactors
 Contraction = Literal["low_rank", "per_document"]
 
 
+def contraction_costs(d_in: int, d_out: int, num_queries: int, rank: int, tokens: int) -> dict[Contraction, int]:
+    """Multiply-adds of each contraction for one sequence of ``tokens`` tokens."""
+    return {"low_rank": tokens * (d_in + d_out) * num_queries * rank, "per_document": (tokens + num_queries) * d_in * d_out}
+
+
 def choose_contraction(d_in: int, d_out: int, num_queries: int, rank: int, tokens: int) -> Contraction:
     """The cheaper contraction in multiply-adds for sequences of ``tokens`` tokens."""
-    low_rank_cost = tokens * (d_in + d_out) * num_queries * rank
-    per_document_cost = (tokens + num_queries) * d_in * d_out
-    return "per_document" if per_document_cost < low_rank_cost else "low_rank"
+    costs = contraction_costs(d_in, d_out, num_queries, rank, tokens)
+    return "per_document" if costs["per_document"] < costs["low_rank"] else "low_rank"
+
+
+def plan_contractions(
+    shapes: dict[str, tuple[int, int, int]], num_queries: int, tokens: int, element_bytes: int, budget_bytes: float | None
+) -> dict[str, Contraction]:
+    """Per module (``name -> (d_in', d_out, rank)``), the contraction to use.
+
+    The per-document contraction holds ``Q d_out d_in'`` dense factor elements per module;
+    within ``budget_bytes`` (None: no limit) the modules where it saves the most multiply-adds
+    per byte get it, the others keep the low-rank one.
+    """
+    plan: dict[str, Contraction] = {name: "low_rank" for name in shapes}
+    savings = []
+    for name, (d_in, d_out, rank) in shapes.items():
+        costs = contraction_costs(d_in, d_out, num_queries, rank, tokens)
+        if costs["per_document"] < costs["low_rank"]:
+            size = num_queries * d_in * d_out * element_bytes
+            savings.append(((costs["low_rank"] - costs["per_document"]) / size, size, name))
+    spent = 0.0
+    for _, size, name in sorted(savings, reverse=True):
+        if budget_bytes is None or spent + size <= budget_bytes:
+            plan[name] = "per_document"
+            spent += size
+    return plan
 
 
 class ModuleContraction:

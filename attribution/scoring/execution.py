@@ -1,108 +1,246 @@
-"""Run work units with retries: in this process, or on a pool of long-lived Ray workers.
+"""Run a score run's tasks with retries: in this process, or on a pool of long-lived Ray workers.
 
-Both report each finished unit to ``on_result`` (the driver writes its completion marker)
-and return the units that failed on every attempt, with the last error. A unit is
-attempted ``1 + max_retries`` times, whether its worker raised or died.
+Tasks are query batches (:class:`QueryTask`) and units (:class:`WorkUnit`); a pass's units
+become ready once every query batch of the pass has its factors file. The :class:`Schedule`
+hands out ready tasks in pass order, a pass's query batches one pass ahead of its units, so
+query-side work overlaps the previous pass's scoring.
+
+A task is attempted ``1 + cluster.max_retries`` times when its worker raises or dies. A
+:class:`~attribution.errors.UserError` (bad data, a bad setting) is not a worker fault: it
+fails the job at once with its own message, also from inside a Ray worker.
 """
 
 from __future__ import annotations
 
-import re
+import heapq
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
+from attribution.errors import UserError
 from attribution.prefilter.candidates import Candidates
-from attribution.scoring.markers import UnitResult, WorkUnit
-from attribution.scoring.query_factors import QueryFactors
-from attribution.scoring.shards import ShardScorer
-from attribution.settings import ClusterSettings, DataSettings, ModelSettings, ScoreSettings
-
-ResultHandler = Callable[[UnitResult], None]
+from attribution.scoring.inputs import ScoreInputs, StageIdentity
+from attribution.scoring.markers import MarkerStore, WorkUnit
+from attribution.scoring.tasks import QueryPlan, ScoreTasks, pass_batches
 
 
-def run_in_process(
-    scorer: ShardScorer, units: Sequence[WorkUnit], max_retries: int, on_result: ResultHandler
-) -> dict[WorkUnit, str]:
-    failures: dict[WorkUnit, str] = {}
-    for unit in units:
-        for attempt in range(1 + max_retries):
-            try:
-                on_result(scorer.run(unit))
-                failures.pop(unit, None)
-                break
-            except Exception as error:  # a failing shard is retried, then recorded, never fatal here
-                failures[unit] = f"attempt {attempt + 1}: {type(error).__name__}: {error}"
-    return failures
+@dataclass(frozen=True, order=True)
+class QueryTask:
+    """Compute query batch ``index``'s factors."""
+
+    index: int
 
 
-def tracked_names_pattern(names: Sequence[str]) -> str:
-    """A ``model.tracked_modules`` regex that selects exactly these modules."""
-    return "^(" + "|".join(re.escape(name) for name in names) + ")$"
+Task = QueryTask | WorkUnit
 
 
-def run_on_ray(
-    cluster: ClusterSettings,
-    model: ModelSettings,
-    tracked_names: Sequence[str],
-    query_sets: Sequence[QueryFactors],
-    data: DataSettings,
-    score: ScoreSettings,
-    candidates: Candidates | None,
-    units: Sequence[WorkUnit],
-    on_result: ResultHandler,
-) -> tuple[dict[WorkUnit, str], list[float]]:
-    """The failures, and the peak memory (MiB) of each worker alive at the end.
+class Schedule:
+    """The tasks still to run, and which are ready.
 
-    A pool of ``cluster.num_workers`` actors, each loading the model and the query factors once.
+    ``release(group)`` is called once every query batch of pass ``group`` is written; it
+    returns the pass's units still to score (the driver reads the batches' headers there).
+    """
+
+    def __init__(self, num_batches: int, per_pass: int, written: set[int], release: Callable[[int], list[WorkUnit]]) -> None:
+        self.num_batches = num_batches
+        self.per_pass = per_pass
+        self.release = release
+        self.num_groups = -(-num_batches // per_pass)
+        self._waiting = {g: set(pass_batches(g, per_pass, num_batches)) - written for g in range(self.num_groups)}
+        self._ready: list[tuple[tuple[int, int, int], Task]] = []
+        self.failed_groups: set[int] = set()
+        for group, waiting in self._waiting.items():
+            for index in sorted(waiting):
+                heapq.heappush(self._ready, ((group - 1, 0, index), QueryTask(index)))
+            if not waiting:
+                self._release(group)
+
+    def _release(self, group: int) -> None:
+        for unit in self.release(group):
+            heapq.heappush(self._ready, ((group, 1, unit.shard_index), unit))
+
+    def next(self) -> Task | None:
+        return heapq.heappop(self._ready)[1] if self._ready else None
+
+    def batches(self, group: int) -> range:
+        return pass_batches(group, self.per_pass, self.num_batches)
+
+    def finished(self, task: Task) -> None:
+        if isinstance(task, QueryTask):
+            group = task.index // self.per_pass
+            self._waiting[group].discard(task.index)
+            if not self._waiting[group] and group not in self.failed_groups:
+                self._release(group)
+
+    def failed(self, task: Task) -> None:
+        """A query batch that keeps failing leaves its pass unscored."""
+        if isinstance(task, QueryTask):
+            self.failed_groups.add(task.index // self.per_pass)
+
+
+def _run(tasks: ScoreTasks, task: Task, store: MarkerStore, schedule: Schedule) -> None:
+    if isinstance(task, QueryTask):
+        tasks.compute_query_batch(store, task.index)
+    else:
+        tasks.score_unit(store, task, schedule.batches(task.group))
+
+
+Failures = dict[Task, str]
+
+
+class LocalExecutor:
+    """Every task in this process, one after the other."""
+
+    def __init__(self, inputs: ScoreInputs, output_dir: Path, candidates: Candidates | None) -> None:
+        self.tasks = ScoreTasks(inputs, output_dir, candidates)
+        self.max_retries = inputs.cluster.max_retries
+
+    def identity(self) -> StageIdentity:
+        return self.tasks.identity()
+
+    def query_plan(self) -> QueryPlan:
+        return self.tasks.query_plan()
+
+    def run(self, schedule: Schedule, store: MarkerStore, on_done: Callable[[Task], None]) -> Failures:
+        failures: Failures = {}
+        while (task := schedule.next()) is not None:
+            for attempt in range(1 + self.max_retries):
+                try:
+                    _run(self.tasks, task, store, schedule)
+                except UserError:
+                    raise
+                except Exception as error:  # a worker fault: retried, then recorded
+                    failures[task] = f"attempt {attempt + 1}: {type(error).__name__}: {error}"
+                else:
+                    failures.pop(task, None)
+                    schedule.finished(task)
+                    on_done(task)
+                    break
+            else:
+                schedule.failed(task)
+        return failures
+
+    def peak_memory(self) -> list[float]:
+        return []
+
+
+def user_error_of(error: BaseException) -> UserError | None:
+    """The UserError a Ray error carries (raised in a task or an actor's constructor), if any."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, UserError):
+            return error
+        error = getattr(error, "cause", None) or getattr(error, "creation_task_error", None) or error.__cause__
+        seen += 1
+    return None
+
+
+class RayExecutor:
+    """A pool of ``cluster.num_workers`` actors, each loading the stages once.
 
     A worker that dies is replaced by a fresh actor (calls to a restarting actor fail at once,
-    which would spend a unit's retries in milliseconds) and its unit goes back into the queue.
+    which would spend a task's retries in milliseconds) and its task goes back into the queue.
     """
-    import ray
 
-    from attribution.distributed.cluster import ray_session, worker_environment
-    from attribution.distributed.score_worker import ScoreWorker
+    def __init__(self, inputs: ScoreInputs, output_dir: Path, candidates: Candidates | None) -> None:
+        import ray
 
-    with ray_session(cluster):
-        factors = ray.put(list(query_sets))
-        options = {
-            "num_cpus": cluster.cpus_per_worker,
-            "num_gpus": cluster.gpus_per_worker,
-            "runtime_env": {"env_vars": worker_environment()},
-        }
-        pattern = tracked_names_pattern(tracked_names)
+        from attribution.distributed.cluster import worker_environment
+        from attribution.distributed.score_worker import ScoreWorker
 
-        def start_worker():
-            return ScoreWorker.options(**options).remote(model, pattern, factors, data, score, candidates)
+        self._ray = ray
+        cluster = inputs.cluster
+        self.max_retries = cluster.max_retries
+        options = {"num_cpus": cluster.cpus_per_worker, "num_gpus": cluster.gpus_per_worker,
+                   "runtime_env": {"env_vars": worker_environment()}}
+        self._start = lambda: ScoreWorker.options(**options).remote(inputs, str(output_dir), candidates)
+        self.workers = [self._start() for _ in range(cluster.num_workers)]
+        self._peaks: list[float] = []
 
-        idle = [start_worker() for _ in range(min(cluster.num_workers, len(units)))]
-        attempts: Counter[WorkUnit] = Counter()
-        failures: dict[WorkUnit, str] = {}
-        queue = deque(units)
-        running: dict = {}
+    def _first(self, method: str):
         try:
-            while queue or running:
-                while queue and idle:
-                    unit, worker = queue.popleft(), idle.pop()
-                    running[worker.run.remote(unit)] = (unit, worker)
-                (done,), _ = ray.wait(list(running), num_returns=1)
-                unit, worker = running.pop(done)
-                try:
-                    result = ray.get(done)
-                except ray.exceptions.RayError as error:
-                    if isinstance(error, ray.exceptions.RayActorError):
-                        ray.kill(worker)
-                        worker = start_worker()
-                    attempts[unit] += 1
-                    if attempts[unit] <= cluster.max_retries:
-                        queue.append(unit)
-                    else:
-                        failures[unit] = f"attempt {attempts[unit]}: {type(error).__name__}: {error}"
+            return self._ray.get(getattr(self.workers[0], method).remote())
+        except self._ray.exceptions.RayError as error:
+            cause = user_error_of(error)
+            if cause is not None:
+                raise cause from None
+            raise
+
+    def identity(self) -> StageIdentity:
+        return self._first("identity")
+
+    def query_plan(self) -> QueryPlan:
+        return self._first("query_plan")
+
+    def run(self, schedule: Schedule, store: MarkerStore, on_done: Callable[[Task], None]) -> Failures:
+        ray = self._ray
+        attempts: Counter[Task] = Counter()
+        failures: Failures = {}
+        retry: deque[Task] = deque()
+        idle = list(self.workers)
+        running: dict = {}
+
+        def call(worker, task: Task):
+            if isinstance(task, QueryTask):
+                return worker.compute_query_batch.remote(store, task.index)
+            return worker.score_unit.remote(store, task, list(schedule.batches(task.group)))
+
+        while True:
+            while idle:
+                task = retry.popleft() if retry else schedule.next()
+                if task is None:
+                    break
+                worker = idle.pop()
+                running[call(worker, task)] = (task, worker)
+            if not running:
+                break
+            (done,), _ = ray.wait(list(running), num_returns=1)
+            task, worker = running.pop(done)
+            try:
+                ray.get(done)
+            except ray.exceptions.RayError as error:
+                cause = user_error_of(error)
+                if cause is not None:
+                    raise cause from None
+                if isinstance(error, ray.exceptions.RayActorError):
+                    ray.kill(worker)
+                    self.workers.remove(worker)
+                    worker = self._start()
+                    self.workers.append(worker)
+                attempts[task] += 1
+                if attempts[task] <= self.max_retries:
+                    retry.append(task)
                 else:
-                    on_result(result)
-                idle.append(worker)
-            peaks = ray.get([worker.peak_memory_mib.remote() for worker in idle])
+                    failures[task] = f"attempt {attempts[task]}: {type(error).__name__}: {error}"
+                    schedule.failed(task)
+            else:
+                schedule.finished(task)
+                on_done(task)
+            idle.append(worker)
+        self._peaks = ray.get([worker.peak_memory_mib.remote() for worker in self.workers])
+        return failures
+
+    def peak_memory(self) -> list[float]:
+        return self._peaks
+
+    def close(self) -> None:
+        for worker in self.workers:
+            self._ray.kill(worker)
+
+
+@contextmanager
+def executor(inputs: ScoreInputs, output_dir: Path, candidates: Candidates | None) -> Iterator[LocalExecutor | RayExecutor]:
+    """This process (``cluster.num_workers=0``) or a Ray pool, for the length of a run."""
+    if not inputs.cluster.uses_ray:
+        yield LocalExecutor(inputs, output_dir, candidates)
+        return
+    from attribution.distributed.cluster import ray_session
+
+    with ray_session(inputs.cluster):
+        pool = RayExecutor(inputs, output_dir, candidates)
+        try:
+            yield pool
         finally:
-            for worker in idle + [worker for _, worker in running.values()]:
-                ray.kill(worker)
-    return failures, peaks
+            pool.close()

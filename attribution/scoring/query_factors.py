@@ -10,7 +10,7 @@ where ``L = U_r diag(s_r)`` (d_out x r) and ``R = V_r`` (d_in' x r) come from th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -72,24 +72,42 @@ def per_sequence_gradients(
     return gradients
 
 
-def compress(matrices: torch.Tensor, rank: int | None) -> ModuleQueryFactors:
-    """Best rank-r approximation of each (d_out, d_in') matrix of a (Q, d_out, d_in') stack.
+def compress(matrices: torch.Tensor, rank: int | None, seed: int = 0) -> ModuleQueryFactors:
+    """Best rank-r approximation ``L R^T`` of each (d_out, d_in') matrix of a (Q, d_out, d_in') stack.
 
-    ``rank=None`` (or at least min(d_out, d_in')) keeps the exact matrix. Small ranks of
-    large matrices use a randomized SVD (Halko et al.), otherwise an exact one.
+    ``rank=None`` (or at least min(d_out, d_in')) keeps the exact matrix. Small ranks of large
+    matrices use a randomized SVD (Halko et al. 2011), batched over the stack: with a Gaussian
+    ``Omega`` (d_in' x (r + p)), ``Y = (A A^T)^k A Omega`` orthonormalised after every product,
+    ``B = Q_Y^T A``, and ``A ~= Q_Y U_B S_B V_B^T``; otherwise one batched exact SVD.
     """
     full_rank = min(matrices.shape[-2:])
     if rank is None or rank >= full_rank:
         rank = full_rank
-    if rank <= RANDOMIZED_SVD_MAX_FRACTION * full_rank:
-        lefts, rights = [], []
-        for matrix in matrices:
-            u, s, v = torch.svd_lowrank(matrix, q=min(rank + RANDOMIZED_SVD_OVERSAMPLING, full_rank), niter=RANDOMIZED_SVD_ITERATIONS)
-            lefts.append(u[:, :rank] * s[:rank])
-            rights.append(v[:, :rank])
-        return ModuleQueryFactors(torch.stack(lefts), torch.stack(rights))
-    u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
-    return ModuleQueryFactors(u[..., :rank] * s[:, None, :rank], vh[:, :rank].mT)
+    if rank > RANDOMIZED_SVD_MAX_FRACTION * full_rank:
+        u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
+        return ModuleQueryFactors(u[..., :rank] * s[:, None, :rank], vh[:, :rank].mT)
+    width = min(rank + RANDOMIZED_SVD_OVERSAMPLING, full_rank)
+    generator = torch.Generator(device=matrices.device).manual_seed(seed)
+    omega = torch.randn(matrices.shape[-1], width, generator=generator, device=matrices.device, dtype=matrices.dtype)
+    basis = torch.linalg.qr(matrices @ omega).Q
+    for _ in range(RANDOMIZED_SVD_ITERATIONS):
+        basis = torch.linalg.qr(matrices @ torch.linalg.qr(matrices.mT @ basis).Q).Q
+    u, s, vh = torch.linalg.svd(basis.mT @ matrices, full_matrices=False)
+    return ModuleQueryFactors((basis @ u[..., :rank]) * s[:, None, :rank], vh[:, :rank].mT)
+
+
+def factorise(query_ids: Sequence[str], preconditioned: Mapping[str, torch.Tensor], rank: int | None) -> tuple[QueryFactors, list[str]]:
+    """Rank-r factors of the queries whose preconditioned gradients {name: (Q, d_out, d_in')} are finite,
+    and the ids of the others."""
+    finite = torch.ones(len(query_ids), dtype=torch.bool)
+    for matrices in preconditioned.values():
+        finite &= torch.isfinite(matrices).flatten(1).all(1).cpu()
+    kept = [query_id for query_id, ok in zip(query_ids, finite.tolist()) if ok]
+    rejected = [query_id for query_id, ok in zip(query_ids, finite.tolist()) if not ok]
+    if not kept:
+        return QueryFactors([], {}), rejected
+    rows = finite.to(next(iter(preconditioned.values())).device)
+    return QueryFactors(kept, {name: compress(matrices[rows], rank) for name, matrices in preconditioned.items()}), rejected
 
 
 def query_factors(
@@ -98,14 +116,9 @@ def query_factors(
     batch: TokenBatch,
     precondition: Precondition,
     rank: int | None,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[QueryFactors, list[str]]:
-    """Factors of the queries whose gradients are finite, and the ids of those that were not."""
-    gradients = per_sequence_gradients(model, tracked, batch)
-    preconditioned = {name: precondition(name, g) for name, g in gradients.items()}
-    finite = torch.ones(len(batch.ids), dtype=torch.bool, device=batch.input_ids.device)
-    for matrices in preconditioned.values():
-        finite &= torch.isfinite(matrices).flatten(1).all(1)
-    kept = [query_id for query_id, ok in zip(batch.ids, finite.tolist()) if ok]
-    rejected = [query_id for query_id, ok in zip(batch.ids, finite.tolist()) if not ok]
-    modules = {m.name: compress(preconditioned[m.name][finite], rank) for m in tracked} if kept else {}
-    return QueryFactors(kept, modules), rejected
+    """Factors of the queries whose gradients, preconditioned module by module, are finite, and the
+    ids of those that were not."""
+    gradients = per_sequence_gradients(model, tracked, batch, dtype)
+    return factorise(batch.ids, {name: precondition(name, g) for name, g in gradients.items()}, rank)

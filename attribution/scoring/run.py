@@ -1,34 +1,40 @@
-"""The score workflow: query factors per query batch, (query batch, shard) units, merged top-k tables.
+"""The score workflow, step by step.
 
-Writes ``<output_dir>/scores/<run_id>.parquet``, ``<output_dir>/token_scores/<run_id>.parquet``
-(with ``score.token_scores``) and ``<output_dir>/runs/<run_id>.json``.
+1. **Candidates**: with a prefilter, each query's documents (:mod:`attribution.prefilter`).
+2. **Workers**: this process or a Ray pool loads the stages (models, factor stores) once per worker.
+3. **Run key**: a hash of the inputs; one run holds a key at a time (a lock in its work
+   directory), and a key already finished is read back, not scored again.
+4. **Tasks**: query batches (factors computed once, on a worker, stored as safetensors) and
+   (pass, shard) units, scheduled with retries (:mod:`attribution.scoring.execution`); every
+   finished piece stays in the work directory, so a rerun resumes.
+5. **Merge**: the units' kept rows into ``scores/<run_id>.parquet`` (and
+   ``token_scores/<run_id>.parquet``), or with ``score.top_k=all`` the pairs files into
+   ``pairs/run_id=<run_id>/``; then ``runs/<run_id>.json``.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
 
-from attribution.data.batching import batch_documents, batch_queries
-from attribution.data.corpus import DataError, Skip, iter_documents, list_shards
+from attribution.data.corpus import Skip, list_shards
 from attribution.data.queries import read_queries
-from attribution.prefilter.candidates import retrieve_candidates
+from attribution.distributed.cluster import peak_memory_mib
+from attribution.lock import OutputLock, OutputLocked
+from attribution.prefilter.candidates import Candidates, retrieve_candidates
+from attribution.prefilter.scores import run_prefilter_scores
 from attribution.runs import RunRecord
-from attribution.scoring.candidates import CandidateScorer
-from attribution.scoring.execution import run_in_process, run_on_ray
-from attribution.scoring.markers import MarkerStore, UnitResult, WorkUnit, file_fingerprint, run_key
-from attribution.scoring.shards import ShardScorer
-from attribution.scoring.stages import build_stages
-from attribution.scoring.tables import TOKEN_SCHEMA, read_ranked, score_table, write_part
-from attribution.scoring.topk import Ranked, StreamingTopK
+from attribution.scoring.execution import Failures, QueryTask, Schedule, Task, executor
+from attribution.scoring.inputs import ScoreInputs, StageIdentity
+from attribution.scoring.markers import MarkerStore, UnitOutcome, WorkUnit, file_fingerprint, run_key
+from attribution.scoring.merge import PassUnits, merge_top_tables, publish_pairs, remove_work
+from attribution.scoring.query_files import read_query_header
+from attribution.scoring.summary import ScoreSummary, finished_summary
+from attribution.scoring.tasks import QueryPlan, pass_batches
 from attribution.settings import (
     ClusterSettings,
     DataSettings,
@@ -40,60 +46,26 @@ from attribution.settings import (
     RefineSettings,
     ScoreSettings,
     SettingsError,
-    resolve_device,
 )
 
 NON_FINITE_QUERY = "non-finite query gradient (NaN or Inf)"
 
 
-@dataclass
-class ScoreSummary:
-    run_id: str
-    method: str
-    scores_path: Path
-    token_scores_path: Path | None
-    run_record: Path
-    counts: dict[str, int]
-    seconds: float
-    top: dict[str, list[Ranked]] = field(default_factory=dict)
-    # True when a finished run with the same inputs was found and nothing was scored again.
-    reused: bool = False
-
-    def line(self) -> str:
-        if self.reused:
-            return f"already scored with the same inputs by run {self.run_id}: nothing to do -> {self.scores_path}"
-        return (
-            f"scored {self.counts['queries_scored']} queries x {self.counts['documents_scored']} documents "
-            f"({self.method}) in {self.seconds:.1f} s -> {self.scores_path}"
-        )
-
-
-def finished_summary(run_record: Path, method: str) -> ScoreSummary:
-    """The summary of a finished run, read back from its record and score table."""
-    record = json.loads(run_record.read_text())
-    outputs = record["outputs"]
-    scores_path = Path(outputs["scores"])
-    tokens_path = Path(outputs["token_scores"]) if "token_scores" in outputs else None
-    return ScoreSummary(record["run_id"], method, scores_path, tokens_path, run_record, record["counts"],
-                        sum(record["timings"].values()), read_ranked(scores_path), reused=True)
-
-
-class _SkipOnce:
-    """Records each skip once, although every query batch streams the corpus again."""
-
-    def __init__(self, record: RunRecord) -> None:
-        self.record = record
-        self.seen: set[tuple[str | None, str, str]] = set()
-
-    def __call__(self, skip: Skip) -> None:
-        key = (skip.item_id, skip.shard, skip.reason)
-        if key not in self.seen:
-            self.seen.add(key)
-            self.record.skip(skip)
-
-
 class ShardFailure(RuntimeError):
-    """Shards that failed on every attempt; the run record lists them with their errors."""
+    """Tasks that failed on every attempt; the run record lists them with their errors."""
+
+
+class ScoreRunLocked(OutputLocked):
+    """Another score run with the same inputs is writing to this output directory."""
+
+
+class ScoreRunLock(OutputLock):
+    job = "score run"
+    error = ScoreRunLocked
+
+    def how_to_clear(self) -> str:
+        return ("It scores the same inputs into the same output directory: wait for it to finish (a rerun then reads "
+                f"its tables back), or, if no score run is running, delete {self.path}.")
 
 
 def run_score(
@@ -114,191 +86,217 @@ def run_score(
 
     ``shards`` restricts the run to these shards (the nightly sweep's new ones) instead of
     every shard of ``data.path``.
-
-    Work is split into (query batch, shard) units run in this process or on a Ray pool; each
-    finished unit leaves a completion marker, so a rerun resumes, and a run already finished
-    with the same inputs is not repeated: its summary is read back from its outputs.
     """
-    if model_settings.path is None or data_settings.path is None or query_settings.path is None:
-        raise SettingsError("model.path, data.path and queries.path must be set (the jobs fill them in with the demo)")
+    inputs = ScoreInputs(model_settings, data_settings, factor_settings, query_settings, score_settings,
+                         finetune_settings, prefilter_settings, cluster, refine_settings)
     if score_settings.method == "prefilter":
-        # Imported here: that module builds its summary on this one.
-        from attribution.prefilter.scores import run_prefilter_scores
-
         return run_prefilter_scores(data_settings, query_settings, score_settings, prefilter_settings, output_dir, config)
-    output_dir = Path(output_dir)
+    return score(inputs, Path(output_dir), config, shards)
+
+
+def score(inputs: ScoreInputs, output_dir: Path, config: dict[str, Any], shards: Sequence[Path] | None = None) -> ScoreSummary:
+    """The workflow of the module docstring, on one bundle of settings."""
+    if inputs.model.path is None or inputs.data.path is None or inputs.queries.path is None:
+        raise SettingsError("model.path, data.path and queries.path must be set (the jobs fill them in with the demo)")
     record = RunRecord(job="score", config=config)
-    device = resolve_device(model_settings.device)
-    stages = build_stages(model_settings, factor_settings, finetune_settings, refine_settings, output_dir, device)
-    record.fingerprints = stages.fingerprints
-    record.config["modules"] = [m.name for m in stages.tracked]
-    record.config["excluded_modules"] = stages.excluded_modules
-    skip_once = _SkipOnce(record)
-    shards = list(shards) if shards is not None else list_shards(data_settings.path)
-    # The run key needs no query factors: a finished run is found before any are computed.
-    markers = MarkerStore(output_dir, run_key({
-        "fingerprints": stages.fingerprints,
-        "modules": record.config["modules"],
-        "damping": stages.damping,
-        "queries": [file_fingerprint(path) for path in list_shards(query_settings.path)],
+    shard_list = list(shards) if shards is not None else list_shards(inputs.data.path)
+    candidates = prefilter_candidates(inputs, shard_list, output_dir)
+    with executor(inputs, output_dir, candidates) as pool:
+        identity = pool.identity()
+        store = MarkerStore(output_dir, run_key(key_inputs(inputs, identity, shard_list)))
+        with ScoreRunLock(store.lock_path) as lock:
+            finished = store.complete()
+            if finished is not None:
+                return finished_summary(finished, identity.method)
+            record.config["lock_messages"] = lock.messages
+            plan = pool.query_plan()
+            run = _Run(inputs, output_dir, store, record, shard_list, candidates, plan, identity)
+            record.lap("setup")
+            schedule = Schedule(plan.num_batches, inputs.score.query_batches_per_pass, run.written_batches(), run.release)
+            failures = pool.run(schedule, store, run.done)
+            run.progress.close()
+            record.config["workers"] = [{"peak_memory_mib": round(peak, 1)} for peak in pool.peak_memory()]
+            record.lap("score")
+            return run.finish(schedule, failures)
+
+
+def prefilter_candidates(inputs: ScoreInputs, shards: Sequence[Path], output_dir: Path) -> Candidates | None:
+    """Per query, the documents influence may rank (None: all of them)."""
+    if inputs.prefilter.kind == "none":
+        return None
+    queries = read_queries(inputs.queries.path, on_skip=lambda skip: None)  # the query plan records the skips
+    return retrieve_candidates(inputs.prefilter, queries, shards, output_dir)
+
+
+def key_inputs(inputs: ScoreInputs, identity: StageIdentity, shards: Sequence[Path]) -> dict[str, Any]:
+    """Everything that determines a run's rows; the worker count is not part of it."""
+    return {
+        "fingerprints": identity.fingerprints,
+        "modules": identity.modules,
+        "damping": identity.damping,
+        "queries": [file_fingerprint(path) for path in list_shards(inputs.queries.path)],
         "shards": [file_fingerprint(shard) for shard in shards],
-        "data": asdict(data_settings),
-        "score": {**asdict(score_settings), "progress": None},
-        "prefilter": asdict(prefilter_settings),
-        "refine": asdict(refine_settings),
-    }))
-    finished_record = markers.complete()
-    if finished_record is not None:
-        return finished_summary(finished_record, stages.method)
-    queries = read_queries(query_settings.path, on_skip=skip_once)
-    # Per query, the documents influence may rank (None: all); a unit scores their union once.
-    candidates = retrieve_candidates(prefilter_settings, queries, shards, output_dir)
-    query_sets = []
-    query_batches = batch_queries(stages.query_tokenizer, queries, score_settings.query_batch_size, data_settings.max_length, skip_once)
-    for query_batch in query_batches:
-        prepared = stages.query_factors(query_batch, score_settings.rank)
-        for query_id in prepared.rejected:
-            skip_once(Skip(query_id, str(query_settings.path), None, NON_FINITE_QUERY))
-        if prepared.factors.query_ids:
-            query_sets.append(prepared.factors)
-    record.lap("setup")
-
-    units = []
-    for index, query_set in enumerate(query_sets):
-        holding = None if candidates is None else set(candidates.union(query_set.query_ids).values())
-        units += [WorkUnit(index, str(shard)) for shard in shards if holding is None or str(shard) in holding]
-    pending = [unit for unit in units if not markers.done(unit)]
-    local = ShardScorer(stages.candidate_model, stages.candidate_tokenizer, stages.tracked, query_sets, data_settings,
-                        score_settings, candidates)
-    progress = tqdm(total=len(pending), desc="score units (query batch x shard)", unit="unit", disable=not score_settings.progress)
-
-    def finished(result: UnitResult) -> None:
-        markers.write(result)
-        progress.update()
-
-    if cluster.uses_ray and pending:
-        failures, peaks = run_on_ray(cluster, model_settings, record.config["modules"], query_sets, data_settings,
-                                     score_settings, candidates, pending, finished)
-        record.config["workers"] = [{"peak_memory_mib": round(peak, 1)} for peak in peaks]
-    else:
-        failures = run_in_process(local, pending, cluster.max_retries, finished)
-    progress.close()
-    record.lap("score")
-
-    positive: list[Ranked] = []
-    negative: list[Ranked] = []
-    token_rows: list[dict[str, Any]] = []
-    counts = {"queries": len(queries), "queries_scored": sum(len(q.query_ids) for q in query_sets),
-              "query_batches": len(query_sets), "units": len(units), "units_resumed": len(units) - len(pending),
-              "documents_scored": 0}
-    for index, query_set in enumerate(query_sets):
-        top = StreamingTopK(query_set.query_ids, score_settings.top_k, largest=True)
-        bottom = StreamingTopK(query_set.query_ids, score_settings.bottom_k, largest=False)
-        scored = 0
-        for unit in units:
-            if unit.query_batch != index or unit in failures:
-                continue
-            result = markers.read(unit)
-            for skip in result.skips:
-                skip_once(skip)
-            top.merge(result.positive)
-            bottom.merge(result.negative)
-            scored += result.documents_scored
-        counts["documents_scored"] = max(counts["documents_scored"], scored)
-        positive += _unique_documents(top.ranked())
-        negative += bottom.ranked()
-        if score_settings.token_scores:
-            token_rows += token_score_rows(local.scorer(index), stages.candidate_tokenizer, top.ranked(), data_settings, device)
-    record.lap("merge")
-
-    record.counts = {**counts, "skipped": len(record.skips), "shards": len(shards)}
-    if candidates is not None:
-        record.counts.update(candidates.counts())
-        record.config["prefilter_candidates"] = candidates.describe()
-    record.config["failed_units"] = [{"query_batch": u.query_batch, "shard": u.shard, "error": e} for u, e in failures.items()]
-    record.config["contraction_plan"] = local.scorer(0).plan if query_sets else {}
-    record.config["resolved_settings"] = {
-        "model": asdict(model_settings),
-        "data": asdict(data_settings),
-        "factors": asdict(factor_settings),
-        "queries": asdict(query_settings),
-        "finetune": asdict(finetune_settings),
-        "score": asdict(score_settings),
-        "prefilter": asdict(prefilter_settings),
-        "refine": asdict(refine_settings),
-        "cluster": asdict(cluster),
+        "data": asdict(inputs.data),
+        "score": {**asdict(inputs.score), "progress": None},
+        "prefilter": asdict(inputs.prefilter),
+        "refine": asdict(inputs.refine),
     }
-    record.config["damping"] = stages.damping
-    if failures and not cluster.allow_failed_shards:
+
+
+class _Run:
+    """The driver's bookkeeping of one run: units released per pass, skips, diagnostics, counts."""
+
+    def __init__(self, inputs: ScoreInputs, output_dir: Path, store: MarkerStore, record: RunRecord, shards: list[Path],
+                 candidates: Candidates | None, plan: QueryPlan, identity: StageIdentity) -> None:
+        self.inputs = inputs
+        self.output_dir = output_dir
+        self.store = store
+        self.record = record
+        self.shards = shards
+        self.candidates = candidates
+        self.plan = plan
+        self.method = identity.method
+        self.passes: dict[int, PassUnits] = {}
+        self.resumed = 0
+        self._skipped: set[tuple[str | None, str, str]] = set()
+        record.fingerprints = dict(identity.fingerprints)
+        record.config.update(modules=identity.modules, excluded_modules=identity.excluded_modules,
+                             damping=identity.damping, query_diagnostics={})
+        for skip in plan.skips:
+            self.skip(skip)
+        written = len(self.written_batches())
+        self.batches_resumed = written
+        self.progress = tqdm(total=plan.num_batches - written, unit="task", desc="score: query batches, then units",
+                             disable=not inputs.score.progress)
+
+    def skip(self, skip: Skip) -> None:
+        """Each skip once, although every pass streams the corpus again."""
+        key = (skip.item_id, skip.shard, skip.reason)
+        if key not in self._skipped:
+            self._skipped.add(key)
+            self.record.skip(skip)
+
+    def batches(self, group: int) -> range:
+        return pass_batches(group, self.inputs.score.query_batches_per_pass, self.plan.num_batches)
+
+    def written_batches(self) -> set[int]:
+        return {index for index in range(self.plan.num_batches) if self.store.query_batch_path(index).is_file()}
+
+    def release(self, group: int) -> list[WorkUnit]:
+        """Pass ``group``'s units still to score, once its query batches are written."""
+        kept: list[str] = []
+        for index in self.batches(group):
+            header = read_query_header(self.store.query_batch_path(index))
+            kept += header.query_ids
+            for query_id in header.rejected:
+                self.skip(Skip(query_id, str(self.inputs.queries.path), None, NON_FINITE_QUERY))
+            self.record.config["query_diagnostics"].update(header.diagnostics_by_query())
+        holding = None if self.candidates is None else set(self.candidates.union(kept).values())
+        units = [WorkUnit(group, index, str(shard)) for index, shard in enumerate(self.shards)
+                 if kept and (holding is None or str(shard) in holding)]
+        self.passes[group] = PassUnits(len(kept), units)
+        pending = [unit for unit in units if not self.store.done(unit)]
+        self.resumed += len(units) - len(pending)
+        self.progress.total += len(pending)
+        self.progress.refresh()
+        return pending
+
+    def done(self, task: Task) -> None:
+        self.progress.update()
+
+    def finish(self, schedule: Schedule, failures: Failures) -> ScoreSummary:
+        """Counts, the failure policy, the tables and the run record."""
+        inputs, record, num_batches = self.inputs, self.record, self.plan.num_batches
+        failed_units = [task for task in failures if isinstance(task, WorkUnit)]
+        failed_batches = [task for task in failures if isinstance(task, QueryTask)]
+        record.config["failed_units"] = [_failure(task, error) for task, error in failures.items()]
+        finished = {group: PassUnits(p.num_queries, [u for u in p.units if u not in failures]) for group, p in
+                    sorted(self.passes.items())}
+        outcomes = {unit: self.store.outcome(unit) for p in finished.values() for unit in p.units}
+        for outcome in outcomes.values():
+            for skip in outcome.skips:
+                self.skip(skip)
+        record.counts = self._counts(schedule, outcomes)
+        plans = {}
+        for unit in sorted(outcomes):
+            plans.setdefault(unit.group, outcomes[unit].contraction_plan)
+        first = next(iter(plans.values()), {})
+        record.config["contraction_plan"] = first
+        record.config["contraction_plan_by_pass"] = {str(group): plan for group, plan in plans.items() if plan != first}
+        record.config["task_seconds"] = {
+            "query_batches": round(sum(read_query_header(self.store.query_batch_path(i)).seconds
+                                       for i in self.written_batches()), 3),
+            "units": round(sum(o.seconds for o in outcomes.values()), 3),
+            "units_forward_backward": round(sum(o.forward_backward_seconds for o in outcomes.values()), 3),
+        }
+        record.config["resolved_settings"] = inputs.resolved()
+        notes = []
+        if inputs.score.all_pairs and inputs.score.token_scores:
+            notes.append("no token scores with score.top_k=all (the pairs dataset has no token table)")
+        if inputs.score.all_pairs and inputs.score.bottom_k:
+            notes.append("score.bottom_k is implied by score.top_k=all (every pair is written)")
+        record.config["notes"] = notes
+        if self.candidates is not None:
+            record.counts.update(self.candidates.counts())
+            record.config["prefilter_candidates"] = self.candidates.describe()
+        if failed_batches or (failed_units and not inputs.cluster.allow_failed_shards):
+            record_path = record.write(self.output_dir)
+            what = []
+            if failed_batches:
+                indices = ", ".join(str(task.index) for task in sorted(failed_batches))
+                what.append(f"{len(failed_batches)} query batch(es) failed on every attempt (query batches: {indices})")
+            if failed_units:
+                shards = ", ".join(sorted({unit.shard for unit in failed_units}))
+                what.append(f"{len(failed_units)} unit(s) failed on every attempt (shards: {shards})")
+            raise ShardFailure(f"{'; '.join(what)}; nothing was written but the run record {record_path}; rerun to retry "
+                               "them" + ("" if failed_batches else ", or set cluster.allow_failed_shards=true"))
+        output_dir = self.output_dir
+        tokens_path = None
+        if inputs.score.all_pairs:
+            batches_of = {group: pass_batches(group, inputs.score.query_batches_per_pass, num_batches) for group in self.passes}
+            scores_path = publish_pairs(self.store, failed_units, batches_of, record.run_id, output_dir)
+            record.outputs = {"pairs": str(scores_path)}
+        else:
+            scores_path, tokens_path = merge_top_tables(self.store, list(finished.values()), record.run_id, self.method,
+                                                        inputs.score, output_dir)
+            record.outputs = {"scores": str(scores_path), **({"token_scores": str(tokens_path)} if tokens_path else {})}
+        record.lap("merge")
+        record.config["driver_peak_memory_mib"] = round(peak_memory_mib(), 1)
         record_path = record.write(output_dir)
-        shard_list = ", ".join(sorted({u.shard for u in failures}))
-        raise ShardFailure(f"{len(failures)} unit(s) failed on every attempt (shards: {shard_list}); nothing was written "
-                           f"but the run record {record_path}; rerun to retry them, or set cluster.allow_failed_shards=true")
+        self.store.mark_complete(record_path)
+        remove_work(self.store)
+        candidates = None
+        if self.candidates is not None:
+            candidates = f"{self.candidates.kind} top-{self.candidates.top_m} candidates"
+        return ScoreSummary(record.run_id, self.method, scores_path, tokens_path, record_path, record.counts,
+                            sum(record.timings.values()), all_pairs=inputs.score.all_pairs, candidates=candidates)
 
-    run_id = record.run_id
-    table = pa.concat_tables(
-        [score_table(positive, run_id, "positive", stages.method), score_table(negative, run_id, "negative", stages.method)]
-    )
-    scores_path = write_part(table, output_dir / "scores", run_id)
-    tokens_path = None
-    if score_settings.token_scores:
-        rows = [{"run_id": run_id, **row} for row in token_rows]
-        tokens_path = write_part(pa.Table.from_pylist(rows, schema=TOKEN_SCHEMA), output_dir / "token_scores", run_id)
-    record.outputs = {"scores": str(scores_path), **({"token_scores": str(tokens_path)} if tokens_path else {})}
-    record_path = record.write(output_dir)
-    markers.mark_complete(record_path)
-    top_by_query: dict[str, list[Ranked]] = {}
-    for row in positive:
-        top_by_query.setdefault(row.query_id, []).append(row)
-    return ScoreSummary(run_id, stages.method, scores_path, tokens_path, record_path, record.counts,
-                        sum(record.timings.values()), top_by_query)
-
-
-def _unique_documents(rows: list[Ranked]) -> list[Ranked]:
-    """Per-shard streaming cannot see an id repeated in another shard; the merged rows can."""
-    seen: dict[tuple[str, str], str] = {}
-    for row in rows:
-        other = seen.setdefault((row.query_id, row.doc_id), row.shard)
-        if other != row.shard:
-            raise DataError(f"duplicate id {row.doc_id!r}: in shard {other} and in shard {row.shard}")
-    return rows
-
-
-def token_score_rows(
-    scorer: CandidateScorer,
-    tokenizer: PreTrainedTokenizerBase,
-    rows: list[Ranked],
-    data_settings: DataSettings,
-    device: torch.device,
-) -> list[dict[str, Any]]:
-    """Token-wise scores of each query's top rows: a second pass over just those documents."""
-    wanted: dict[str, list[str]] = {}
-    for row in rows:
-        wanted.setdefault(row.doc_id, []).append(row.query_id)
-    if not wanted:
-        return []
-    query_index = {query_id: index for index, query_id in enumerate(scorer.query_ids)}
-    shards = sorted({Path(row.shard) for row in rows})
-    documents = (
-        doc
-        for doc in iter_documents(shards, data_settings.id_field, data_settings.text_field, on_skip=_already_recorded)
-        if doc.id in wanted
-    )
-    result = []
-    for batch in batch_documents(tokenizer, documents, data_settings.batch_size, data_settings.max_length, _already_recorded):
-        contributions = scorer.token_scores(batch.to(device)).detach().to("cpu", torch.float32).numpy()
-        for b, doc_id in enumerate(batch.ids):
-            length = int(batch.attention_mask[b].sum())
-            tokens = tokenizer.convert_ids_to_tokens(batch.input_ids[b, :length].tolist())
-            for query_id in wanted[doc_id]:
-                result.append({
-                    "query_id": query_id,
-                    "doc_id": doc_id,
-                    "tokens": tokens,
-                    "token_scores": contributions[b, :length, query_index[query_id]],
-                })
-    return result
+    def _counts(self, schedule: Schedule, outcomes: dict[WorkUnit, UnitOutcome]) -> dict[str, int]:
+        """Queries, documents (distinct), document passes (one per document and pass) and pairs scored."""
+        if self.candidates is not None:
+            distinct = len({doc_id for outcome in outcomes.values() for doc_id in outcome.scored_ids or []})
+        else:
+            per_shard: dict[int, int] = {}
+            for unit, outcome in outcomes.items():
+                per_shard[unit.shard_index] = max(per_shard.get(unit.shard_index, 0), outcome.documents_scored)
+            distinct = sum(per_shard.values())
+        return {
+            "queries": self.plan.num_queries,
+            "queries_scored": sum(p.num_queries for p in self.passes.values()),
+            "query_batches": self.plan.num_batches,
+            "query_batches_resumed": self.batches_resumed,
+            "passes": schedule.num_groups,
+            "units": sum(len(p.units) for p in self.passes.values()),
+            "units_resumed": self.resumed,
+            "documents_scored": distinct,
+            "document_passes": sum(o.documents_scored for o in outcomes.values()),
+            "pairs_scored": sum(o.pairs_scored for o in outcomes.values()),
+            "skipped": len(self.record.skips),
+            "shards": len(self.shards),
+        }
 
 
-def _already_recorded(skip: Skip) -> None:
-    """The scoring pass recorded this skip; the token pass reads the same documents again."""
+def _failure(task: Task, error: str) -> dict[str, Any]:
+    if isinstance(task, QueryTask):
+        return {"query_batch": task.index, "error": error}
+    return {"pass": task.group, "shard": task.shard, "error": error}

@@ -1,109 +1,236 @@
-"""The unit of scoring work: one query batch's factors against one corpus shard.
+"""One unit of scoring work: the queries of one pass against one corpus shard.
 
-A :class:`ShardScorer` lives in the driver (``cluster.num_workers=0``) or in a Ray actor;
-either way it holds the models and the query factors once and scores many units.
+Per document batch, one forward and backward gives the (B, Q, M) layer scores of every query
+of the pass; they stay on the scoring device, where the top-k and bottom-k are kept
+(:class:`~attribution.scoring.topk.TopK`), or, with ``score.top_k=all``, they are streamed to
+the pass's pairs files. At the end the unit writes its kept rows, the token scores of its top
+rows (a second forward and backward of just those documents), and last its completion marker.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from attribution.data.batching import TokenBatch, batch_documents
-from attribution.data.corpus import Skip, SkipHandler, iter_documents
-from attribution.models import TrackedModule
+from attribution.data.corpus import Document, Skip, SkipHandler, iter_documents
 from attribution.prefilter.candidates import Candidates
 from attribution.scoring.candidates import CandidateScorer
-from attribution.scoring.markers import UnitResult, WorkUnit
-from attribution.scoring.query_factors import QueryFactors
-from attribution.scoring.topk import StreamingTopK
-from attribution.settings import DataSettings, ScoreSettings, torch_dtype
+from attribution.scoring.markers import MarkerStore, UnitOutcome, WorkUnit
+from attribution.scoring.tables import (
+    UNIT_ROWS_SCHEMA,
+    UNIT_TOKENS_SCHEMA,
+    StreamedTable,
+    float_lists,
+    pairs_schema,
+    strings,
+    write_part,
+)
+from attribution.scoring.topk import ORDINAL_STRIDE, KeptRows, TopK
+from attribution.settings import DataSettings, ScoreSettings
 
 NON_FINITE_DOCUMENT = "non-finite influence score (NaN or Inf in the document's gradient)"
-# Test-only fault injection: "<shard file name>:<batch index>:<exit|raise>[:<flag file>]". With a
-# flag file the fault fires once (the file records that it did); without, on every attempt.
+# Test-only fault injection: "<target>:<index>:<exit|raise>[:<flag file>]", the target a shard's
+# file name (index = document batch) or "query-batch" (index = query batch). With a flag file
+# the fault fires once (the file records that it did); without, on every attempt.
 FAULT_SWITCH = "ATTRIBUTION_TEST_FAULT"
 
 
+@dataclass
+class PassQueries:
+    """The queries of one pass: their scorer, and the query batch each column range belongs to."""
+
+    scorer: CandidateScorer
+    batches: list[tuple[int, slice]]
+
+    @property
+    def query_ids(self) -> list[str]:
+        return self.scorer.query_ids
+
+
 class ShardScorer:
-    """Scores work units against the query factors of every query batch of a run."""
+    """Scores units with the candidate model; one per process (the driver's or a worker's)."""
 
     def __init__(
         self,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        tracked: Sequence[TrackedModule],
-        query_sets: Sequence[QueryFactors],
         data: DataSettings,
         score: ScoreSettings,
         candidates: Candidates | None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.tracked = list(tracked)
-        self.query_sets = list(query_sets)
         self.data = data
         self.score = score
         self.candidates = candidates
         self.device = next(model.parameters()).device
-        # One query batch's scorer at a time: units arrive grouped by query batch.
-        self._scorer: tuple[int, CandidateScorer] | None = None
 
-    def scorer(self, query_batch: int) -> CandidateScorer:
-        if self._scorer is None or self._scorer[0] != query_batch:
-            scorer = CandidateScorer(self.model, self.tracked, self.query_sets[query_batch], self.data.max_length,
-                                     torch_dtype(self.score.dtype))
-            self._scorer = (query_batch, scorer)
-        return self._scorer[1]
+    def run(self, unit: WorkUnit, queries: PassQueries, store: MarkerStore) -> None:
+        """Score the shard against every query of the pass and write the unit's files, the marker last."""
+        started = time.perf_counter()
+        query_ids = queries.query_ids
+        outcome = UnitOutcome(scored_ids=[] if self.candidates is not None else None,
+                              contraction_plan=dict(queries.scorer.plan))
+        wanted = None if self.candidates is None else set(self.candidates.union(query_ids))
+        documents = _Rows(self._documents(unit, wanted, outcome.skips.append))
+        modules = len(queries.scorer.tracked)
+        keep_layers = self.score.layer_scores
+        top = bottom = None
+        with ExitStack() as files:
+            pairs = []
+            if self.score.all_pairs:
+                schema = pairs_schema(keep_layers)
+                pairs = [(columns, files.enter_context(StreamedTable(store.pairs_path(index, unit), schema)))
+                         for index, columns in queries.batches]
+            else:
+                top = TopK(len(query_ids), int(self.score.top_k), True, modules, self.device, keep_layers)
+                bottom = TopK(len(query_ids), self.score.bottom_k, False, modules, self.device, keep_layers)
+            for index, batch in enumerate(self._batches(documents, outcome.skips.append)):
+                inject_fault_for_tests(Path(unit.shard).name, index)
+                rows = np.array([documents.row_of(doc_id) for doc_id in batch.ids], dtype=np.int64)
+                clock = time.perf_counter()
+                layers = queries.scorer.layer_scores(batch.to(self.device))
+                finite = torch.isfinite(layers).flatten(1).all(1).cpu().numpy()
+                outcome.forward_backward_seconds += time.perf_counter() - clock
+                for b in np.flatnonzero(~finite):
+                    outcome.skips.append(Skip(batch.ids[b], unit.shard, int(rows[b]), NON_FINITE_DOCUMENT))
+                kept = np.flatnonzero(finite)
+                if len(kept) == 0:
+                    continue
+                ids = [batch.ids[b] for b in kept]
+                layers, rows = layers[torch.as_tensor(kept, device=self.device)], rows[kept]
+                allowed = None if self.candidates is None else self.candidates.mask(query_ids, ids)
+                outcome.documents_scored += len(ids)
+                outcome.pairs_scored += int(allowed.sum()) if allowed is not None else len(ids) * len(query_ids)
+                if outcome.scored_ids is not None:
+                    outcome.scored_ids += ids
+                for columns, writer in pairs:
+                    writer.write(self._pair_rows(unit, query_ids[columns], ids, rows, layers[:, columns],
+                                                 None if allowed is None else allowed[:, columns]))
+                if top is not None and bottom is not None:
+                    ordinals = torch.as_tensor(unit.shard_index * ORDINAL_STRIDE + rows)
+                    mask = None if allowed is None else torch.as_tensor(allowed)
+                    top.update(layers, ordinals, mask)
+                    bottom.update(layers, ordinals, mask)
+        rows_table = UNIT_ROWS_SCHEMA.empty_table()
+        if top is not None and bottom is not None:
+            positive = self._kept_rows(unit, "positive", query_ids, top.kept(), documents)
+            rows_table = pa.concat_tables([positive, self._kept_rows(unit, "negative", query_ids, bottom.kept(), documents)])
+            if self.score.token_scores:
+                write_part(self._token_rows(unit, queries, positive), store.tokens_path(unit).parent,
+                           store.tokens_path(unit).stem)
+        outcome.seconds = time.perf_counter() - started
+        store.write(unit, rows_table, outcome)
 
-    def run(self, unit: WorkUnit) -> UnitResult:
-        """Top and bottom rows of one shard for one query batch, with the shard's skips."""
-        query_ids = self.query_sets[unit.query_batch].query_ids
-        scorer = self.scorer(unit.query_batch)
-        result = UnitResult(unit)
-        top = StreamingTopK(query_ids, self.score.top_k, largest=True)
-        bottom = StreamingTopK(query_ids, self.score.bottom_k, largest=False)
-        for index, batch in enumerate(self._batches(unit, query_ids, result.skips.append)):
-            _inject_fault_for_tests(unit.shard, index)
-            kept, layers = finite_rows(batch, scorer.layer_scores(batch.to(self.device)), result.skips.append)
-            ids = [batch.ids[i] for i in kept]
-            shards = [batch.shards[i] for i in kept]
-            allowed = None if self.candidates is None else self.candidates.mask(query_ids, ids)
-            top.update(ids, shards, layers, allowed)
-            bottom.update(ids, shards, layers, allowed)
-            result.documents_scored += len(kept)
-        result.positive, result.negative = top.ranked(), bottom.ranked()
-        return result
+    def _documents(self, unit: WorkUnit, wanted: set[str] | None, on_skip: SkipHandler) -> Iterator[Document]:
+        documents = iter_documents([Path(unit.shard)], self.data.id_field, self.data.text_field, on_skip=on_skip,
+                                   on_bad_row=self.data.on_bad_row)
+        return documents if wanted is None else (doc for doc in documents if doc.id in wanted)
 
-    def _batches(self, unit: WorkUnit, query_ids: Sequence[str], on_skip: SkipHandler) -> Iterator[TokenBatch]:
-        documents = iter_documents([Path(unit.shard)], self.data.id_field, self.data.text_field, on_skip=on_skip)
-        if self.candidates is not None:
-            wanted = self.candidates.union(query_ids)
-            documents = (doc for doc in documents if doc.id in wanted)
+    def _batches(self, documents: _Rows, on_skip: SkipHandler) -> Iterator[TokenBatch]:
         return batch_documents(self.tokenizer, documents, self.data.batch_size, self.data.max_length, on_skip)
 
+    def _pair_rows(self, unit: WorkUnit, query_ids: list[str], doc_ids: list[str], rows: np.ndarray,
+                   layers: torch.Tensor, allowed: np.ndarray | None) -> pa.Table:
+        """Every allowed (document, query) pair of a batch, document-major."""
+        values = layers.detach().to("cpu", torch.float32).numpy()
+        totals = layers.sum(-1, dtype=torch.float64).cpu().numpy()
+        mask = np.ones(totals.shape, dtype=bool) if allowed is None else allowed
+        b, q = np.nonzero(mask)
+        columns = {
+            "query_id": strings(query_ids, q),
+            "doc_id": strings(doc_ids, b),
+            "score": pa.array(totals[b, q]),
+        }
+        if self.score.layer_scores:
+            columns["layer_scores"] = float_lists(values[b, q])
+        columns["shard"] = pa.repeat(pa.scalar(unit.shard), len(b))
+        columns["row"] = pa.array(rows[b])
+        return pa.table(columns)
 
-def finite_rows(batch: TokenBatch, layer_scores: torch.Tensor, on_skip: SkipHandler) -> tuple[list[int], np.ndarray]:
-    """Rows whose layer scores are all finite; the others become recorded skips, never rows."""
-    layers = layer_scores.detach().to("cpu", torch.float64).numpy()
-    finite = np.isfinite(layers).all(axis=(1, 2))
-    for index in np.flatnonzero(~finite):
-        on_skip(Skip(batch.ids[index], batch.shards[index], None, NON_FINITE_DOCUMENT))
-    kept = np.flatnonzero(finite).tolist()
-    return kept, layers[kept]
+    def _kept_rows(self, unit: WorkUnit, direction: str, query_ids: list[str], kept: KeptRows, documents: _Rows) -> pa.Table:
+        q, j = np.nonzero(kept.valid.numpy())
+        ordinals = kept.ordinals.numpy()[q, j]
+        doc_ids = [documents.id_at(int(row)) for row in ordinals - unit.shard_index * ORDINAL_STRIDE]
+        width = 0 if kept.layers is None else kept.layers.shape[-1]
+        layers = np.zeros((len(q), 0), np.float32) if kept.layers is None else kept.layers.numpy()[q, j].reshape(-1, width)
+        return pa.table(
+            {
+                "direction": pa.repeat(pa.scalar(direction), len(q)),
+                "query": pa.array(q, pa.int32()),
+                "query_id": strings(query_ids, q),
+                "doc_id": pa.array(doc_ids, pa.string()),
+                "score": pa.array(kept.scores.numpy()[q, j]),
+                "layer_scores": float_lists(layers),
+                "shard": pa.repeat(pa.scalar(unit.shard), len(q)),
+                "ordinal": pa.array(ordinals, pa.int64()),
+            },
+            schema=UNIT_ROWS_SCHEMA,
+        )
+
+    def _token_rows(self, unit: WorkUnit, queries: PassQueries, positive: pa.Table) -> pa.Table:
+        """Token-wise scores of the unit's top rows: one more forward and backward of just those documents."""
+        columns_of: dict[str, list[int]] = {}
+        for doc_id, column in zip(positive["doc_id"].to_pylist(), positive["query"].to_pylist()):
+            columns_of.setdefault(doc_id, []).append(column)
+        result: dict[str, list] = {name: [] for name in UNIT_TOKENS_SCHEMA.names}
+        documents = _Rows(self._documents(unit, set(columns_of), _already_recorded))
+        for batch in self._batches(documents, _already_recorded):
+            contributions = queries.scorer.token_scores(batch.to(self.device)).detach().to("cpu", torch.float32).numpy()
+            for b, doc_id in enumerate(batch.ids):
+                length = int(batch.attention_mask[b].sum())
+                tokens = self.tokenizer.convert_ids_to_tokens(batch.input_ids[b, :length].tolist())
+                for column in columns_of[doc_id]:
+                    result["query_id"].append(queries.query_ids[column])
+                    result["doc_id"].append(doc_id)
+                    result["tokens"].append(tokens)
+                    result["token_scores"].append(contributions[b, :length, column])
+        return pa.Table.from_pydict(result, schema=UNIT_TOKENS_SCHEMA)
 
 
-def _inject_fault_for_tests(shard: str, batch_index: int) -> None:
+class _Rows:
+    """Documents as they stream into batching, remembering each one's row in its shard."""
+
+    def __init__(self, documents: Iterator[Document]) -> None:
+        self._documents = documents
+        self._pending: dict[str, int] = {}
+        self._ids: dict[int, str] = {}
+
+    def __iter__(self) -> Iterator[Document]:
+        for document in self._documents:
+            self._pending[document.id] = document.row
+            yield document
+
+    def row_of(self, doc_id: str) -> int:
+        row = self._pending.pop(doc_id)
+        self._ids[row] = doc_id
+        return row
+
+    def id_at(self, row: int) -> str:
+        return self._ids[row]
+
+
+def _already_recorded(skip: Skip) -> None:
+    """The scoring pass recorded this skip; the token pass reads the same documents again."""
+
+
+def inject_fault_for_tests(target: str, index: int) -> None:
+    """Exit or raise at ``target``/``index`` when the test switch names them (see FAULT_SWITCH)."""
     switch = os.environ.get(FAULT_SWITCH)
     if not switch:
         return
-    name, index, mode, *flag = switch.split(":")
-    if Path(shard).name != name or int(index) != batch_index:
+    name, at, mode, *flag = switch.split(":")
+    if name != target or int(at) != index:
         return
     if flag:
         if Path(flag[0]).exists():
@@ -111,4 +238,5 @@ def _inject_fault_for_tests(shard: str, batch_index: int) -> None:
         Path(flag[0]).touch()
     if mode == "exit":
         os._exit(17)
-    raise RuntimeError(f"injected test fault in {shard} at batch {batch_index}")
+    raise RuntimeError(f"injected test fault in {target} at {index}")
+

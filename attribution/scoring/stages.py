@@ -7,24 +7,30 @@ Multi-stage (Bao et al. 2025):
 
 Both inverses are symmetric, so both go on the query side,
 ``P_q = (G_pt + lambda_pt I)^{-1} (G_ft + lambda_ft I)^{-1} grad m(q; theta_ft)``, and the
-candidate hot path is the single-stage one on the pretrained model.
+candidate hot path is the single-stage one on the pretrained model. Each inverse is the EK-FAC
+closed form or, with ``refine.method``, refined on its own stage's model and data
+(:mod:`attribution.refine.inverse`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from attribution.curvature.factors import identity_factors
+from attribution.curvature.parameters import ParameterLayout
 from attribution.curvature.precondition import Preconditioner
 from attribution.curvature.store import FactorSet, Manifest, ModuleSpec, load_factors
 from attribution.data.batching import TokenBatch
+from attribution.data.corpus import Skip
 from attribution.models import TrackedModule, find_tracked_modules, load_model, model_fingerprint
-from attribution.scoring.query_factors import QueryFactors, query_factors
+from attribution.refine.inverse import StageInverse, chain
+from attribution.refine.sample import sample_batches, sample_path
+from attribution.scoring.query_factors import QueryFactors, factorise, per_sequence_gradients
 from attribution.settings import (
     FactorSettings,
     FinetuneSettings,
@@ -37,17 +43,21 @@ from attribution.settings import (
 
 @dataclass
 class QueryBatchFactors:
-    """One query batch's factors, the queries left out (non-finite gradients) and, per query, how its
-    inverse product was obtained (JSON-able; refinement residuals and Gauss-Newton products)."""
+    """One query batch's factors, the queries left out (non-finite gradients) and, per query and
+    stage, how its inverse product was obtained (JSON-able: method, Gauss-Newton products,
+    relative residual, fallback)."""
 
     factors: QueryFactors
     rejected: list[str]
-    diagnostics: list[dict] = field(default_factory=list)
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
 class Stages:
-    """Everything the scoring loop needs to know about models and preconditioning."""
+    """Everything the scoring loop needs to know about models and preconditioning.
+
+    ``inverses`` are applied to the query gradients in order (fine-tuned stage first).
+    """
 
     candidate_model: PreTrainedModel
     candidate_tokenizer: PreTrainedTokenizerBase
@@ -55,17 +65,29 @@ class Stages:
     query_tokenizer: PreTrainedTokenizerBase
     tracked: list[TrackedModule]  # candidate side, in layer-score order
     query_tracked: list[TrackedModule]  # same names, on the query model
-    precondition: Callable[[str, torch.Tensor], torch.Tensor]
+    inverses: list[StageInverse]
     method: str
     fingerprints: dict[str, str]
     damping: dict[str, dict[str, float]]
     excluded_modules: list[dict[str, str]] = field(default_factory=list)
+    # Per refined stage: the sample it was refined on (path, sequences, skips).
+    refinement: dict[str, Any] = field(default_factory=dict)
 
     def query_factors(self, batch: TokenBatch, rank: int | None) -> QueryBatchFactors:
         """Preconditioned, rank-r compressed query gradients of one batch (on the query model's device)."""
         device = next(self.query_model.parameters()).device
-        factors, rejected = query_factors(self.query_model, self.query_tracked, batch.to(device), self.precondition, rank)
-        return QueryBatchFactors(factors, rejected)
+        dtype = self.inverses[0].dtype
+        gradients = per_sequence_gradients(self.query_model, self.query_tracked, batch.to(device), dtype)
+        layout = ParameterLayout(self.query_tracked)
+        flat = layout.join(gradients)
+        finite = torch.isfinite(flat).all(1).tolist()
+        kept = [query_id for query_id, ok in zip(batch.ids, finite) if ok]
+        rejected = [query_id for query_id, ok in zip(batch.ids, finite) if not ok]
+        if not kept:
+            return QueryBatchFactors(QueryFactors([], {}), rejected)
+        solutions, diagnostics = chain(self.inverses, flat[torch.tensor(finite, device=flat.device)], kept)
+        factors, unusable = factorise(kept, layout.split(solutions), rank)
+        return QueryBatchFactors(factors, rejected + unusable, diagnostics)
 
 
 def build_stages(
@@ -76,10 +98,10 @@ def build_stages(
     output_dir: Path,
     device: torch.device,
 ) -> Stages:
-    """Models, stores and query-side inverse of a score run: single- or multi-stage."""
+    """Models, stores and query-side inverses of a score run: single- or multi-stage."""
     if finetune_settings.enabled:
-        return multi_stage(model_settings, finetune_settings, factor_settings, output_dir, device)
-    return single_stage(model_settings, factor_settings, output_dir, device)
+        return multi_stage(model_settings, finetune_settings, factor_settings, refine_settings, output_dir, device)
+    return single_stage(model_settings, factor_settings, refine_settings, output_dir, device)
 
 
 def identity_factor_set(tracked: list[TrackedModule], fingerprint: str) -> FactorSet:
@@ -98,20 +120,57 @@ def load_factor_set(settings: FactorSettings, path: str | Path, tracked: list[Tr
     return factors
 
 
-def single_stage(model_settings: ModelSettings, factor_settings: FactorSettings, output_dir: Path, device: torch.device) -> Stages:
+def stage_inverse(
+    name: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tracked: list[TrackedModule],
+    factors: FactorSet,
+    damping: float | None,
+    refine: RefineSettings,
+    sample_key: str,
+    sample_path_setting: str | None,
+    refinement: dict[str, Any],
+) -> StageInverse:
+    """One stage's inverse, with its refinement sample read when ``refine.method`` asks for one."""
+    dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+    preconditioner = Preconditioner(factors, damping, next(model.parameters()).device, dtype)
+    sample = None
+    if refine.enabled:
+        if factors.manifest.strategy == "identity":
+            raise SettingsError(f"refine.method={refine.method} needs a fitted factor store (factors.strategy=ekfac, kfac "
+                                "or diagonal): the gradient dot product has no damping to solve with")
+        path = sample_path(sample_path_setting, factors.manifest, sample_key)
+        skips: list[Skip] = []
+        max_length = int(factors.manifest.data.get("max_length") or 128)
+        sample = sample_batches(tokenizer, path, max_length, refine.batch_size, refine.max_sequences, skips.append, sample_key)
+        refinement[name] = {
+            "path": path,
+            "sequences": sum(len(batch.ids) for batch in sample),
+            "max_length": max_length,
+            "skipped": [asdict(skip) for skip in skips],
+        }
+    return StageInverse(name, model, tracked, preconditioner, refine, sample)
+
+
+def single_stage(model_settings: ModelSettings, factor_settings: FactorSettings, refine: RefineSettings, output_dir: Path,
+                 device: torch.device) -> Stages:
     model, tokenizer = _load(model_settings.path, model_settings, device)
     tracked = find_tracked_modules(model, model_settings.tracked_modules)
     fingerprint = model_fingerprint(model)
     factors = load_factor_set(factor_settings, factor_settings.path or output_dir / "factors", tracked, fingerprint)
-    preconditioner = Preconditioner(factors, factor_settings.damping, device)
-    return Stages(model, tokenizer, model, tokenizer, tracked, tracked, preconditioner.apply, factors.manifest.strategy,
-                  {"model": fingerprint}, {"model": preconditioner.damping})
+    refinement: dict[str, Any] = {}
+    inverse = stage_inverse("model", model, tokenizer, tracked, factors, factor_settings.damping, refine, "refine.data_path",
+                            refine.data_path, refinement)
+    return Stages(model, tokenizer, model, tokenizer, tracked, tracked, [inverse], factors.manifest.strategy,
+                  {"model": fingerprint}, {"model": inverse.preconditioner.damping}, refinement=refinement)
 
 
 def multi_stage(
     model_settings: ModelSettings,
     finetune_settings: FinetuneSettings,
     factor_settings: FactorSettings,
+    refine: RefineSettings,
     output_dir: Path,
     device: torch.device,
 ) -> Stages:
@@ -132,22 +191,16 @@ def multi_stage(
     fingerprints = {"model": model_fingerprint(pretrained), "finetuned_model": model_fingerprint(finetuned)}
     pretrained_factors = load_factor_set(factor_settings, factor_settings.path or output_dir / "factors", tracked, fingerprints["model"])
     finetuned_factors = load_factor_set(factor_settings, finetune_settings.factors_path, query_tracked, fingerprints["finetuned_model"])
-    pretrained_inverse = Preconditioner(pretrained_factors, factor_settings.damping, device)
-    finetuned_inverse = Preconditioner(finetuned_factors, finetune_settings.damping, device)
+    refinement: dict[str, Any] = {}
+    finetuned_inverse = stage_inverse("finetuned_model", finetuned, finetuned_tokenizer, query_tracked, finetuned_factors,
+                                      finetune_settings.damping, refine, "refine.finetune_data_path",
+                                      refine.finetune_data_path, refinement)
+    pretrained_inverse = stage_inverse("model", pretrained, pretrained_tokenizer, tracked, pretrained_factors,
+                                       factor_settings.damping, refine, "refine.data_path", refine.data_path, refinement)
     method = "multi_stage_identity" if factor_settings.strategy == "identity" else "multi_stage"
+    damping = {"model": pretrained_inverse.preconditioner.damping, "finetuned_model": finetuned_inverse.preconditioner.damping}
     return Stages(pretrained, pretrained_tokenizer, finetuned, finetuned_tokenizer, tracked, query_tracked,
-                  two_stage_inverse(finetuned_inverse, pretrained_inverse),
-                  method, fingerprints, {"model": pretrained_inverse.damping, "finetuned_model": finetuned_inverse.damping},
-                  excluded)
-
-
-def two_stage_inverse(finetuned: Preconditioner, pretrained: Preconditioner) -> Callable[[str, torch.Tensor], torch.Tensor]:
-    """``g -> (G_pt + lambda_pt I)^{-1} (G_ft + lambda_ft I)^{-1} g``, per module."""
-
-    def apply(name: str, gradient: torch.Tensor) -> torch.Tensor:
-        return pretrained.apply(name, finetuned.apply(name, gradient))
-
-    return apply
+                  [finetuned_inverse, pretrained_inverse], method, fingerprints, damping, excluded, refinement)
 
 
 def shared_modules(

@@ -1,19 +1,36 @@
-"""Streaming top-k (or bottom-k) per query: memory bounded by k, whatever the corpus size.
+"""Streaming top-k (or bottom-k) per query, kept as tensors on the scoring device.
 
-Ties are broken by document id, so the result equals a full sort by ``(-score, doc_id)``
-(or ``(score, doc_id)`` for the bottom) regardless of the order documents arrive in.
+Every document carries a stable integer *ordinal*, ``shard index * 2^40 + row``. Rows are
+ordered by ``(-score, ordinal)`` (``(score, ordinal)`` for the bottom), so the k kept per
+query equal the first k of a full sort of every document, whatever order batches arrive in.
+
+Batches are buffered and folded in with one stable sort over ``(Q, k + buffered)`` whenever
+the buffer holds as many documents as the ranking (at least :data:`MIN_FOLD`): the cost per
+document stays a few comparisons, not a Python loop per query.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+# Ordinal = shard index * ORDINAL_STRIDE + row: 2^40 rows per shard, 2^23 shards.
+ORDINAL_STRIDE = 1 << 40
+EMPTY = torch.iinfo(torch.int64).max
+MIN_FOLD = 256
+
+
+def ordinal(shard_index: int, row: int) -> int:
+    """The document's position in the run's corpus order: shard, then row."""
+    return shard_index * ORDINAL_STRIDE + row
 
 
 @dataclass(frozen=True)
 class Ranked:
+    """One row of a score table."""
+
     query_id: str
     rank: int
     doc_id: str
@@ -22,74 +39,75 @@ class Ranked:
     layer_scores: np.ndarray
 
 
-class StreamingTopK:
-    """The k strongest documents per query in one direction."""
+@dataclass
+class KeptRows:
+    """What a :class:`TopK` kept: per query, up to k rows in rank order (CPU tensors).
 
-    def __init__(self, query_ids: Sequence[str], k: int, largest: bool = True) -> None:
-        self.query_ids = list(query_ids)
+    ``valid[q, j]`` is False for the padding of a query with fewer than k candidates.
+    """
+
+    scores: torch.Tensor  # (Q, k) float64
+    ordinals: torch.Tensor  # (Q, k) int64
+    layers: torch.Tensor | None  # (Q, k, M) float32
+    valid: torch.Tensor  # (Q, k) bool
+
+
+class TopK:
+    """The k strongest documents per query in one direction, on ``device``."""
+
+    def __init__(self, num_queries: int, k: int, largest: bool, num_modules: int, device: torch.device,
+                 keep_layers: bool = True) -> None:
         self.k = k
         self.largest = largest
-        self._scores = [np.empty(0) for _ in self.query_ids]
-        self._doc_ids = [np.empty(0, dtype=object) for _ in self.query_ids]
-        self._shards = [np.empty(0, dtype=object) for _ in self.query_ids]
-        self._layers: list[np.ndarray | None] = [None for _ in self.query_ids]
+        self.keep_layers = keep_layers
+        self.device = device
+        # The worst possible entry: loses to any document, and to any other padding on ordinal.
+        self._pad = float("-inf") if largest else float("inf")
+        self._scores = torch.full((num_queries, 0), self._pad, dtype=torch.float64, device=device)
+        self._ordinals = torch.full((num_queries, 0), EMPTY, dtype=torch.int64, device=device)
+        self._layers = torch.zeros((num_queries, 0, num_modules), dtype=torch.float32, device=device)
+        self._buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._buffered = 0
 
-    def update(
-        self, doc_ids: Sequence[str], shards: Sequence[str], layer_scores: np.ndarray, allowed: np.ndarray | None = None
-    ) -> None:
-        """Merge a batch: ``layer_scores`` is (B, Q, M); a document's score is its sum over M.
+    def update(self, layer_scores: torch.Tensor, ordinals: torch.Tensor, allowed: torch.Tensor | None = None) -> None:
+        """Fold in a batch: ``layer_scores`` (B, Q, M), a document's score is its sum over M.
 
-        ``allowed`` (B, Q) bool, when given, admits document b to query q's ranking only where
-        True (a prefilter's per-query candidates, scored together as one batch).
+        ``ordinals`` (B,) int64; ``allowed`` (B, Q) bool, when given, admits document b to
+        query q's ranking only where True (a prefilter's per-query candidates).
         """
-        if self.k == 0 or len(doc_ids) == 0:
+        if self.k == 0 or layer_scores.shape[0] == 0:
             return
-        batch_ids = np.asarray(doc_ids, dtype=object)
-        batch_shards = np.asarray(shards, dtype=object)
-        totals = layer_scores.sum(-1, dtype=np.float64)
-        for q in range(len(self.query_ids)):
-            rows = slice(None) if allowed is None else allowed[:, q]
-            scores = np.concatenate([self._scores[q], totals[rows, q]])
-            ids = np.concatenate([self._doc_ids[q], batch_ids[rows]])
-            kept_layers = self._layers[q]
-            layers = layer_scores[rows, q] if kept_layers is None else np.concatenate([kept_layers, layer_scores[rows, q]])
-            order = np.lexsort((ids.astype(str), -scores if self.largest else scores))[: self.k]
-            self._scores[q] = scores[order]
-            self._doc_ids[q] = ids[order]
-            self._shards[q] = np.concatenate([self._shards[q], batch_shards[rows]])[order]
-            self._layers[q] = layers[order]
+        scores = layer_scores.sum(-1, dtype=torch.float64).T  # (Q, B)
+        batch_ordinals = ordinals.to(self.device).unsqueeze(0).expand_as(scores)
+        if allowed is not None:
+            refused = ~allowed.to(self.device).T
+            scores = scores.masked_fill(refused, self._pad)
+            batch_ordinals = batch_ordinals.masked_fill(refused, EMPTY)
+        layers = layer_scores.to(torch.float32).transpose(0, 1) if self.keep_layers else None
+        self._buffer.append((scores, batch_ordinals, layers))
+        self._buffered += scores.shape[1]
+        if self._buffered >= max(self.k, MIN_FOLD):
+            self._fold()
 
-    def ranked(self) -> list[Ranked]:
-        """Every kept row, per query in rank order (1 = strongest)."""
-        rows = []
-        for q, query_id in enumerate(self.query_ids):
-            for position in range(len(self._scores[q])):
-                rows.append(
-                    Ranked(
-                        query_id,
-                        position + 1,
-                        str(self._doc_ids[q][position]),
-                        str(self._shards[q][position]),
-                        float(self._scores[q][position]),
-                        self._layers[q][position],
-                    )
-                )
-        return rows
+    def _fold(self) -> None:
+        if not self._buffer:
+            return
+        scores = torch.cat([self._scores] + [b[0] for b in self._buffer], dim=1)
+        ordinals = torch.cat([self._ordinals] + [b[1] for b in self._buffer], dim=1)
+        # Two stable sorts: by ordinal, then by score, give the order (score, then ordinal).
+        by_ordinal = torch.sort(ordinals, dim=1, stable=True).indices
+        by_score = torch.sort(scores.gather(1, by_ordinal), dim=1, descending=self.largest, stable=True).indices
+        order = by_ordinal.gather(1, by_score)[:, : self.k]
+        if self.keep_layers:
+            layers = torch.cat([self._layers] + [b[2] for b in self._buffer], dim=1)
+            self._layers = layers.gather(1, order.unsqueeze(-1).expand(-1, -1, layers.shape[-1]))
+        self._scores = scores.gather(1, order)
+        self._ordinals = ordinals.gather(1, order)
+        self._buffer, self._buffered = [], 0
 
-    def merge(self, rows: Sequence[Ranked]) -> None:
-        """Fold in rows ranked elsewhere (another shard's top-k), as if their documents streamed through here.
-
-        The top-k of a union is the top-k of the union of each part's top-k, so merging
-        per-shard results gives exactly the single-pass ranking.
-        """
-        column = {query_id: q for q, query_id in enumerate(self.query_ids)}
-        by_query: dict[str, list[Ranked]] = {}
-        for row in rows:
-            by_query.setdefault(row.query_id, []).append(row)
-        for query_id, group in by_query.items():
-            stacked = np.stack([np.asarray(r.layer_scores, dtype=np.float64) for r in group])
-            layers = np.zeros((len(group), len(self.query_ids), stacked.shape[-1]))
-            layers[:, column[query_id]] = stacked
-            allowed = np.zeros((len(group), len(self.query_ids)), dtype=bool)
-            allowed[:, column[query_id]] = True
-            self.update([r.doc_id for r in group], [r.shard for r in group], layers, allowed)
+    def kept(self) -> KeptRows:
+        """The rows kept so far, moved to the CPU."""
+        self._fold()
+        valid = self._ordinals != EMPTY
+        layers = self._layers.cpu() if self.keep_layers else None
+        return KeptRows(self._scores.cpu(), self._ordinals.cpu(), layers, valid.cpu())

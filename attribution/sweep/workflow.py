@@ -137,6 +137,8 @@ def run_sweep(
     if score.method != "influence":
         raise SettingsError(f"score.method={score.method}: a sweep keeps influence tables; compare prefilter rankings "
                             "with jobs.score score.method=prefilter")
+    if score.all_pairs:
+        raise SettingsError("score.top_k=all: a sweep keeps merged top-k tables; write every pair with jobs.score")
     if cluster.allow_failed_shards:
         raise SettingsError("cluster.allow_failed_shards=true: a sweep commits whole nights, so a failing shard must be "
                             "fixed or moved out of data.path (a night's run record names it); set it to false")

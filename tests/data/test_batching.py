@@ -263,3 +263,35 @@ def test_to_moves_tensors(word_tokenizer):
     moved = batch.to("cpu")
     assert isinstance(moved, TokenBatch) and moved.ids == batch.ids
     assert torch.equal(moved.target_mask, batch.target_mask)
+
+
+def test_one_pass_truncation_equals_encoding_twice(word_tokenizer, byte_tokenizer):
+    """The fast path (overflow pieces) against the definition: a text is cut when it has more than
+    max_length tokens, and a cut text is the tokenizer's own truncation at max_length."""
+    from attribution.data.batching import _encode_truncated
+
+    with_eos = Tokenizer.from_str(word_tokenizer.backend_tokenizer.to_str())
+    with_eos.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    eos_tokenizer = PreTrainedTokenizerFast(tokenizer_object=with_eos, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    texts = [" ".join(["hello", "world"] * n) for n in range(7)] + SENTENCES
+    for tokenizer in (word_tokenizer, eos_tokenizer, byte_tokenizer):
+        for max_length in (2, 3, 4, 5, 8):
+            expected = []
+            for text in texts:
+                full = tokenizer(text, add_special_tokens=True)["input_ids"]
+                cut = tokenizer(text, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+                expected.append((cut, len(full) > max_length))
+            assert _encode_truncated(tokenizer, texts, max_length) == expected
+            assert _encode_truncated(_NotFast(tokenizer), texts, max_length) == expected
+
+
+class _NotFast:
+    """The same tokenizer through the path for tokenizers without overflow pieces."""
+
+    is_fast = False
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, *args, **kwargs):
+        return self.tokenizer(*args, **kwargs)

@@ -24,9 +24,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def write_parquet(path: Path, rows: list[dict], **kwargs) -> Path:
+def write_parquet(path: Path, rows: list[dict], schema: pa.Schema | None = None, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), path, **kwargs)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path, **kwargs)
     return path
 
 
@@ -43,14 +43,25 @@ def test_list_shards_file_dir_and_glob(tmp_path):
     b = write_parquet(tmp_path / "corpus" / "b.parquet", ROWS)
     a = write_jsonl(tmp_path / "corpus" / "a.jsonl", ROWS)
     nested = write_jsonl(tmp_path / "corpus" / "sub" / "c.json", ROWS)
-    (tmp_path / "corpus" / "README.md").write_text("not data")
     write_jsonl(tmp_path / "corpus" / ".tmp" / "partial.jsonl", ROWS)
     write_jsonl(tmp_path / "corpus" / ".hidden.jsonl", ROWS)
+    (tmp_path / "corpus" / "_SUCCESS").write_text("")
 
     assert list_shards(a) == [a]
     assert list_shards(str(tmp_path / "corpus")) == [a, b, nested]
     assert list_shards(tmp_path / "corpus" / "*.jsonl") == [a]
     assert list_shards(f"{tmp_path}/corpus/**/*.json*") == [a, nested]
+    assert list_shards(f"{tmp_path}/corpus/s*") == [nested]  # a folder matched by a glob
+
+
+def test_a_file_in_a_corpus_folder_that_is_not_a_corpus_file_is_named(tmp_path):
+    write_jsonl(tmp_path / "corpus" / "a.jsonl", ROWS)
+    notes = tmp_path / "corpus" / "sub" / "README.md"
+    notes.parent.mkdir()
+    notes.write_text("not data")
+    with pytest.raises(DataError, match=rf"{notes}: not a corpus file .*move it out of {notes.parent}"):
+        list_shards(tmp_path / "corpus")
+    assert list_shards(tmp_path / "corpus" / "*.jsonl") == [tmp_path / "corpus" / "a.jsonl"]
 
 
 @pytest.mark.parametrize("name", ["missing.parquet", "missing_dir", "nothing*.jsonl"])
@@ -60,18 +71,41 @@ def test_list_shards_nothing_there(tmp_path, name):
 
 
 def test_list_shards_empty_directory(tmp_path):
-    (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(DataError, match="no .* files"):
+    (tmp_path / ".notes.txt").write_text("x")
+    with pytest.raises(DataError, match="holds no corpus files"):
         list_shards(tmp_path)
+
+
+def test_an_empty_corpus_is_an_error_and_an_empty_shard_a_recorded_skip(tmp_path):
+    empty = tmp_path / "corpus" / "a.jsonl"
+    empty.parent.mkdir()
+    empty.write_bytes(b"")
+    write_parquet(tmp_path / "corpus" / "b.parquet", [{"id": "x", "text": "y"}][:0],
+                  schema=pa.schema([("id", pa.string()), ("text", pa.string())]))
+    with pytest.raises(DataError, match=rf"{tmp_path / 'corpus'}: the corpus is empty: none of its 2 file\(s\) holds a row"):
+        list_shards(tmp_path / "corpus")
+    with pytest.raises(DataError, match="the corpus is empty"):
+        list_shards(empty)
+    full = write_jsonl(tmp_path / "corpus" / "c.jsonl", ROWS)
+    shards = list_shards(tmp_path / "corpus")
+    docs, skips = read_all(shards)
+    assert [d.id for d in docs] == ["a", "b", "c"] and {d.shard for d in docs} == {str(full)}
+    assert [(s.item_id, s.shard, s.row, s.reason) for s in skips] == [
+        (None, str(empty), None, "empty shard: no rows"),
+        (None, str(tmp_path / "corpus" / "b.parquet"), None, "empty shard: no rows"),
+    ]
 
 
 def test_list_shards_rejects_other_extensions(tmp_path):
     csv = tmp_path / "data.csv"
     csv.write_text("id,text\n")
-    with pytest.raises(DataError, match="data.csv"):
+    with pytest.raises(DataError, match="data.csv: not a corpus file"):
         list_shards(csv)
-    with pytest.raises(DataError, match="data.csv"):
+    with pytest.raises(DataError, match="data.csv: not a corpus file"):
         list_shards(tmp_path / "data.*")
+    (tmp_path / "data.parquet.gz").write_bytes(b"")  # Parquet compresses inside the file
+    with pytest.raises(DataError, match="data.parquet.gz: not a corpus file"):
+        list_shards(tmp_path / "data.parquet.gz")
 
 
 # --- reading -----------------------------------------------------------------
@@ -188,9 +222,9 @@ def test_missing_column_lists_present_columns(tmp_path, writer):
 @pytest.mark.parametrize(
     ("rows", "message"),
     [
-        ([{"id": "a", "text": "x"}, {"id": 7, "text": "y"}], r"row 1: column 'id' must be a string, got int"),
-        ([{"id": "a", "text": "x"}, {"id": None, "text": "y"}], r"row 1: column 'id' is null"),
-        ([{"id": "a", "text": 3.5}], r"row 0: column 'text' must be a string, got float"),
+        ([{"id": "a", "text": "x"}, {"id": 7, "text": "y"}], r"row 1 \(line 2\): column 'id' must be a string, got int"),
+        ([{"id": "a", "text": "x"}, {"id": None, "text": "y"}], r"row 1 \(line 2\): column 'id' is null"),
+        ([{"id": "a", "text": 3.5}], r"row 0 \(line 1\): column 'text' must be a string, got float"),
     ],
 )
 def test_bad_values_in_jsonl(tmp_path, rows, message):

@@ -99,5 +99,15 @@ def test_unreadable_file(tmp_path):
     ],
 )
 def test_bad_values(tmp_path, row, message):
-    with pytest.raises(DataError, match=r"q\.jsonl " + message):
+    with pytest.raises(DataError, match=r"q\.jsonl row 0 \(line 1\): " + message.removeprefix("row 0: ")):
         read(write_jsonl(tmp_path / "q.jsonl", [row]))
+
+
+def test_bad_rows_are_skipped_and_recorded_when_asked(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n" + '{"id": "q2", "prompt": null, "completion": "c"}\n' + "not json\n")
+    skips: list[Skip] = []
+    assert read_queries(path, on_skip=skips.append, on_bad_row="skip") == EXPECTED[:1]
+    assert [(s.item_id, s.row) for s in skips] == [("q2", 1), (None, 2)]
+    assert skips[0].reason.startswith("bad row: line 2: column 'prompt' is null")
+    assert skips[1].reason.startswith("bad row: line 3: invalid JSON")

@@ -23,6 +23,7 @@ from attribution.settings import (
     DataSettings,
     FactorSettings,
     FinetuneSettings,
+    MissingPathError,
     ModelSettings,
     PrefilterSettings,
     QuerySettings,
@@ -120,17 +121,24 @@ def console_scripts() -> dict[str, str]:
 
 
 def check_command(command: Command) -> None:
-    """The job exists; its config composes with the overrides (a wrong key fails); typed settings accept them."""
+    """The job exists; its config composes with the overrides (a wrong key fails); typed settings accept them.
+
+    Paths are on the cluster's volume, not here: a missing one is the only error allowed, and
+    it is raised only after every other value of its group was checked.
+    """
     job = command.job
     module = ROOT / "jobs" / f"{job}.py"
     assert module.is_file(), f"{command.where}: no job jobs/{job}.py"
-    config_name = re.search(r'config_name="(\w+)"', module.read_text())
-    assert config_name, f"jobs/{job}.py has no @hydra.main(config_name=...)"
+    config_name = re.search(r'(?:config_name=|@job\()"(\w+)"', module.read_text())
+    assert config_name, f"jobs/{job}.py names no config (@job(...) or @hydra.main(config_name=...))"
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name=config_name.group(1), overrides=list(command.overrides))
     for group, kind in SETTINGS.items():
         if group in cfg:
-            from_mapping(kind, OmegaConf.to_container(cfg[group], resolve=True), group)
+            try:
+                from_mapping(kind, OmegaConf.to_container(cfg[group], resolve=True), group)
+            except MissingPathError:
+                pass
 
 
 COMMANDS = all_commands()
@@ -263,3 +271,30 @@ def test_the_dockerfile_installs_pinned_and_runs_as_a_non_root_user():
     assert users and users[-1] not in {"root", "0"}
     for copied in re.findall(r"^COPY (\S+) ", text, re.MULTILINE):
         assert (ROOT / copied).exists(), f"docker/Dockerfile copies {copied}, which does not exist"
+
+
+def rayjobs() -> list[tuple[Path, dict]]:
+    return [(path, doc) for path in yaml_files() for doc in documents(path) if doc.get("kind") == "RayJob"]
+
+
+def test_every_ray_cluster_requires_ray_token_authentication():
+    for path, doc in rayjobs():
+        assert doc["spec"]["rayClusterSpec"].get("authOptions") == {"mode": "token"}, path
+        major, minor, _ = (int(part) for part in doc["spec"]["rayClusterSpec"]["rayVersion"].split("."))
+        assert (major, minor) >= (2, 52), f"{path}: token authentication needs Ray 2.52 or newer"
+    launcher = documents(ROOT / "deploy/launcher/cluster.yaml")[0]
+    assert "--env RAY_AUTH_MODE=token" in launcher["docker"]["run_options"]
+    assert "~/.ray/auth_token" in launcher["file_mounts"]
+    head = " ".join(launcher["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head  # reached through `ray dashboard`'s tunnel
+    comments = (ROOT / "deploy/launcher/cluster.yaml").read_text()
+    assert all(line.lstrip("# ").startswith("RAY_AUTH_MODE=token ray job submit")
+               for line in comments.splitlines() if "ray job submit" in line)
+
+
+def test_multi_machine_fits_open_their_rendezvous_to_the_cluster_network():
+    """Fit workers in several pods or machines meet at rank 0's node address (cluster.listen=node)."""
+    fits = [c for c in COMMANDS if c.job == "fit_factors" and "cluster.address=auto" in c.overrides]
+    assert fits
+    for command in fits:
+        assert "cluster.listen=node" in command.overrides, command

@@ -86,11 +86,12 @@ def test_shard_model_shards_every_block():
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from attribution.distributed.cluster import free_port
+    from attribution.distributed.cluster import init_process_group, listening_socket
     from attribution.distributed.sharding import ShardingError, shard_model
     from tests.tiny import tiny_model
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    listener = listening_socket("127.0.0.1")
+    init_process_group(0, 1, "127.0.0.1", listener.getsockname()[1], listener, use_gpu=False)
     try:
         lm = tiny_model()
         assert shard_model(lm) == lm.config.num_hidden_layers

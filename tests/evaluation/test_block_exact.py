@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from attribution.curvature.gauss_newton import GaussNewton, dense_gauss_newton, use_eager_attention
+from attribution.curvature.parameters import ParameterLayout
 from attribution.data.batching import batch_queries
 from attribution.data.corpus import Document
 from attribution.data.queries import Query
 from attribution.evaluation.config import GroundTruthSpec, MethodSpec
-from attribution.evaluation.gauss_newton import GaussNewton, dense_gauss_newton, use_eager_attention
 from attribution.evaluation.methods import block_diagonal_solve
-from attribution.evaluation.parameters import ParameterLayout
-from attribution.evaluation.problem import Problem
+from attribution.evaluation.problem import Problem, Stage
 from attribution.models import find_tracked_modules, load_model
 from tests.tiny import save_tiny_lm
 
@@ -26,7 +26,7 @@ def test_block_diagonal_solve_equals_dense_block_solve(tmp_path):
     documents = [Document(f"d{i}", text, "corpus.jsonl", i) for i, text in enumerate(TEXTS)]
     queries = [Query("q0", "anna was born in", " paris"), Query("q1", "clara works for", " acme")]
     [query_batch] = batch_queries(tokenizer, queries, 2, 16, lambda skip: None)
-    problem = Problem(model, tokenizer, tracked, documents, query_batch, 16, "test")
+    problem = Problem([Stage("model", model, tokenizer, tracked, documents, 16, "test")], query_batch)
     layout = ParameterLayout(tracked)
     matrix = dense_gauss_newton(GaussNewton(model, tracked, problem.fit_batches(2)), chunk=512)
     damping = 0.3 * float(torch.diagonal(matrix).mean())

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from attribution.curvature.fit import FitConfig, fit_factors
+from attribution.curvature.gauss_newton import GaussNewton, dense_gauss_newton, use_eager_attention
+from attribution.curvature.parameters import ParameterLayout
 from attribution.evaluation.curvature_structure import curvature_structure
-from attribution.evaluation.gauss_newton import GaussNewton, dense_gauss_newton, use_eager_attention
-from attribution.evaluation.parameters import ParameterLayout
 from attribution.models import find_tracked_modules
 from tests.tiny import make_batch, random_sequences, tiny_model
 

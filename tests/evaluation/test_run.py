@@ -60,6 +60,7 @@ def settings(**overrides) -> EvaluationSettings:
         MethodSpec("identity", "identity"),
         MethodSpec("lissa", "lissa", batch_size=4, max_iterations=3, equal_time_to=None),
         MethodSpec("block", "block_exact"),
+        MethodSpec("refined", "refined", steps=300, tolerance=1e-10, curve=(1, 2)),
     )
     values = {"fit_sequences": 12, "num_queries": None, "correlation_documents": 15, "bm25_top": 3, "random_documents": 3,
               "batch_size": 4, "progress": False, "methods": methods, "compare": (("ekfac_rank2", "ekfac"),), **overrides}
@@ -79,7 +80,8 @@ def test_dense_ground_truth_run_writes_every_metric(inputs):
     table = pq.read_table(summary.metrics_path)
     assert table.schema.equals(METRICS_SCHEMA, check_metadata=False)
     rows = table.to_pylist()
-    names = ["dense", "bm25", "ekfac", "ekfac_rank2", "ekfac_mlp", "kfac", "identity", "block", "lissa"]
+    names = ["dense", "bm25", "ekfac", "ekfac_rank2", "ekfac_mlp", "kfac", "identity", "block", "refined", "refined@1",
+             "refined@2", "lissa"]
     assert [row["method"] for row in rows] == names * 2
     assert [row["relative_damping"] for row in rows] == pytest.approx([1.0] * len(names) + [10.0] * len(names))
     for row in rows:
@@ -90,7 +92,13 @@ def test_dense_ground_truth_run_writes_every_metric(inputs):
     # BM25 finds every "X was born in Y" source of "X was born in Y": both sources rank first.
     assert rows[1]["mrr"] == 1.0 and rows[1]["recall_at_k"] == 1.0
     record = json.loads(summary.run_record.read_text())
-    assert record["counts"]["queries"] == 3 and record["counts"]["fit_sequences"] == 12
+    assert record["counts"]["queries"] == 3 and record["counts"]["fit_sequences"] == {"model": 12}
+    # Refined on the ground truth's own sample to a 1e-10 residual, it is the ground truth; its
+    # iterates after 1 and 2 steps are not yet.
+    by_name = {row["method"]: row for row in rows[: len(names)]}
+    assert by_name["refined"]["spearman"] == pytest.approx(1.0, abs=1e-6)
+    assert by_name["refined@1"]["spearman"] < 1.0 - 1e-6 and by_name["refined@2"]["spearman"] < 1.0 - 1e-6
+    assert "refined on the ground truth's fit sample" in by_name["refined"]["detail"]
     assert len(record["config"]["resolved"]["comparisons"]) == 2
     # Rerank sets: 2 true sources + 3 BM25 (overlapping) + 3 random, no duplicates.
     assert all(5 <= size <= 8 for size in record["config"]["resolved"]["rerank_sizes"].values())
@@ -118,7 +126,7 @@ def test_cg_ground_truth_equals_dense_and_is_cached(inputs, preconditioner):
             assert cg_row.pearson == pytest.approx(dense_row.pearson, abs=1e-9)
     truth = json.loads(cg.run_record.read_text())["config"]["resolved"]["ground_truth"]
     assert truth["preconditioner"] == preconditioner
-    assert max(max(values) for values in truth["relative_residuals"].values()) < 1e-9
+    assert max(max(values) for stage in truth["stages"] for values in stage["relative_residuals"]) < 1e-9
     again = evaluate(inputs, f"cg-{preconditioner}", settings(ground_truth=spec, methods=methods, compare=(), damping=damping))
     assert "cached" in again.rows[0].detail
     assert [row.spearman for row in again.rows] == pytest.approx([row.spearman for row in cg.rows])
@@ -126,14 +134,17 @@ def test_cg_ground_truth_equals_dense_and_is_cached(inputs, preconditioner):
 
 @pytest.mark.parametrize("preconditioner", ["ekfac", "none"])
 def test_unconverged_ground_truth_still_gives_a_table(inputs, preconditioner):
-    """Two CG steps meet neither tolerance: the snapshot of every query is NaN, so the stability
-    check is reported as reached by none, and every row is still computed."""
+    """Two CG steps meet neither tolerance: every row is still computed, and for plain CG the snapshot
+    of every query is NaN, so the stability check is reported as reached by none (preconditioned CG
+    keeps no snapshot)."""
     methods = (MethodSpec("ekfac", "ekfac"), MethodSpec("identity", "identity"))
     spec = GroundTruthSpec(kind="cg", tolerance=1e-12, max_iterations=2, preconditioner=preconditioner)
     summary = evaluate(inputs, f"unconverged-{preconditioner}", settings(ground_truth=spec, methods=methods, compare=(),
                                                                          damping=DampingSpec(values=(0.01,))))
     assert [row.method for row in summary.rows] == ["cg", "bm25", "ekfac", "identity"]
-    assert "(0 of 3 queries reached it)" in summary.rows[0].detail
+    if preconditioner == "none":
+        assert "(0 of 3 queries reached it)" in summary.rows[0].detail
+    assert "iterations, relative residual <=" in summary.rows[0].detail
     assert all(-1.0 <= row.spearman <= 1.0 for row in summary.rows)
 
 

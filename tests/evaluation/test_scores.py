@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from attribution.data.batching import sequence_log_prob
-from attribution.evaluation.gauss_newton import (
+from attribution.curvature.gauss_newton import (
     GaussNewton,
     dense_gauss_newton,
     use_eager_attention,
 )
-from attribution.evaluation.parameters import ParameterLayout
+from attribution.curvature.parameters import ParameterLayout
+from attribution.data.batching import sequence_log_prob
 from attribution.evaluation.scores import factors_from_gradients, score_candidates
 from attribution.models import find_tracked_modules
 from attribution.scoring.query_factors import per_sequence_gradients

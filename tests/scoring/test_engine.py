@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,7 +12,6 @@ from attribution.scoring.candidates import CandidateScorer
 from attribution.scoring.contraction import ModuleContraction, choose_contraction
 from attribution.scoring.query_factors import ModuleQueryFactors, compress, query_factors
 from attribution.scoring.stages import identity_factor_set
-from attribution.scoring.topk import StreamingTopK
 from tests.curvature.test_fit import fit
 from tests.tiny import make_batch, query_batch, random_sequences, tiny_model
 
@@ -126,22 +124,6 @@ def test_compress_exact_and_randomized():
     u, s, vh = torch.linalg.svd(full)
     best_rank_10 = u[..., :10] @ torch.diag_embed(s[:, :10]) @ vh[:, :10]
     torch.testing.assert_close(compress(full, 10).dense(), best_rank_10)
-
-
-def test_streaming_top_k_equals_a_full_sort():
-    rng = np.random.default_rng(0)
-    ids = [f"d{i:03d}" for i in range(200)]
-    layer_scores = rng.integers(-5, 5, size=(200, 3, 2)).astype(np.float64)  # many ties
-    for largest in (True, False):
-        top = StreamingTopK(["a", "b", "c"], k=7, largest=largest)
-        for start in range(0, 200, 13):
-            top.update(ids[start : start + 13], ["s"] * len(ids[start : start + 13]), layer_scores[start : start + 13])
-        totals = layer_scores.sum(-1)
-        for q, query_id in enumerate(["a", "b", "c"]):
-            expected = sorted(range(200), key=lambda i: (-totals[i, q] if largest else totals[i, q], ids[i]))[:7]
-            got = [r for r in top.ranked() if r.query_id == query_id]
-            assert [r.doc_id for r in got] == [ids[i] for i in expected]
-            assert [r.rank for r in got] == list(range(1, 8))
 
 
 def test_non_finite_query_gradient_is_rejected_not_scored():

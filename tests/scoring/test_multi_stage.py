@@ -11,21 +11,22 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from attribution.curvature.precondition import Preconditioner
+from attribution.fitting import run_fit
 from attribution.models import find_tracked_modules
+from attribution.refine.inverse import StageInverse
 from attribution.scoring.candidates import CandidateScorer
-from attribution.scoring.query_factors import query_factors
 from attribution.scoring.run import run_score
+from attribution.scoring.stages import Stages
 from attribution.settings import (
     DataSettings,
     FactorSettings,
     FinetuneSettings,
     ModelSettings,
     QuerySettings,
+    RefineSettings,
     ScoreSettings,
     SettingsError,
 )
-from attribution.scoring.stages import two_stage_inverse
-from attribution.fitting import run_fit
 from tests.curvature.test_fit import dense_ekfac, fit
 from tests.scoring.test_engine import COMPLETIONS, DOCUMENTS, PROMPTS, autograd_gradient
 from tests.tiny import make_batch, query_batch, save_tiny_lm, tiny_config, tiny_model
@@ -54,7 +55,10 @@ def test_multi_stage_scores_equal_dense_solves():
     ft_factors = fit(finetuned)
     pt_inverse, ft_inverse = Preconditioner(pt_factors, damping=1e-3), Preconditioner(ft_factors, damping=None)
     tracked_pt, tracked_ft = find_tracked_modules(pretrained), find_tracked_modules(finetuned)
-    query_set, _ = query_factors(finetuned, tracked_ft, query_batch(PROMPTS, COMPLETIONS), two_stage_inverse(ft_inverse, pt_inverse), None)
+    inverses = [StageInverse("finetuned_model", finetuned, tracked_ft, ft_inverse, RefineSettings()),
+                StageInverse("model", pretrained, tracked_pt, pt_inverse, RefineSettings())]
+    stages = Stages(pretrained, None, finetuned, None, tracked_pt, tracked_ft, inverses, "multi_stage", {}, {})
+    query_set = stages.query_factors(query_batch(PROMPTS, COMPLETIONS), None).factors
     scorer = CandidateScorer(pretrained, tracked_pt, query_set, expected_tokens=8, dtype=torch.float64)
     actual = scorer.layer_scores(make_batch(DOCUMENTS))
 

@@ -71,6 +71,7 @@ def tiny_lm(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def world(tiny_lm, tmp_path) -> World:
+    (tmp_path / "corpus").mkdir()  # data.path must exist when the settings are built
     return World(
         root=tmp_path,
         corpus=tmp_path / "corpus",

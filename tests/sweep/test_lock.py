@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from attribution.scoring.run import ShardFailure
+from attribution.data.corpus import DataError
 from attribution.settings import SettingsError
 from attribution.sweep import SweepLock, SweepLocked
 from attribution.sweep.lock import LOCK_NAME
@@ -49,7 +49,7 @@ def test_a_lock_is_released_when_the_sweep_fails(world):
     with pytest.raises(SettingsError, match="sweep.date"):
         sweep(world, "not-a-date")
     (world.corpus / "shard-0.parquet").write_text("not parquet")
-    with pytest.raises(ShardFailure, match="shard-0.parquet") as failed:
+    with pytest.raises(DataError, match="shard-0.parquet") as failed:  # a data error fails at once, not retried
         sweep(world, "2025-01-01")
     # Named by its real path, not the link a night stages it under (the run record it names is real).
     assert str(world.corpus / "shard-0.parquet") in str(failed.value) and "/corpus/shard" not in str(failed.value).replace(

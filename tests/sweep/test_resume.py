@@ -45,10 +45,10 @@ def test_a_failing_shard_commits_nothing_and_the_rerun_scores_only_what_is_left(
     world.arrive(0, 1, 2)
     original = ShardScorer.run
 
-    def flaky(self, unit):
+    def flaky(self, unit, *args):
         if unit.shard.endswith("shard-1.parquet"):
             raise OSError("disk went away")
-        return original(self, unit)
+        return original(self, unit, *args)
 
     with monkeypatch.context() as patch:
         patch.setattr(ShardScorer, "run", flaky)

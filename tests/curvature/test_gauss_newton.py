@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from attribution.curvature.fit import FitConfig, fit_factors
-from attribution.evaluation.gauss_newton import (
+from attribution.curvature.gauss_newton import (
     GaussNewton,
     dense_gauss_newton,
     use_eager_attention,
 )
-from attribution.evaluation.parameters import ParameterLayout
+from attribution.curvature.parameters import ParameterLayout
 from attribution.models import find_tracked_modules
 from tests.tiny import VOCAB, make_batch, random_sequences, tiny_model
 

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from attribution.curvature.parameters import ParameterLayout
 from attribution.data.batching import TokenBatch
-from attribution.evaluation.parameters import ParameterLayout
 from attribution.models import TrackedModule
 
 

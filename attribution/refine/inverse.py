@@ -1,0 +1,182 @@
+"""One stage's ``(G + D)^{-1}``: the EK-FAC closed form, or refined on the stage's true Gauss-Newton matrix.
+
+For a stage with model theta, tracked modules and damping D (per module, as the closed form's),
+the refined inverse solves ``(G + D) x = v`` with G the Gauss-Newton matrix of the stage's sample
+over *all* its tracked modules together (cross-module blocks included), preconditioned by the
+EK-FAC inverse ``M = (G_hat + c D)^{-1}`` (``c`` = ``refine.preconditioner_damping``), from x = 0
+so that the first iterate is the closed form scaled by its optimal step (see
+:mod:`attribution.refine.solvers`). A query whose solve diverges falls back to the closed form,
+and its diagnostics say so.
+
+Multi-stage scoring chains two of these, fine-tuned stage first:
+``P_q = (G_pt + D_pt)^{-1} (G_ft + D_ft)^{-1} grad m(q; theta_ft)``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from attribution.curvature.gauss_newton import GaussNewton, use_eager_attention
+from attribution.curvature.parameters import ParameterLayout
+from attribution.curvature.precondition import Preconditioner
+from attribution.data.batching import TokenBatch
+from attribution.models import TrackedModule
+from attribution.refine.solvers import DIVERGED, Operator, SolveResult, preconditioned_cg, preconditioned_momentum
+from attribution.settings import RefineSettings
+
+
+@contextmanager
+def eager_attention(model: PreTrainedModel) -> Iterator[None]:
+    """Gauss-Newton products need double backward, which fused attention kernels lack; the model's
+    own attention is restored afterwards so the candidate pass keeps its speed."""
+    before = model.config._attn_implementation
+    use_eager_attention(model)
+    try:
+        yield
+    finally:
+        if before != "eager":
+            model.set_attn_implementation(before)
+
+
+@dataclass
+class StageInverse:
+    """``v -> (G + D)^{-1} v`` on (Q, P) vectors of ``ParameterLayout(tracked)``.
+
+    ``sample`` None: the closed form ``(G_hat + D)^{-1}``. Otherwise refined on the Gauss-Newton
+    matrix of ``sample`` with ``settings.method``.
+    """
+
+    name: str
+    model: PreTrainedModel
+    tracked: Sequence[TrackedModule]
+    preconditioner: Preconditioner
+    settings: RefineSettings
+    sample: list[TokenBatch] | None = None
+
+    def __post_init__(self) -> None:
+        self.layout = ParameterLayout(self.tracked)
+        self.damping = self.preconditioner.damping_vector(self.layout).to(self.device)
+        self.solver_preconditioner = self.preconditioner.with_damping_scaled(self.settings.preconditioner_damping)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The solver's vectors: the model's precision, at least float32."""
+        return torch.promote_types(next(self.model.parameters()).dtype, torch.float32)
+
+    def closed_form(self, vectors: torch.Tensor) -> torch.Tensor:
+        return self.preconditioner.apply_flat(vectors, self.layout)
+
+    def __call__(self, vectors: torch.Tensor, query_ids: Sequence[str]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """The inverse applied to every column, and per query how it was obtained."""
+        if self.sample is None:
+            return self.closed_form(vectors), [{"query_id": q, "stage": self.name, "method": "closed form"} for q in query_ids]
+        started = time.perf_counter()
+        result = self.solve(vectors)
+        solution = result.solution
+        diagnostics = []
+        seconds = (time.perf_counter() - started) / max(1, len(query_ids))
+        for column, query_id in enumerate(query_ids):
+            fallback = result.status[column] == DIVERGED or not bool(torch.isfinite(solution[column]).all())
+            if fallback:
+                solution[column] = self.closed_form(vectors[column : column + 1].to(self.device))[0].to(solution.dtype)
+            diagnostics.append({
+                "query_id": query_id,
+                "stage": self.name,
+                "method": self.settings.method,
+                "gauss_newton_products": result.products[column],
+                "sequence_products": self.sequence_products(result.products[column]),
+                "relative_residual": result.relative_residuals[column],
+                "status": result.status[column],
+                "fallback": "closed form (the solve diverged)" if fallback else None,
+                "seconds": seconds,
+            })
+        return solution, diagnostics
+
+    def _damped(self, operator: GaussNewton) -> Operator:
+        damping = self.damping
+
+        def apply(vectors: torch.Tensor) -> torch.Tensor:
+            return operator(vectors) + damping * vectors.to(torch.float64)
+
+        return apply
+
+    def _precondition(self, vectors: torch.Tensor) -> torch.Tensor:
+        return self.solver_preconditioner.apply_flat(vectors, self.layout)
+
+    @property
+    def sample_sequences(self) -> int:
+        return sum(len(batch.ids) for batch in self.sample or [])
+
+    def sequence_products(self, products: int) -> int:
+        """The cost of ``products`` Gauss-Newton products in sequence passes: CG multiplies by G of the
+        whole sample; the momentum iteration by one mini-batch per step, plus one whole-sample check."""
+        if self.settings.method == "cg":
+            return products * self.sample_sequences
+        return max(0, products - 1) * min(self.settings.batch_size, self.sample_sequences) + self.sample_sequences
+
+    def solve(self, vectors: torch.Tensor, snapshot_steps: Sequence[int] = ()) -> SolveResult:
+        """The solver's raw result on (Q, P) ``vectors`` (refined stages only)."""
+        if self.sample is None:
+            raise ValueError(f"stage {self.name} has no refinement sample")
+        with eager_attention(self.model):
+            return self._solve(vectors.to(self.device, self.dtype), snapshot_steps)
+
+    def _solve(self, vectors: torch.Tensor, snapshot_steps: Sequence[int]) -> SolveResult:
+        settings = self.settings
+        assert self.sample is not None
+        if settings.method == "cg":
+            operator = self._damped(GaussNewton(self.model, self.tracked, self.sample))
+            return preconditioned_cg(operator, vectors, self._precondition, settings.tolerance, settings.steps, snapshot_steps)
+        order = np.random.default_rng(settings.seed).permutation(len(self.sample))
+
+        def minibatch(step: int) -> Operator:
+            batch = self.sample[order[step % len(order)]]
+            return self._damped(GaussNewton(self.model, self.tracked, [batch], cache=False))
+
+        rate = settings.learning_rate
+        if rate is None:
+            rate = 1.0 / largest_preconditioned_eigenvalue(minibatch(0), self._precondition, vectors)
+        whole = self._damped(GaussNewton(self.model, self.tracked, self.sample, cache=False))
+        return preconditioned_momentum(minibatch, vectors, self._precondition, settings.steps, rate, settings.momentum,
+                                       check=whole, snapshot_steps=snapshot_steps)
+
+
+POWER_ITERATIONS = 10
+
+
+def largest_preconditioned_eigenvalue(operator: Operator, preconditioner: Operator, vectors: torch.Tensor) -> float:
+    """The largest eigenvalue of ``M A`` by power iteration from M applied to the mean right-hand side.
+
+    ``M A`` is similar to the symmetric ``M^{1/2} A M^{1/2}``, so its eigenvalues are real and
+    positive; the query gradients themselves lie mostly along its top directions, which makes
+    them a good start. A lower bound, so the step it sets is scaled down by the caller's margin.
+    """
+    vector = preconditioner(vectors.mean(0, keepdim=True)).to(torch.float64)
+    value = 0.0
+    for _ in range(POWER_ITERATIONS):
+        vector = vector / vector.norm().clamp_min(torch.finfo(torch.float64).tiny)
+        image = preconditioner(operator(vector.to(vectors.dtype)).to(vectors.dtype)).to(torch.float64)
+        value = float((vector * image).sum() / (vector * vector).sum())
+        vector = image
+    return value
+
+
+def chain(stages: Sequence[StageInverse], vectors: torch.Tensor, query_ids: Sequence[str]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Apply each stage's inverse in turn (fine-tuned stage first), collecting every stage's diagnostics."""
+    diagnostics: list[dict[str, Any]] = []
+    for stage in stages:
+        vectors, stage_diagnostics = stage(vectors, query_ids)
+        diagnostics += stage_diagnostics
+    return vectors, diagnostics

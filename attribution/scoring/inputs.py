@@ -1,0 +1,55 @@
+"""What a score run is given (its settings, as one bundle) and what identifies its stages."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from attribution.scoring.stages import Stages
+from attribution.settings import (
+    ClusterSettings,
+    DataSettings,
+    FactorSettings,
+    FinetuneSettings,
+    ModelSettings,
+    PrefilterSettings,
+    QuerySettings,
+    RefineSettings,
+    ScoreSettings,
+)
+
+
+@dataclass(frozen=True)
+class ScoreInputs:
+    """Every setting of a score run; what the driver sends each worker."""
+
+    model: ModelSettings
+    data: DataSettings
+    factors: FactorSettings
+    queries: QuerySettings
+    score: ScoreSettings
+    finetune: FinetuneSettings = FinetuneSettings()
+    prefilter: PrefilterSettings = PrefilterSettings()
+    cluster: ClusterSettings = ClusterSettings(num_workers=0)
+    refine: RefineSettings = RefineSettings()
+
+    def resolved(self) -> dict[str, Any]:
+        """The settings as the run record keeps them."""
+        return {name: asdict(getattr(self, name)) for name in
+                ("model", "data", "factors", "queries", "finetune", "score", "prefilter", "refine", "cluster")}
+
+
+@dataclass(frozen=True)
+class StageIdentity:
+    """What the run key and the run record need to know of the loaded stages (JSON-able)."""
+
+    method: str
+    fingerprints: dict[str, str]
+    modules: list[str]
+    damping: dict[str, dict[str, float]]
+    excluded_modules: list[dict[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, stages: Stages) -> StageIdentity:
+        return cls(stages.method, dict(stages.fingerprints), [m.name for m in stages.tracked], stages.damping,
+                   list(stages.excluded_modules))

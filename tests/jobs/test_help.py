@@ -1,0 +1,40 @@
+"""``python -m jobs.NAME --help``: what the job does and its main keys, in well under 3 s."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from tests.jobs.helpers import JOBS, ROOT, run_job
+
+HEAVY = ("torch", "transformers", "ray", "pyarrow", "datasets", "plotly")
+
+
+@pytest.mark.parametrize("name", JOBS)
+def test_help_describes_the_job_and_its_main_keys_quickly(name):
+    result, seconds = run_job(name, "--help")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert text.startswith(f"{name}: ")
+    assert "Main keys:" in text and f"python -m jobs.{name} --cfg job" in text
+    assert seconds < 3.0, f"--help took {seconds:.1f} s"
+    section = text.split("Main keys:")[1].split("Every key with its current value")[0]
+    keys = re.findall(r"(?<![\w.+])([a-z_]+(?:\.[a-z_]+)*)=", section)
+    assert len(keys) >= 3
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(name)
+    for key in keys:
+        assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>", f"--help of {name} names {key}, not in its config"
+
+
+def test_help_imports_none_of_the_heavy_libraries():
+    probe = "import runpy, sys; sys.argv = ['score', '--help']\n" \
+            "try:\n    runpy.run_module('jobs.score', run_name='__main__')\nexcept SystemExit:\n    pass\n" \
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
