@@ -31,7 +31,6 @@ from attribution.scoring.query_factors import QueryFactors, query_factors
 from attribution.scoring.query_files import concatenate
 from attribution.scoring.stages import identity_factor_set
 
-
 # Query gradients are formed this many queries at a time (float64, Q x parameters each).
 QUERY_CHUNK = 64
 

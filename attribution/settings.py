@@ -353,7 +353,7 @@ class RefineSettings:
         check.exists("finetune_data_path")
         check.integer("max_sequences", 1, none="every document of the sample")
         check.number("preconditioner_damping", positive=True)
-        check.number("learning_rate", positive=True, none="1 / the largest eigenvalue of the preconditioned mini-batch system")
+        check.number("learning_rate", positive=True, none="2 (1 - momentum) / the largest eigenvalue of the preconditioned mini-batch systems")
         check.number("momentum", 0.0, 0.999)
         check.integer("seed", 0)
         check.done()

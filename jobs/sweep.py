@@ -35,6 +35,7 @@ def sweep(cfg: DictConfig) -> SweepSummary:
         prefilter_settings,
         prepare_process,
         query_settings,
+        refine_settings,
         score_settings,
         stored_factor_settings,
     )
@@ -43,7 +44,7 @@ def sweep(cfg: DictConfig) -> SweepSummary:
     model, data = model_and_data(cfg)
     return run_sweep(
         model, data, stored_factor_settings(cfg), query_settings(cfg), score_settings(cfg), cfg.output_dir, plain(cfg),
-        sweep_settings(cfg), finetune_settings(cfg), prefilter_settings(cfg), cluster_settings(cfg),
+        sweep_settings(cfg), finetune_settings(cfg), prefilter_settings(cfg), cluster_settings(cfg), refine_settings(cfg),
     )
 
 

@@ -4,7 +4,9 @@ For a module gradient V (d_out x d_in') and factors in eigen-form,
 
     (G + lambda I)^{-1} vec(V) = vec( Q_S [ (Q_S^T V Q_A) / (Lambda + lambda) ] Q_A^T ),
 
-a division in the Kronecker eigenbasis; ``/`` is elementwise.
+a division in the Kronecker eigenbasis; ``/`` is elementwise. The three steps are also exposed
+one by one, so a query's factors can be compressed in the eigenbasis and only its rank-r factors
+rotated back (see :meth:`Stages.query_factors`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class Preconditioner:
         self.strategy = factors.manifest.strategy
         self.modules: dict[str, ModuleFactors] = {name: f.to(device, dtype) for name, f in factors.modules.items()}
         self.damping = {name: default_damping(f, self.strategy, damping) for name, f in self.modules.items()}
+        # The diagonal and identity strategies store identity bases: rotating by them is wasted work.
+        self.rotates = self.strategy not in ("diagonal", "identity")
         for name, value in self.damping.items():
             if self.strategy != "identity" and value <= 0 and bool((self.modules[name].corrected_eigenvalues <= 0).any()):
                 raise ValueError(f"module {name}: damping {value} leaves a zero or negative eigenvalue; use factors.damping > 0")
@@ -53,9 +57,42 @@ class Preconditioner:
 
     def apply(self, name: str, gradient: torch.Tensor) -> torch.Tensor:
         """``(G + lambda I)^{-1} V`` for V of shape (..., d_out, d_in'), batched over leading dimensions."""
+        return self.from_eigenbasis(name, self.divide(name, self.to_eigenbasis(name, gradient)))
+
+    def to_eigenbasis(self, name: str, gradient: torch.Tensor) -> torch.Tensor:
+        """``Q_S^T V Q_A`` (the identity for the diagonal and identity strategies, whose bases are I)."""
         factors = self.modules[name]
-        q_a, q_s = factors.activation_eigenvectors, factors.gradient_eigenvectors
-        gradient = gradient.to(q_a.dtype)
-        rotated = q_s.T @ gradient @ q_a
-        scaled = rotated / (factors.corrected_eigenvalues + self.damping[name])
-        return q_s @ scaled @ q_a.T
+        gradient = gradient.to(factors.activation_eigenvectors.dtype)
+        if not self.rotates:
+            return gradient
+        return factors.gradient_eigenvectors.T @ gradient @ factors.activation_eigenvectors
+
+    def tokens_to_eigenbasis(self, name: str, output_gradients: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+        """``Q_S^T V Q_A`` of ``V = sum_t ds_t a_t^T`` from its (B, T, d_out) and (B, T, d_in') factors,
+        ``(ds Q_S)^T (a Q_A)``: for T tokens it costs ``T (d_out^2 + d_in'^2 + d_out d_in')`` instead of
+        ``d_out d_in' (d_out + d_in')``."""
+        factors = self.modules[name]
+        dtype = factors.activation_eigenvectors.dtype
+        output_gradients, activations = output_gradients.to(dtype), activations.to(dtype)
+        if not self.rotates:
+            return output_gradients.mT @ activations
+        return (output_gradients @ factors.gradient_eigenvectors).mT @ (activations @ factors.activation_eigenvectors)
+
+    def divide(self, name: str, rotated: torch.Tensor) -> torch.Tensor:
+        """``R / (Lambda + lambda)``, the inverse in the Kronecker eigenbasis."""
+        return rotated / (self.modules[name].corrected_eigenvalues + self.damping[name])
+
+    def from_eigenbasis(self, name: str, rotated: torch.Tensor) -> torch.Tensor:
+        """``Q_S X Q_A^T``."""
+        if not self.rotates:
+            return rotated
+        factors = self.modules[name]
+        return factors.gradient_eigenvectors @ rotated @ factors.activation_eigenvectors.T
+
+    def factors_from_eigenbasis(self, name: str, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Q_S L, Q_A R)``: a low-rank ``L R^T`` in the eigenbasis as factors in the parameter basis."""
+        if not self.rotates:
+            return left, right
+        factors = self.modules[name]
+        return factors.gradient_eigenvectors @ left.to(factors.gradient_eigenvectors.dtype), \
+            factors.activation_eigenvectors @ right.to(factors.activation_eigenvectors.dtype)

@@ -221,8 +221,12 @@ def build_model(tokenizer: PreTrainedTokenizerFast, config: DemoModelConfig) -> 
 
 
 def pretrain(texts: list[str], tokenizer: PreTrainedTokenizerFast, model_config: DemoModelConfig,
-             train_config: DemoTrainConfig) -> tuple[GPTNeoXForCausalLM, TrainResult]:
-    """Train a new model from scratch as a causal LM on `texts`, one document per sequence."""
+             train_config: DemoTrainConfig, show_progress: bool = True) -> tuple[GPTNeoXForCausalLM, TrainResult]:
+    """Train a new model from scratch as a causal LM on `texts`, one document per sequence.
+
+    The demo's recipe, also rerun on subsets of the corpus by the counterfactual validation
+    (`attribution.counterfactual`): `train_config.seed` fixes the initialisation and the batch order.
+    """
     start = time.perf_counter()
     torch.manual_seed(train_config.seed)
     model = build_model(tokenizer, model_config)
@@ -236,7 +240,7 @@ def pretrain(texts: list[str], tokenizer: PreTrainedTokenizerFast, model_config:
     generator = torch.Generator().manual_seed(train_config.seed)
     model.train()
     loss_value = math.nan
-    progress = tqdm(range(train_config.epochs), desc="demo pretraining", unit="epoch")
+    progress = tqdm(range(train_config.epochs), desc="demo pretraining", unit="epoch", disable=not show_progress)
     for _ in progress:
         epoch_loss = 0.0
         for batch in _batches(sequences, train_config.batch_size, tokenizer.pad_token_id, generator):

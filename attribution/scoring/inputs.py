@@ -48,8 +48,10 @@ class StageIdentity:
     modules: list[str]
     damping: dict[str, dict[str, float]]
     excluded_modules: list[dict[str, str]] = field(default_factory=list)
+    # Per refined stage, the sample it is refined on (path, sequences, skips).
+    refinement: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, stages: Stages) -> StageIdentity:
         return cls(stages.method, dict(stages.fingerprints), [m.name for m in stages.tracked], stages.damping,
-                   list(stages.excluded_modules))
+                   list(stages.excluded_modules), dict(stages.refinement))

@@ -53,6 +53,30 @@ class QueryFactors:
     modules: dict[str, ModuleQueryFactors]
 
 
+TokenGradients = tuple[torch.Tensor, torch.Tensor]
+
+
+def per_token_gradients(
+    model: PreTrainedModel,
+    tracked: Sequence[TrackedModule],
+    batch: TokenBatch,
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, TokenGradients]:
+    """Per module, the factors of each sequence's ``grad_W sum_t log p(x_t | x_<t)`` over target positions:
+    output gradients ``ds`` (B, T, d_out) and inputs ``a`` (B, T, d_in') with padding zeroed, so that the
+    gradient is ``dW = ds^T a`` (B, d_out, d_in')."""
+    factors: dict[str, TokenGradients] = {}
+    mask = batch.attention_mask.to(dtype).unsqueeze(-1)
+
+    def keep(module: TrackedModule, activations: torch.Tensor, output_gradients: torch.Tensor) -> None:
+        factors[module.name] = (output_gradients, activations * mask)
+
+    with GradientCapture(model, tracked, keep, dtype=dtype):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        sequence_log_prob(logits, batch).sum().backward()
+    return factors
+
+
 def per_sequence_gradients(
     model: PreTrainedModel,
     tracked: Sequence[TrackedModule],
@@ -60,16 +84,7 @@ def per_sequence_gradients(
     dtype: torch.dtype = torch.float64,
 ) -> dict[str, torch.Tensor]:
     """``grad_W sum_t log p(x_t | x_<t)`` over target positions, per sequence and module: (B, d_out, d_in')."""
-    gradients: dict[str, torch.Tensor] = {}
-    mask = batch.attention_mask.to(dtype).unsqueeze(-1)
-
-    def keep(module: TrackedModule, activations: torch.Tensor, output_gradients: torch.Tensor) -> None:
-        gradients[module.name] = output_gradients.mT @ (activations * mask)
-
-    with GradientCapture(model, tracked, keep, dtype=dtype):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        sequence_log_prob(logits, batch).sum().backward()
-    return gradients
+    return {name: ds.mT @ a for name, (ds, a) in per_token_gradients(model, tracked, batch, dtype).items()}
 
 
 def compress(matrices: torch.Tensor, rank: int | None, seed: int = 0) -> ModuleQueryFactors:
@@ -96,9 +111,15 @@ def compress(matrices: torch.Tensor, rank: int | None, seed: int = 0) -> ModuleQ
     return ModuleQueryFactors((basis @ u[..., :rank]) * s[:, None, :rank], vh[:, :rank].mT)
 
 
-def factorise(query_ids: Sequence[str], preconditioned: Mapping[str, torch.Tensor], rank: int | None) -> tuple[QueryFactors, list[str]]:
+def factorise(
+    query_ids: Sequence[str],
+    preconditioned: Mapping[str, torch.Tensor],
+    rank: int | None,
+    to_parameters: Callable[[str, ModuleQueryFactors], ModuleQueryFactors] | None = None,
+) -> tuple[QueryFactors, list[str]]:
     """Rank-r factors of the queries whose preconditioned gradients {name: (Q, d_out, d_in')} are finite,
-    and the ids of the others."""
+    and the ids of the others. ``to_parameters`` maps each module's factors to the parameter basis
+    when the matrices are given in another orthonormal basis (the compression commutes with it)."""
     finite = torch.ones(len(query_ids), dtype=torch.bool)
     for matrices in preconditioned.values():
         finite &= torch.isfinite(matrices).flatten(1).all(1).cpu()
@@ -107,7 +128,10 @@ def factorise(query_ids: Sequence[str], preconditioned: Mapping[str, torch.Tenso
     if not kept:
         return QueryFactors([], {}), rejected
     rows = finite.to(next(iter(preconditioned.values())).device)
-    return QueryFactors(kept, {name: compress(matrices[rows], rank) for name, matrices in preconditioned.items()}), rejected
+    modules = {name: compress(matrices[rows], rank) for name, matrices in preconditioned.items()}
+    if to_parameters is not None:
+        modules = {name: to_parameters(name, factors) for name, factors in modules.items()}
+    return QueryFactors(kept, modules), rejected
 
 
 def query_factors(

@@ -33,14 +33,12 @@ class QueryBatchHeader:
     batch_ids: list[str]
     seconds: float
 
-    def diagnostics_by_query(self) -> dict[str, dict]:
-        """Each query's diagnostics, keyed by its id (given in the dict, or by position in the batch)."""
-        if all("query_id" in d for d in self.diagnostics):
-            return {d["query_id"]: d for d in self.diagnostics}
-        for ids in (self.batch_ids, self.query_ids):
-            if len(ids) == len(self.diagnostics):
-                return dict(zip(ids, self.diagnostics))
-        return {f"#{position} of {self.batch_ids}": d for position, d in enumerate(self.diagnostics)}
+    def diagnostics_by_query(self) -> dict[str, list[dict]]:
+        """Each query's diagnostics, one per stage in the order they were applied, keyed by its id."""
+        grouped: dict[str, list[dict]] = {}
+        for diagnostic in self.diagnostics:
+            grouped.setdefault(diagnostic["query_id"], []).append(diagnostic)
+        return grouped
 
 
 def save_query_batch(path: str | Path, prepared: QueryBatchFactors, batch_ids: list[str], seconds: float) -> None:

@@ -161,7 +161,7 @@ class _Run:
         self._skipped: set[tuple[str | None, str, str]] = set()
         record.fingerprints = dict(identity.fingerprints)
         record.config.update(modules=identity.modules, excluded_modules=identity.excluded_modules,
-                             damping=identity.damping, query_diagnostics={})
+                             damping=identity.damping, refinement=identity.refinement, query_diagnostics={})
         for skip in plan.skips:
             self.skip(skip)
         written = len(self.written_batches())

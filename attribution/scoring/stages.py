@@ -30,7 +30,7 @@ from attribution.data.corpus import Skip
 from attribution.models import TrackedModule, find_tracked_modules, load_model, model_fingerprint
 from attribution.refine.inverse import StageInverse, chain
 from attribution.refine.sample import sample_batches, sample_path
-from attribution.scoring.query_factors import QueryFactors, factorise, per_sequence_gradients
+from attribution.scoring.query_factors import ModuleQueryFactors, QueryFactors, factorise, per_token_gradients
 from attribution.settings import (
     FactorSettings,
     FinetuneSettings,
@@ -74,20 +74,47 @@ class Stages:
     refinement: dict[str, Any] = field(default_factory=dict)
 
     def query_factors(self, batch: TokenBatch, rank: int | None) -> QueryBatchFactors:
-        """Preconditioned, rank-r compressed query gradients of one batch (on the query model's device)."""
+        """Preconditioned, rank-r compressed query gradients of one batch (on the query model's device).
+
+        Closed form: each module's gradient goes into the (last) stage's Kronecker eigenbasis from its
+        per-token factors, is divided there, compressed, and only its rank-r factors are rotated
+        back. Refined: the full gradients are solved for together (:mod:`attribution.refine`), then
+        compressed.
+        """
         device = next(self.query_model.parameters()).device
-        dtype = self.inverses[0].dtype
-        gradients = per_sequence_gradients(self.query_model, self.query_tracked, batch.to(device), dtype)
-        layout = ParameterLayout(self.query_tracked)
-        flat = layout.join(gradients)
-        finite = torch.isfinite(flat).all(1).tolist()
-        kept = [query_id for query_id, ok in zip(batch.ids, finite) if ok]
-        rejected = [query_id for query_id, ok in zip(batch.ids, finite) if not ok]
+        tokens = per_token_gradients(self.query_model, self.query_tracked, batch.to(device), self.inverses[0].dtype)
+        finite = torch.ones(len(batch.ids), dtype=torch.bool, device=device)
+        for output_gradients, activations in tokens.values():
+            finite &= torch.isfinite(output_gradients).flatten(1).all(1) & torch.isfinite(activations).flatten(1).all(1)
+        kept = [query_id for query_id, ok in zip(batch.ids, finite.tolist()) if ok]
+        rejected = [query_id for query_id, ok in zip(batch.ids, finite.tolist()) if not ok]
         if not kept:
             return QueryBatchFactors(QueryFactors([], {}), rejected)
-        solutions, diagnostics = chain(self.inverses, flat[torch.tensor(finite, device=flat.device)], kept)
-        factors, unusable = factorise(kept, layout.split(solutions), rank)
-        return QueryBatchFactors(factors, rejected + unusable, diagnostics)
+        if any(inverse.sample is not None for inverse in self.inverses):
+            layout = ParameterLayout(self.query_tracked)
+            gradients = layout.join({name: ds[finite].mT @ a[finite] for name, (ds, a) in tokens.items()})
+            solutions, diagnostics = chain(self.inverses, gradients, kept)
+            factors, unusable = factorise(kept, layout.split(solutions), rank)
+            return QueryBatchFactors(factors, rejected + unusable, diagnostics)
+        last = self.inverses[-1].preconditioner
+        rotated = {name: self._closed_form_in_eigenbasis(name, ds[finite], a[finite]) for name, (ds, a) in tokens.items()}
+
+        def to_parameters(name: str, compressed: ModuleQueryFactors) -> ModuleQueryFactors:
+            return ModuleQueryFactors(*last.factors_from_eigenbasis(name, compressed.left, compressed.right))
+
+        factors, unusable = factorise(kept, rotated, rank, to_parameters)
+        return QueryBatchFactors(factors, rejected + unusable)
+
+    def _closed_form_in_eigenbasis(self, name: str, output_gradients: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+        """Every stage's closed-form inverse in turn, ending in the last stage's eigenbasis."""
+        first = self.inverses[0].preconditioner
+        solved = first.divide(name, first.tokens_to_eigenbasis(name, output_gradients, activations))
+        previous = first
+        for inverse in self.inverses[1:]:
+            current = inverse.preconditioner
+            solved = current.divide(name, current.to_eigenbasis(name, previous.from_eigenbasis(name, solved)))
+            previous = current
+        return solved
 
 
 def build_stages(

@@ -1,10 +1,12 @@
 """Query-side cost, measured in one run: preconditioned, compressed query factors and their refinement.
 
 - ``closed form``: the queries' EK-FAC factors at rank r, by the engine (float32 for a float32
-  model, every module's queries preconditioned in one batched product, one batched randomized
-  SVD per module) and by the reference path it replaced (float64 gradients and preconditioning,
-  one randomized SVD per query and module in a Python loop), split into gradients,
-  preconditioning and compression, with the engine's relative error against the reference.
+  model; each module's gradients rotated into the Kronecker eigenbasis from their per-token
+  factors, divided, compressed there by one batched randomized SVD, and only the rank-r factors
+  rotated back) and by the reference path it replaced (float64 gradients and preconditioning in
+  the parameter basis, one randomized SVD per query and module in a Python loop), split into
+  gradients, preconditioning and compression, with each path's rank-r error against the exact
+  preconditioned gradients and the best rank-r error.
 - ``refinement``: seconds per Gauss-Newton product and query of the refined inverse (CG on a
   sample of ``sample_sequences`` sequences), so a step budget converts into time.
 
@@ -22,14 +24,37 @@ from transformers import PreTrainedModel
 
 from attribution.benchmark import gpt_neox_from_config, random_batches
 from attribution.curvature.fit import FitConfig, fit_factors
-from attribution.curvature.parameters import ParameterLayout
 from attribution.curvature.precondition import Preconditioner
 from attribution.curvature.store import FactorSet
 from attribution.data.batching import TokenBatch
 from attribution.models import find_tracked_modules, model_fingerprint
 from attribution.refine.inverse import StageInverse
-from attribution.scoring.query_factors import ModuleQueryFactors, factorise, per_sequence_gradients
-from attribution.settings import RefineSettings
+from attribution.scoring.query_factors import ModuleQueryFactors, factorise, per_sequence_gradients, per_token_gradients
+from attribution.scoring.stages import Stages
+from attribution.settings import Check, RefineSettings
+
+
+@dataclass(frozen=True)
+class QuerySideSettings:
+    """Mirrors ``query_benchmark`` in conf/query_benchmark.yaml."""
+
+    config: dict[str, int]
+    queries: int = 64
+    rank: int = 32
+    query_length: int = 64
+    sample_sequences: int = 16
+    refine_queries: int = 8
+    refine_steps: int = 3
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check = Check("query_benchmark", self)
+        for key in ("queries", "rank", "query_length", "sample_sequences", "refine_queries", "refine_steps"):
+            check.integer(key, 1)
+        check.integer("seed", 0)
+        check.device("device")
+        check.done()
 
 
 @dataclass(frozen=True)
@@ -47,8 +72,9 @@ class QuerySideRow:
 
 
 def reference_factors(model: PreTrainedModel, tracked, batch: TokenBatch, factors: FactorSet,
-                      rank: int) -> tuple[dict[str, ModuleQueryFactors], dict[str, float]]:
-    """The path the engine replaced: float64 throughout, a randomized SVD per query and module."""
+                      rank: int) -> tuple[dict[str, ModuleQueryFactors], dict[str, float], dict[str, torch.Tensor]]:
+    """The path the engine replaced: float64 throughout, a randomized SVD per query and module. Also
+    returns the uncompressed preconditioned gradients."""
     timings = {}
     started = time.perf_counter()
     gradients = per_sequence_gradients(model, tracked, batch, torch.float64)
@@ -67,42 +93,59 @@ def reference_factors(model: PreTrainedModel, tracked, batch: TokenBatch, factor
             rights.append(v[:, :rank])
         modules[name] = ModuleQueryFactors(torch.stack(lefts), torch.stack(rights))
     timings["compression"] = time.perf_counter() - started
-    return modules, timings
+    return modules, timings, preconditioned
 
 
 def engine_factors(model: PreTrainedModel, tracked, batch: TokenBatch, factors: FactorSet,
                    rank: int) -> tuple[dict[str, ModuleQueryFactors], dict[str, float]]:
-    """What :meth:`Stages.query_factors` does for a single closed-form stage, timed step by step."""
-    inverse = StageInverse("model", model, tracked, Preconditioner(factors, None, next(model.parameters()).device,
-                                                                   torch.float32), RefineSettings())
+    """:meth:`Stages.query_factors` of one closed-form stage (the ``total``), and the same steps timed one
+    by one: per-token gradients, rotation into the eigenbasis and division, compression there and
+    rotation of the rank-r factors back."""
+    device = next(model.parameters()).device
+    preconditioner = Preconditioner(factors, None, device, torch.float32)
+    stages = Stages(model, None, model, None, list(tracked), list(tracked),
+                    [StageInverse("model", model, tracked, preconditioner, RefineSettings())], factors.manifest.strategy, {}, {})
+    started = time.perf_counter()
+    result = stages.query_factors(batch, rank)
+    total = time.perf_counter() - started
     timings = {}
     started = time.perf_counter()
-    gradients = per_sequence_gradients(model, tracked, batch, inverse.dtype)
-    flat = inverse.layout.join(gradients)
+    tokens = per_token_gradients(model, tracked, batch, torch.float32)
     timings["gradients"] = time.perf_counter() - started
     started = time.perf_counter()
-    solutions, _ = inverse(flat, batch.ids)
+    rotated = {name: preconditioner.divide(name, preconditioner.tokens_to_eigenbasis(name, ds, a)) for name, (ds, a) in tokens.items()}
     timings["preconditioning"] = time.perf_counter() - started
     started = time.perf_counter()
-    query_set, _ = factorise(batch.ids, inverse.layout.split(solutions), rank)
+    factorise(batch.ids, rotated, rank, lambda name, f: ModuleQueryFactors(*preconditioner.factors_from_eigenbasis(name, f.left, f.right)))
     timings["compression"] = time.perf_counter() - started
-    return query_set.modules, timings
+    timings["total (one call)"] = total
+    return result.factors.modules, timings
 
 
-def relative_error(actual: dict[str, ModuleQueryFactors], expected: dict[str, ModuleQueryFactors]) -> float:
-    """``||P - P_ref|| / ||P_ref||`` over every module and query, P the rank-r reconstruction."""
+def relative_error(factors: dict[str, ModuleQueryFactors], exact: dict[str, torch.Tensor]) -> float:
+    """``||P - L R^T|| / ||P||`` over every module and query, P the float64 preconditioned gradients."""
     squared_error = squared_norm = 0.0
-    for name, reference in expected.items():
-        dense = reference.dense().to(torch.float64)
-        squared_error += float((actual[name].dense().to(torch.float64) - dense).square().sum())
+    for name, dense in exact.items():
+        squared_error += float((factors[name].dense().to(torch.float64) - dense).square().sum())
         squared_norm += float(dense.square().sum())
     return (squared_error / squared_norm) ** 0.5
 
 
-def run_query_side(config: dict[str, int], queries: int, rank: int, query_length: int, sample_sequences: int,
-                   refine_queries: int, refine_steps: int, device: torch.device, seed: int = 0) -> list[QuerySideRow]:
+def optimal_error(exact: dict[str, torch.Tensor], rank: int) -> float:
+    """The same for the best rank-r approximation (exact SVD): the floor of any rank-r compression."""
+    squared_error = squared_norm = 0.0
+    for dense in exact.values():
+        values = torch.linalg.svdvals(dense)
+        squared_error += float(values[:, rank:].square().sum())
+        squared_norm += float(values.square().sum())
+    return (squared_error / squared_norm) ** 0.5
+
+
+def run_query_side(settings: QuerySideSettings, device: torch.device) -> list[QuerySideRow]:
+    queries, rank, query_length, seed = settings.queries, settings.rank, settings.query_length, settings.seed
+    sample_sequences = settings.sample_sequences
     torch.manual_seed(seed)
-    model = gpt_neox_from_config(**config).to(device)
+    model = gpt_neox_from_config(**settings.config).to(device)
     tracked = find_tracked_modules(model)
     vocab = model.config.vocab_size
     fit_batches = [b.to(device) for b in random_batches(vocab, max(1, sample_sequences // 8), 8, 128, seed=seed)]
@@ -111,15 +154,19 @@ def run_query_side(config: dict[str, int], queries: int, rank: int, query_length
     batch = random_batches(vocab, 1, queries, query_length, seed=seed + 1)[0].to(device)
     parameters = sum(p.numel() for p in model.parameters())
     rows = []
-    reference, reference_timings = reference_factors(model, tracked, batch, factors, rank)
+    reference, reference_timings, exact = reference_factors(model, tracked, batch, factors, rank)
     engine, engine_timings = engine_factors(model, tracked, batch, factors, rank)
-    error = relative_error(engine, reference)
-    for path, timings in (("reference (float64, per-matrix SVD)", reference_timings), ("engine", engine_timings)):
+    floor = optimal_error(exact, rank)
+    for path, timings, result in (("reference (float64, per-matrix SVD)", reference_timings, reference),
+                                  ("engine", engine_timings, engine)):
+        total = timings.pop("total (one call)", sum(timings.values()))
         for step, seconds in timings.items():
             rows.append(QuerySideRow(f"closed form: {step}", path, queries, rank, seconds))
-        detail = f"{parameters / 1e6:.1f}M parameters" if path != "engine" else f"relative error vs the reference {error:.1e}"
-        rows.append(QuerySideRow("closed form: total", path, queries, rank, sum(timings.values()), detail))
-    rows.append(_refinement_row(model, tracked, factors, fit_batches, device, refine_queries, refine_steps, query_length, seed))
+        detail = (f"{parameters / 1e6:.1f}M parameters; rank-{rank} error {relative_error(result, exact):.4f} "
+                  f"(best rank-{rank}: {floor:.4f})")
+        rows.append(QuerySideRow("closed form: total", path, queries, rank, total, detail))
+    rows.append(_refinement_row(model, tracked, factors, fit_batches, device, settings.refine_queries, settings.refine_steps,
+                                query_length, seed))
     return rows
 
 

@@ -32,6 +32,7 @@ from attribution.settings import (
     ModelSettings,
     PrefilterSettings,
     QuerySettings,
+    RefineSettings,
     ScoreSettings,
     torch_dtype,
 )
@@ -98,6 +99,7 @@ def table_identity(
     score: ScoreSettings,
     finetune: FinetuneSettings,
     prefilter: PrefilterSettings,
+    refine: RefineSettings = RefineSettings(),
 ) -> dict[str, Any]:
     """The fingerprints that define one sweep table; ``factors.path`` must already be resolved."""
     if model.path is None:
@@ -110,6 +112,7 @@ def table_identity(
             model, finetune.model_path, factors, finetune.factors_path)
     identity["queries"] = queries_fingerprint(queries)
     identity["settings"] = settings_identity(model=model, data=data, factors=factors, score=score, prefilter=prefilter,
+                                             refine=refine,
                                              # Its paths are fingerprinted by content above.
                                              finetune={"damping": finetune.damping})
     # As it will read back from the state file (tuples become lists), so the two compare equal.

@@ -45,6 +45,7 @@ from attribution.settings import (
     ModelSettings,
     PrefilterSettings,
     QuerySettings,
+    RefineSettings,
     ScoreSettings,
     SettingsError,
 )
@@ -130,6 +131,7 @@ def run_sweep(
     finetune: FinetuneSettings = FinetuneSettings(),
     prefilter: PrefilterSettings = PrefilterSettings(),
     cluster: ClusterSettings = ClusterSettings(num_workers=0),
+    refine: RefineSettings = RefineSettings(),
 ) -> SweepSummary:
     """Sweep the shards of ``data.path`` not yet swept into the tables of ``output_dir`` (see the module doc)."""
     if model.path is None or data.path is None or queries.path is None:
@@ -149,7 +151,7 @@ def run_sweep(
     if prefilter.kind != "none":
         prefilter = replace(prefilter, path=str(prefilter.index_path(output_dir).absolute()))
     with SweepLock(output_dir / LOCK_NAME, sweep.break_lock) as lock:
-        night = _Night(model, data, factors, queries, score, output_dir, config, sweep, finetune, prefilter, cluster)
+        night = _Night(model, data, factors, queries, score, output_dir, config, sweep, finetune, prefilter, cluster, refine)
         night.messages += lock.messages
         return night.run()
 
@@ -167,12 +169,13 @@ class _Night:
     finetune: FinetuneSettings
     prefilter: PrefilterSettings
     cluster: ClusterSettings
+    refine: RefineSettings
     messages: list[str] = field(default_factory=list)
 
     def run(self) -> SweepSummary:
         date = self.sweep.night()
         identity = table_identity(self.model, self.data, self.factors, self.queries, self.score, self.finetune,
-                                  self.prefilter)
+                                  self.prefilter, self.refine)
         state = load_state(self.output_dir)
         fresh = state is None
         if state is not None and state.identity != identity:
@@ -265,7 +268,8 @@ class _Night:
             # A run finished with the same inputs is returned by run_score as it stands (reused).
             try:
                 summary = run_score(self.model, self.data, self.factors, self.queries, self.score, workdir, self.config,
-                                    self.finetune, self.prefilter, self.cluster, shards=[Path(path) for path in pending])
+                                    self.finetune, self.prefilter, self.cluster, shards=[Path(path) for path in pending],
+                                    refine_settings=self.refine)
             except ShardFailure as error:
                 raise ShardFailure(f"{error}. A sweep commits whole nights: fix the shard or move it out of "
                                    f"{self.data.path}; finished units are kept and the rerun resumes") from error

@@ -10,8 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from attribution.demo import train
 from attribution.demo.corpus import DemoCorpusConfig, generate_demo
-from attribution.demo.train import (DemoConfig, DemoModelConfig, DemoTrainConfig, build_tokenizer,
-                                    ensure_demo)
+from attribution.demo.train import DemoConfig, DemoModelConfig, DemoTrainConfig, build_tokenizer, ensure_demo
 
 YAML = Path(__file__).resolve().parents[2] / "conf" / "demo" / "default.yaml"
 

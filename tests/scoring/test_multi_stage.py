@@ -147,3 +147,25 @@ def test_not_a_descendant_and_half_configured(model_pair, tmp_path):
         run_score(*arguments, FinetuneSettings(model_path=str(tmp_path / "gpt2"), factors_path=str(ft_store.factors_path)))
     with pytest.raises(SettingsError, match="needs both finetune.model_path and finetune.factors_path"):
         run_score(*arguments, FinetuneSettings(model_path=str(root / "ft")))
+
+
+def test_multi_stage_refinement_uses_each_stores_own_data(model_pair, tmp_path):
+    """Each stage is refined on its own store's fit data, fine-tuned stage first, and the record says so per query."""
+    root, tracked, pt_store, ft_store = model_pair
+    summary = run_score(
+        ModelSettings(path=str(root / "pt"), tracked_modules=tracked, device="cpu"),
+        DataSettings(path=str(root / "corpus.parquet")),
+        FactorSettings(path=str(pt_store.factors_path)),
+        QuerySettings(path=str(root / "queries.jsonl")),
+        ScoreSettings(rank=None, top_k=4, token_scores=False, progress=False),
+        tmp_path, {},
+        FinetuneSettings(model_path=str(root / "ft"), factors_path=str(ft_store.factors_path)),
+        refine_settings=RefineSettings(method="cg", steps=3),
+    )
+    config = json.loads(summary.run_record.read_text())["config"]
+    assert config["refinement"]["finetuned_model"]["path"] == str(root / "finetune.jsonl")
+    assert config["refinement"]["model"]["path"] == str(root / "corpus.parquet")
+    assert config["refinement"]["finetuned_model"]["sequences"] == 2 and config["refinement"]["model"]["sequences"] == 4
+    [stages] = config["query_diagnostics"].values()
+    assert [d["stage"] for d in stages] == ["finetuned_model", "model"]
+    assert all(0 < d["gauss_newton_products"] <= 3 for d in stages)

@@ -184,11 +184,12 @@ def test_query_diagnostics_reach_the_run_record(setup, monkeypatch):
     def with_diagnostics(self, batch, rank):
         prepared = original(self, batch, rank)
         return QueryBatchFactors(prepared.factors, prepared.rejected,
-                                 [{"residual": 0.5, "products": position} for position, _ in enumerate(batch.ids)])
+                                 [{"query_id": query_id, "residual": 0.5, "products": position}
+                                  for position, query_id in enumerate(batch.ids)])
 
     monkeypatch.setattr(Stages, "query_factors", with_diagnostics)
     summary = run(setup, "diagnostics", top_k=2)
     diagnostics = json.loads(summary.run_record.read_text())["config"]["query_diagnostics"]
-    assert diagnostics == {"q-cat": {"residual": 0.5, "products": 0}, "q-dog": {"residual": 0.5, "products": 1},
-                           "q-bird": {"residual": 0.5, "products": 0}, "q-river": {"residual": 0.5, "products": 1},
-                           "q-mat": {"residual": 0.5, "products": 0}}
+    expected = {"q-cat": 0, "q-dog": 1, "q-bird": 0, "q-river": 1, "q-mat": 0}
+    assert diagnostics == {query_id: [{"query_id": query_id, "residual": 0.5, "products": products}]
+                           for query_id, products in expected.items()}

@@ -1,0 +1,184 @@
+"""Retrain the demo model on a subset of its corpus with the demo's own recipe, keep it, and measure it.
+
+One (subset, seed) is one task. Its model is kept as a Hugging Face folder (safetensors weights,
+config, the demo's tokenizer) under
+
+    <output_dir>/retrain/<demo fingerprint>/subset-<j>-seed-<k>-<key>/
+
+with ``retrained.json``, the marker: the task's key (a hash of the recipe version, the demo's
+config fingerprint, the subset's document ids and the seed), what it trained on and how long it
+took. The folder is built beside its final place and renamed into it, so a folder with a marker is
+always complete and a killed task leaves nothing a rerun would trust. The measurements of a query
+file live in ``measurements/<queries key>.json`` inside it (written atomically too), so new queries
+are measured on the kept models without retraining them.
+
+Training seed k is ``demo.train.seed + k``: seed 0 starts from the initialisation of the demo model
+being attributed (the same torch seed draws the same initial weights), and every subset shares
+it, so subsets differ in their documents and in the batch order those documents imply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attribution.counterfactual.measure import measure_queries
+from attribution.counterfactual.subsets import Subset
+from attribution.data.corpus import Skip, iter_documents, list_shards
+from attribution.data.queries import read_queries
+from attribution.demo.train import DEMO_VERSION, DemoConfig, pretrain
+from attribution.models import load_model
+from attribution.runs import write_json_atomically
+from attribution.scoring.shards import inject_fault_for_tests
+
+# Bump when this module changes what a key produces, so kept models are not reused.
+RECIPE_VERSION = 1
+MARKER = "retrained.json"
+FAULT_TARGET = "retrain"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What every retrained model shares: the demo's config and where its tokenizer and corpus are."""
+
+    demo: dict[str, Any]
+    model_dir: str
+    corpus_dir: str
+
+    @property
+    def config(self) -> DemoConfig:
+        return DemoConfig.from_dict(self.demo)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.config.fingerprint()
+
+
+@dataclass(frozen=True)
+class RetrainTask:
+    """Train on ``subset`` with seed offset ``seed`` (unless kept), then measure the queries of ``queries_path``."""
+
+    recipe: Recipe
+    subset: Subset
+    seed: int
+    root: str  # <output_dir>/retrain
+    queries_path: str
+    queries_key: str
+    max_length: int
+    position: int  # the task's place in the run; the test fault switch counts these
+
+    @property
+    def key(self) -> str:
+        payload = {"recipe_version": RECIPE_VERSION, "demo_version": DEMO_VERSION, "demo": self.recipe.fingerprint,
+                   "documents": list(self.subset.doc_ids), "seed": self.seed}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def directory(self) -> Path:
+        return (Path(self.root) / self.recipe.fingerprint /
+                f"subset-{self.subset.index:04d}-seed-{self.seed}-{self.key}")
+
+    @property
+    def measurements_path(self) -> Path:
+        return self.directory / "measurements" / f"{self.queries_key}.json"
+
+    def trained(self) -> bool:
+        marker = self.directory / MARKER
+        return marker.is_file() and json.loads(marker.read_text()).get("key") == self.key
+
+    def finished(self) -> bool:
+        return self.trained() and self.measurements_path.is_file()
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    """One task's measurements; ``trained`` says whether this run trained it (False: it was kept)."""
+
+    subset: int
+    seed: int
+    measurements: dict[str, float]
+    trained: bool
+    train_seconds: float
+    final_loss: float
+    skips: list[dict[str, Any]] = field(default_factory=list)
+
+
+def queries_key(path: str | Path, max_length: int) -> str:
+    """The queries' identity: a hash of the files' content and of the length they are batched to."""
+    digest = hashlib.sha256(str(max_length).encode())
+    for file in list_shards(path):
+        digest.update(Path(file).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def retrain_and_measure(task: RetrainTask) -> TaskOutcome:
+    """The task's measurements, training (and keeping) its model first when no kept one matches."""
+    marker = task.directory / MARKER
+    trained = not task.trained()
+    if trained:
+        inject_fault_for_tests(FAULT_TARGET, task.position)
+        model, tokenizer = _train_and_keep(task)
+    elif not task.measurements_path.is_file():
+        model, tokenizer = load_model(task.directory)
+    record = json.loads(marker.read_text())
+    if not task.measurements_path.is_file():
+        skips: list[Skip] = []
+        queries = read_queries(task.queries_path, on_skip=skips.append)
+        values = measure_queries(model, tokenizer, queries, task.max_length, skips.append)
+        write_json_atomically(task.measurements_path, {"queries_path": task.queries_path, "measurements": values,
+                                                       "skips": [asdict(skip) for skip in skips]})
+    stored = json.loads(task.measurements_path.read_text())
+    return TaskOutcome(task.subset.index, task.seed, stored["measurements"], trained, record["seconds"], record["final_loss"],
+                       stored["skips"])
+
+
+def _train_and_keep(task: RetrainTask) -> tuple[Any, Any]:
+    """Train with the demo's recipe and rename the finished folder into place."""
+    from transformers import AutoTokenizer
+
+    recipe = task.recipe.config
+    tokenizer = AutoTokenizer.from_pretrained(task.recipe.model_dir, local_files_only=True)
+    wanted = set(task.subset.doc_ids)
+    texts = [doc.text for doc in iter_documents(list_shards(task.recipe.corpus_dir), "id", "text", on_skip=_no_skip)
+             if doc.id in wanted]
+    if len(texts) != len(wanted):
+        raise ValueError(f"subset {task.subset.index}: {len(wanted) - len(texts)} of its documents are not in "
+                         f"{task.recipe.corpus_dir}")
+    started = time.perf_counter()
+    model, result = pretrain(texts, tokenizer, recipe.model, replace(recipe.train, seed=recipe.train.seed + task.seed),
+                             show_progress=False)
+    seconds = time.perf_counter() - started
+    final = task.directory
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        marker = {"key": task.key, "subset": task.subset.index, "seed": task.seed,
+                  "training_seed": recipe.train.seed + task.seed, "demo_fingerprint": task.recipe.fingerprint,
+                  "recipe_version": RECIPE_VERSION, "num_documents": len(texts), "documents": list(task.subset.doc_ids),
+                  "seconds": round(seconds, 3), "final_loss": result.final_loss,
+                  "torch_threads": torch.get_num_threads()}
+        (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        try:
+            os.rename(staging, final)
+        except OSError:
+            # A retried task raced a first attempt to the same key: keep the winner's (identical) model.
+            if not (final / MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return model, tokenizer
+
+
+def _no_skip(skip: Skip) -> None:
+    raise ValueError(f"demo corpus document {skip.item_id} cannot be read: {skip.reason}")

@@ -1,0 +1,80 @@
+"""``jobs.validate_counterfactual`` on a tiny demo: the table, resuming after a killed run (in process
+and on Ray), and the same seeds giving the same LDS."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from tests.jobs.helpers import run_job
+
+# A demo that builds and retrains in well under a second per model.
+TINY_DEMO = ("demo.corpus.num_people=6", "demo.corpus.num_cities=3", "demo.corpus.num_companies=2",
+             "demo.corpus.num_distractors=12", "demo.corpus.num_fillers=6", "demo.corpus.num_queries=4",
+             "demo.corpus.num_finetune_queries=2", "demo.corpus.num_shards=2", "demo.model.hidden_size=16",
+             "demo.model.num_layers=1", "demo.model.num_heads=2", "demo.model.intermediate_size=32", "demo.train.epochs=4")
+SMALL_RUN = ("lds.subsets=6", "pbrf.documents=2", "pbrf.steps=20", "damping.values=[10.0,1.0]", "damping.methods=[ekfac]",
+             "refine_steps.values=[1]", "methods.refined_cg.refine.steps=3", "~methods.refined_stochastic", "~methods.kfac",
+             "progress=false")
+
+
+def validate(tmp_path: Path, *extra: str, env: dict[str, str] | None = None):
+    result, _ = run_job("validate_counterfactual", f"output_dir={tmp_path / 'out'}", *TINY_DEMO, *SMALL_RUN, *extra,
+                        env={"ATTRIBUTION_CACHE": str(tmp_path / "cache"), **(env or {})})
+    return result
+
+
+def latest_record(tmp_path: Path) -> dict:
+    return json.loads(sorted((tmp_path / "out" / "runs").glob("*.json"))[-1].read_text())
+
+
+def lds_by_row(record: dict) -> dict[tuple[str, str], float]:
+    return {(row["method"], row["damping"]): row["lds"] for row in record["config"]["results"]["rows"]}
+
+
+def test_killed_run_resumes_on_ray_without_retraining_and_same_seeds_give_the_same_lds(tmp_path):
+    # Killed (the process exits) while training the third model: the first two are kept.
+    killed = validate(tmp_path, "cluster.num_workers=0", env={"ATTRIBUTION_TEST_FAULT": "retrain:2:exit"})
+    assert killed.returncode == 17, killed.stderr[-2000:]
+    kept = list((tmp_path / "out" / "retrain").glob("*/subset-*"))
+    assert len(kept) == 2 and all((folder / "retrained.json").is_file() for folder in kept)
+
+    resumed = validate(tmp_path, "cluster.num_workers=2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    first = latest_record(tmp_path)
+    assert first["counts"]["models"] == 6
+    assert (first["counts"]["models_trained"], first["counts"]["models_kept"]) == (4, 2)
+    assert "retraining: 6 models (4 trained by this run, 2 kept)" in resumed.stdout
+
+    again = validate(tmp_path, "cluster.num_workers=0")
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = latest_record(tmp_path)
+    assert second["counts"]["models_trained"] == 0
+    assert lds_by_row(second) == lds_by_row(first)
+    assert second["config"]["results"]["measurements"] == first["config"]["results"]["measurements"]
+
+    table = pq.read_table(second["outputs"]["table"]).to_pylist()
+    rows = {(row["method"], row["damping"]) for row in table}
+    assert rows == {("ekfac", "10x"), ("refined_cg", "10x"), ("identity", "-"), ("bm25", "-"), ("ekfac", "1x"),
+                    ("refined_cg@1", "10x")}
+    for row in table:
+        assert math.isfinite(row["lds"]) and row["lds_low"] <= row["lds"] <= row["lds_high"]
+        # The PBRF is solved at the headline damping: rows at another damping have no agreement.
+        assert math.isfinite(row["pbrf_spearman"]) == (row["damping"] != "1x")
+        # Damped methods are compared with the PBRF in scale too; the dot product and BM25 only in rank.
+        assert math.isfinite(row["pbrf_relative_error"]) == (row["method"] not in ("identity", "bm25") and row["damping"] != "1x")
+    refined = next(row for row in table if row["method"] == "refined_cg")
+    assert "cg: 3-3 products" in refined["detail"]
+    # Every method's pairs dataset is recorded, for a user to read every pair's score.
+    assert all(Path(path).is_dir() for path in second["config"]["results"]["pairs"].values())
+
+
+def test_bad_settings_are_one_line_and_exit_2(tmp_path):
+    for override, key in (("lds.fraction=1.5", "lds.fraction"), ("+methods.bad={kind: nope}", "methods.bad.kind"),
+                          ("refine_steps.method=identity", "refine_steps.method"), ("model.path=/nowhere", "model.path")):
+        result = validate(tmp_path, override)
+        assert result.returncode == 2, (override, result.stderr[-2000:])
+        assert key in result.stderr and "Traceback" not in result.stderr
