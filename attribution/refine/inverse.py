@@ -6,7 +6,9 @@ over *all* its tracked modules together (cross-module blocks included), precondi
 EK-FAC inverse ``M = (G_hat + c D)^{-1}`` (``c`` = ``refine.preconditioner_damping``), from x = 0
 so that the first iterate is the closed form scaled by its optimal step (see
 :mod:`attribution.refine.solvers`). A query whose solve diverges falls back to the closed form,
-and its diagnostics say so.
+and its diagnostics say so. The stochastic iteration, which has no such guarantee, is checked
+against the closed form in the A-norm on the whole sample; with an estimated step it is rerun
+with a shorter one when it ended further away, and a query that still does falls back.
 
 Multi-stage scoring chains two of these, fine-tuned stage first:
 ``P_q = (G_pt + D_pt)^{-1} (G_ft + D_ft)^{-1} grad m(q; theta_ft)``.
@@ -96,10 +98,10 @@ class StageInverse:
                 "stage": self.name,
                 "method": self.settings.method,
                 "gauss_newton_products": result.products[column],
-                "sequence_products": self.sequence_products(result.products[column]),
+                "sequence_products": result.sequence_passes[column],
                 "relative_residual": result.relative_residuals[column],
                 "status": result.status[column],
-                "fallback": "closed form (the solve diverged)" if fallback else None,
+                "fallback": "closed form (the solve diverged or ended further from the solution)" if fallback else None,
                 "seconds": seconds,
             })
         return solution, diagnostics
@@ -119,13 +121,6 @@ class StageInverse:
     def sample_sequences(self) -> int:
         return sum(len(batch.ids) for batch in self.sample or [])
 
-    def sequence_products(self, products: int) -> int:
-        """The cost of ``products`` Gauss-Newton products in sequence passes: CG multiplies by G of the
-        whole sample; the momentum iteration by one mini-batch per step, plus one whole-sample check."""
-        if self.settings.method == "cg":
-            return products * self.sample_sequences
-        return max(0, products - 1) * min(self.settings.batch_size, self.sample_sequences) + self.sample_sequences
-
     def solve(self, vectors: torch.Tensor, snapshot_steps: Sequence[int] = ()) -> SolveResult:
         """The solver's raw result on (Q, P) ``vectors`` (refined stages only)."""
         if self.sample is None:
@@ -138,23 +133,59 @@ class StageInverse:
         assert self.sample is not None
         if settings.method == "cg":
             operator = self._damped(GaussNewton(self.model, self.tracked, self.sample))
-            return preconditioned_cg(operator, vectors, self._precondition, settings.tolerance, settings.steps, snapshot_steps)
+            result = preconditioned_cg(operator, vectors, self._precondition, settings.tolerance, settings.steps, snapshot_steps)
+            result.sequence_passes = [products * self.sample_sequences for products in result.products]
+            return result
         order = np.random.default_rng(settings.seed).permutation(len(self.sample))
 
         def minibatch(step: int) -> Operator:
             batch = self.sample[order[step % len(order)]]
             return self._damped(GaussNewton(self.model, self.tracked, [batch], cache=False))
 
+        whole = self._damped(GaussNewton(self.model, self.tracked, self.sample, cache=False))
         rate = settings.learning_rate
         if rate is None:
             sharpest = largest_preconditioned_eigenvalue([minibatch(step) for step in range(POWER_ITERATIONS)],
                                                          self._precondition, vectors)
             rate = stable_momentum_rate(sharpest, settings.momentum)
-        whole = self._damped(GaussNewton(self.model, self.tracked, self.sample, cache=False))
-        return preconditioned_momentum(minibatch, vectors, self._precondition, settings.steps, rate, settings.momentum,
-                                       check=whole, snapshot_steps=snapshot_steps)
+        spent, passes = [0] * len(vectors), [0] * len(vectors)
+        batch = min(settings.batch_size, self.sample_sequences)
+        for attempt in range(RATE_RETRIES + 1):
+            result = preconditioned_momentum(minibatch, vectors, self._precondition, settings.steps, rate, settings.momentum,
+                                             check=whole, snapshot_steps=snapshot_steps)
+            worse = self._worse_than_closed_form(whole, vectors, result)
+            # Per attempt: its mini-batch steps, one whole-sample residual check and the two products
+            # of the comparison with the closed form.
+            passes = [before + (used - 1) * batch + 3 * self.sample_sequences for used, before in zip(result.products, passes)]
+            result.products = [used + 2 + before for used, before in zip(result.products, spent)]
+            result.sequence_passes = passes
+            # A step the user set is theirs; an estimated one is shortened when the iteration ran away.
+            if settings.learning_rate is not None or not any(worse) or attempt == RATE_RETRIES:
+                break
+            spent, rate = result.products, rate / RATE_BACKOFF
+        result.status = [DIVERGED if bad else status for bad, status in zip(worse, result.status)]
+        return result
+
+    def _worse_than_closed_form(self, whole: Operator, vectors: torch.Tensor, result: SolveResult) -> list[bool]:
+        """Per column, whether the iterate is further from the solution than the closed form, in the
+        norm the solve minimises: ``f(x) = x^T A x / 2 - b^T x = ||x - x*||_A^2 / 2 + const``. Two
+        whole-sample products (the iterate's and the closed form's)."""
+        closed = self.closed_form(vectors).to(torch.float64)
+        b = vectors.to(torch.float64)
+
+        def objective(x: torch.Tensor) -> torch.Tensor:
+            return 0.5 * (x * whole(x.to(vectors.dtype))).sum(1) - (b * x).sum(1)
+
+        iterate = torch.nan_to_num(result.solution.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        finite = torch.isfinite(result.solution).all(1)
+        return [(not ok) or status == DIVERGED or bool(f > g)
+                for ok, status, f, g in zip(finite.tolist(), result.status, objective(iterate), objective(closed))]
 
 
+# The stochastic iteration's estimated step: how often, and by how much, it is shortened when the
+# iterate ends further from the solution than the closed form it is meant to improve on.
+RATE_RETRIES = 2
+RATE_BACKOFF = 4.0
 POWER_ITERATIONS = 10
 
 

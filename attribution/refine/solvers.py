@@ -52,6 +52,8 @@ class SolveResult:
     history: list[list[float]] = field(default_factory=list)
     # The iterate after k steps, for each k asked for (a column that stopped earlier keeps its last).
     snapshots: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Per column, the sequences the products passed over (set by the caller, which knows the sample).
+    sequence_passes: list[int] = field(default_factory=list)
 
 
 def _norms(vectors: torch.Tensor) -> torch.Tensor:

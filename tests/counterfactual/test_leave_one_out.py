@@ -34,7 +34,8 @@ EXTREMES = 2  # top and bottom documents retrained without, per query
 def test_top_documents_agree_with_leave_one_out_retraining(tmp_path):
     result, _ = run_job("validate_counterfactual", f"output_dir={tmp_path / 'out'}", *TINY_DEMO, *CONVERGED, "lds.subsets=3",
                         "pbrf.documents=0", "damping.values=[10.0]", "damping.methods=[]", "refine_steps.values=[]",
-                        "methods={refined_cg: {kind: ekfac, refine: {method: cg, steps: 30}}}", "cluster.num_workers=0",
+                        "methods.refined_cg.refine.steps=30",
+                        *(f"~methods.{name}" for name in ("ekfac", "refined_stochastic", "kfac", "identity", "bm25")), "cluster.num_workers=0",
                         "progress=false", env={"ATTRIBUTION_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(next((tmp_path / "out" / "runs").glob("*.json")).read_text())
@@ -57,7 +58,7 @@ def test_top_documents_agree_with_leave_one_out_retraining(tmp_path):
     assert demo.keys() == full.keys()
     np.testing.assert_allclose([full[q] for q in demo], list(demo.values()), rtol=1e-4, atol=1e-4)
 
-    (path,) = record["config"]["results"]["pairs"].values()
+    path = record["config"]["results"]["pairs"]["refined_cg (10x)"]
     pairs = ds.dataset(path, format="parquet", partitioning="hive").to_table().to_pylist()
     agreements = []
     for query_id, base in full.items():

@@ -66,7 +66,10 @@ def test_stochastic_iteration_on_one_whole_batch_equals_the_dense_solve():
     inverse = StageInverse("model", model, tracked, preconditioner, EXACT["stochastic"], whole)
     refined, diagnostics = inverse(gradients, [f"q{i}" for i in range(len(PROMPTS))])
     assert relative_error(refined, dense_solution(model, tracked, whole, preconditioner, gradients)) < 1e-6
-    assert all(d["gauss_newton_products"] == 300 + 1 for d in diagnostics)  # 300 steps and the final check
+    # 300 steps, the final residual check and the two products comparing it with the closed form.
+    assert all(d["gauss_newton_products"] == 300 + 1 + 2 for d in diagnostics)
+    assert all(d["sequence_products"] == 303 * len(SEQUENCES) for d in diagnostics)
+    assert not any(d["fallback"] for d in diagnostics)
 
 
 @pytest.mark.parametrize("method", ["cg", "stochastic"])
