@@ -23,7 +23,7 @@ from attribution.models import TrackedModule
 # Beyond this fraction of the full rank an exact SVD costs little more than a randomized one.
 RANDOMIZED_SVD_MAX_FRACTION = 0.25
 RANDOMIZED_SVD_OVERSAMPLING = 10
-RANDOMIZED_SVD_ITERATIONS = 4
+RANDOMIZED_SVD_ITERATIONS = 2
 
 Precondition = Callable[[str, torch.Tensor], torch.Tensor]
 
