@@ -111,17 +111,24 @@ def test_fine_tuning_data_fits_on_completion_tokens(model_pair):
     assert manifest["num_sequences"] == 2
 
 
-def test_multi_stage_job_leaves_out_the_replaced_head(model_pair, tmp_path):
+def score_multi_stage(model_pair, output_dir, refine: RefineSettings = RefineSettings()):
+    """A full-rank multi-stage score run of the pair's queries, top 4, refined as ``refine`` says."""
     root, tracked, pt_store, ft_store = model_pair
-    summary = run_score(
+    return run_score(
         ModelSettings(path=str(root / "pt"), tracked_modules=tracked, device="cpu"),
         DataSettings(path=str(root / "corpus.parquet")),
         FactorSettings(path=str(pt_store.factors_path)),
         QuerySettings(path=str(root / "queries.jsonl")),
         ScoreSettings(rank=None, top_k=4, token_scores=False, progress=False),
-        tmp_path, {},
+        output_dir, {},
         FinetuneSettings(model_path=str(root / "ft"), factors_path=str(ft_store.factors_path)),
+        refine_settings=refine,
     )
+
+
+def test_multi_stage_job_leaves_out_the_replaced_head(model_pair, tmp_path):
+    root = model_pair[0]
+    summary = score_multi_stage(model_pair, tmp_path)
     record = json.loads(summary.run_record.read_text())
     vocab = len(AutoTokenizer.from_pretrained(root / "pt"))
     assert record["config"]["excluded_modules"] == [{"module": "lm_head", "reason": (
@@ -151,17 +158,8 @@ def test_not_a_descendant_and_half_configured(model_pair, tmp_path):
 
 def test_multi_stage_refinement_uses_each_stores_own_data(model_pair, tmp_path):
     """Each stage is refined on its own store's fit data, fine-tuned stage first, and the record says so per query."""
-    root, tracked, pt_store, ft_store = model_pair
-    summary = run_score(
-        ModelSettings(path=str(root / "pt"), tracked_modules=tracked, device="cpu"),
-        DataSettings(path=str(root / "corpus.parquet")),
-        FactorSettings(path=str(pt_store.factors_path)),
-        QuerySettings(path=str(root / "queries.jsonl")),
-        ScoreSettings(rank=None, top_k=4, token_scores=False, progress=False),
-        tmp_path, {},
-        FinetuneSettings(model_path=str(root / "ft"), factors_path=str(ft_store.factors_path)),
-        refine_settings=RefineSettings(method="cg", steps=3),
-    )
+    root = model_pair[0]
+    summary = score_multi_stage(model_pair, tmp_path, RefineSettings(method="cg", steps=3))
     config = json.loads(summary.run_record.read_text())["config"]
     assert config["refinement"]["finetuned_model"]["path"] == str(root / "finetune.jsonl")
     assert config["refinement"]["model"]["path"] == str(root / "corpus.parquet")
