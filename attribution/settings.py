@@ -16,12 +16,13 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
-
-from attribution.curvature.factors import STRATEGIES
+from attribution.curvature.strategies import STRATEGIES
 from attribution.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -39,7 +40,14 @@ def from_mapping(kind: type[T], values: Mapping[str, Any], group: str) -> T:
     return kind(**dict(values))
 
 
+# The floating-point dtypes by the names torch gives them; named here so that settings are
+# checked before torch is imported (a job's mistakes are reported in well under a second).
+FLOATING_DTYPES = ("float16", "bfloat16", "float32", "float64", "half", "float", "double")
+
+
 def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise SettingsError(f"{name!r} is not a torch floating-point dtype (float32, float64, bfloat16, ...)")
@@ -48,6 +56,8 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def resolve_device(name: str) -> torch.device:
     """``auto``: the first CUDA device if there is one, else the CPU."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -124,14 +134,15 @@ class Check:
 
     def dtype(self, key: str) -> None:
         value = getattr(self.settings, key)
-        if not isinstance(value, str) or not isinstance(getattr(torch, value, None), torch.dtype) \
-                or not getattr(torch, value).is_floating_point:
+        if value not in FLOATING_DTYPES:
             self.fail(key, "a torch floating-point dtype (float32, float64, bfloat16, float16)")
 
     def device(self, key: str) -> None:
         value = getattr(self.settings, key)
-        if value == "auto":
+        if value in ("auto", "cpu"):
             return
+        import torch
+
         try:
             torch.device(value)
         except (RuntimeError, TypeError, ValueError):

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from attribution.curvature.factors import STRATEGIES
+from attribution.curvature.strategies import STRATEGIES
 from attribution.settings import Check, RefineSettings, SettingsError, from_mapping, show
 
 # A factor strategy scored by the engine, or BM25 (retrieval scores, no model gradient).

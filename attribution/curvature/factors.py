@@ -13,12 +13,9 @@ Every strategy is stored in the same eigen-form, so one preconditioner serves al
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Literal
-
 import torch
 
-Strategy = Literal["ekfac", "kfac", "diagonal", "identity"]
-STRATEGIES: tuple[str, ...] = ("ekfac", "kfac", "diagonal", "identity")
+from attribution.curvature.strategies import STRATEGIES, Strategy
 NEEDS_COVARIANCE_PASS = {"ekfac": True, "kfac": True, "diagonal": True, "identity": False}
 NEEDS_EIGENVALUE_PASS = {"ekfac": True, "kfac": False, "diagonal": True, "identity": False}
 

@@ -197,7 +197,7 @@ def _tokenize_queries(
         elif total <= first_target:
             reason = f"no completion token to predict (completion has {len(completion)} tokens)"
         if reason is not None:
-            on_skip(Skip(query.id, "", None, reason))
+            on_skip(Skip(query.id, query.file, query.row, reason))
             continue
         yield _Sequence(query.id, "", prompt + completion, first_target)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,9 @@ class Query:
     prompt: str
     completion: str
     source_ids: tuple[str, ...] = ()
+    # Where it was read from, so a query skipped later (too long, non-finite) names its file and row.
+    file: str = field(default="", compare=False)
+    row: int | None = field(default=None, compare=False)
 
 
 def read_queries(path: str | Path, on_skip: SkipHandler, on_bad_row: str = ERROR) -> list[Query]:
@@ -80,7 +83,8 @@ def _query(row: Row, file: Path, seen: IdRegistry, bad: BadRows, on_skip: SkipHa
     if reason is not None:
         on_skip(Skip(query_id, str(file), row.index, reason))
         return None
-    return Query(query_id, record["prompt"], record["completion"], tuple(record[SOURCE_IDS_COLUMN] or ()))
+    return Query(query_id, record["prompt"], record["completion"], tuple(record[SOURCE_IDS_COLUMN] or ()),
+                 str(file), row.index)
 
 
 def _source_ids_problem(value: Any) -> str | None:

@@ -12,16 +12,25 @@ from __future__ import annotations
 import ipaddress
 import os
 import resource
+import signal
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import ray
 
 from attribution.settings import LOOPBACK, ClusterSettings, SettingsError
 
 AUTH_MODE = "RAY_AUTH_MODE"
+
+
+def default_token_path() -> Path:
+    """Where Ray reads and writes a local cluster's token by default."""
+    return Path.home() / ".ray" / "auth_token"
+
 # As long as torch's own tcp:// rendezvous waits for the other workers.
 STORE_TIMEOUT = timedelta(minutes=30)
 
@@ -51,17 +60,32 @@ def ray_session(cluster: ClusterSettings) -> Iterator[None]:
         yield
         return
     runtime_env = {"env_vars": worker_environment()}
-    if cluster.address is not None:
-        ray.init(address=cluster.address, runtime_env=runtime_env)
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env)
-    else:
-        cpus = max(os.cpu_count() or 1, int(cluster.num_workers * cluster.cpus_per_worker))
-        start_local_ray(cluster, num_cpus=cpus, runtime_env=runtime_env)
+    with _sigterm_handler_kept():
+        if cluster.address is not None:
+            ray.init(address=cluster.address, runtime_env=runtime_env)
+        elif os.environ.get("RAY_ADDRESS"):
+            ray.init(runtime_env=runtime_env)
+        else:
+            cpus = max(os.cpu_count() or 1, int(cluster.num_workers * cluster.cpus_per_worker))
+            start_local_ray(cluster, num_cpus=cpus, runtime_env=runtime_env)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+@contextmanager
+def _sigterm_handler_kept() -> Iterator[None]:
+    """Keep this process's SIGTERM handler across ``ray.init``, which replaces it with its own
+    ``sys.exit``: a job's handler stops it cleanly (:mod:`attribution.termination`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, handler)
 
 
 def start_local_ray(cluster: ClusterSettings, **init_options: object) -> None:
@@ -86,6 +110,33 @@ def use_token_authentication() -> None:
         from ray._raylet import Config
 
         Config.initialize("")
+    if os.environ[AUTH_MODE].lower() == "token":
+        private_token_file()
+
+
+def private_token_file() -> None:
+    """The token file readable by its owner only (0600), created so when it is missing.
+
+    Ray writes ``~/.ray/auth_token`` with the process's umask, usually 0644: anyone on the
+    machine could read the token and submit work. A token given by ``RAY_AUTH_TOKEN`` or
+    ``RAY_AUTH_TOKEN_PATH`` is the user's own arrangement and is left alone.
+    """
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = default_token_path()
+    if not path.exists():
+        from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:  # another job created it meanwhile
+            pass
+        else:
+            with os.fdopen(handle, "w") as file:
+                file.write(generate_new_authentication_token())
+    if path.stat().st_mode & 0o077 and path.stat().st_uid == os.getuid():
+        path.chmod(0o600)
 
 
 @contextmanager

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from attribution.curvature.factors import STRATEGIES
+from attribution.curvature.strategies import STRATEGIES
 from attribution.settings import REFINE_METHODS, SettingsError, from_mapping
 
 METHOD_KINDS = (*STRATEGIES, "lissa", "block_exact", "refined")

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from attribution.errors import UserError
+from attribution.errors import UserError, user_error_of
 from attribution.prefilter.candidates import Candidates
 from attribution.scoring.inputs import ScoreInputs, StageIdentity
 from attribution.scoring.markers import MarkerStore, WorkUnit
@@ -124,17 +124,6 @@ class LocalExecutor:
 
     def peak_memory(self) -> list[float]:
         return []
-
-
-def user_error_of(error: BaseException) -> UserError | None:
-    """The UserError a Ray error carries (raised in a task or an actor's constructor), if any."""
-    seen = 0
-    while error is not None and seen < 8:
-        if isinstance(error, UserError):
-            return error
-        error = getattr(error, "cause", None) or getattr(error, "creation_task_error", None) or error.__cause__
-        seen += 1
-    return None
 
 
 class RayExecutor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -38,3 +39,21 @@ def test_help_imports_none_of_the_heavy_libraries():
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", JOBS)
+def test_every_console_script_runs_from_any_directory(name, tmp_path):
+    """``attribution-NAME`` as installed by ``pip install -e .``, started outside the repository."""
+    script = Path(sys.executable).parent / f"attribution-{name}"
+    assert script.is_file(), f"{script} is not installed: reinstall with pip install -c constraints.txt -e ."
+    result = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith(f"{name}: "), result.stderr
+
+
+def test_a_console_script_reports_a_user_error_from_another_directory(tmp_path):
+    script = Path(sys.executable).parent / "attribution-report"
+    result = subprocess.run([str(script), f"output_dir={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"ERROR: output_dir={tmp_path}: no finished score run in {tmp_path}/runs; score one with "
+        f"`python -m jobs.score output_dir={tmp_path}`, or set output_dir (or report.run_id)"]
