@@ -13,9 +13,11 @@ Every strategy is stored in the same eigen-form, so one preconditioner serves al
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+
 import torch
 
 from attribution.curvature.strategies import STRATEGIES, Strategy
+
 NEEDS_COVARIANCE_PASS = {"ekfac": True, "kfac": True, "diagonal": True, "identity": False}
 NEEDS_EIGENVALUE_PASS = {"ekfac": True, "kfac": False, "diagonal": True, "identity": False}
 
