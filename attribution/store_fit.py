@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attribution.curvature.finite import check_parameters
 from attribution.curvature.fit import Collective, FitConfig, SingleProcess, fit_factors
 from attribution.curvature.store import FactorSet
 from attribution.data.batching import TokenBatch
@@ -47,7 +48,9 @@ def fit_store(
     device = resolve_device(model_settings.device)
     model, tokenizer = load_model(model_settings.path, model_settings.trust_remote_code, torch_dtype(model_settings.dtype), device)
     tracked = find_tracked_modules(model, model_settings.tracked_modules)
-    # The fingerprint hashes the full parameters: take it before they are sharded.
+    # Both read the full parameters, so before they are sharded; every worker loads the same
+    # weights, so a broken one stops all of them here, before any collective.
+    check_parameters(model, f"model.path={model_settings.path}")
     fingerprint = model_fingerprint(model)
     if shard_model:
         from attribution.distributed.sharding import shard_model as shard

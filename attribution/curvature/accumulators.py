@@ -15,6 +15,15 @@ import torch
 from attribution.models import TrackedModule
 
 
+def _all_finite(sums: list[torch.Tensor]) -> bool:
+    """Whether sums of squares (never below 0) are all finite, with one synchronisation.
+
+    The maximum is NaN or Inf exactly when an entry is, and is several times cheaper than
+    ``isfinite``, which writes a mask as large as its input.
+    """
+    return bool(torch.isfinite(torch.stack([total.amax() for total in sums])).all().item())
+
+
 def _masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Zero the padding positions of a (B, T, d) tensor."""
     return values * mask.unsqueeze(-1).to(values.dtype)
@@ -38,6 +47,14 @@ class CovarianceSums:
     def count(self, mask: torch.Tensor) -> None:
         self.num_tokens += mask.sum()
         self.num_sequences += mask.shape[0]
+
+    def all_finite(self) -> bool:
+        """Whether every sum is finite, read from the diagonals alone (O(d), not O(d^2)).
+
+        ``A_ii = sum_t a_{t,i}^2``: a NaN or Inf in ``a_t`` reaches the diagonal, and an
+        off-diagonal entry cannot overflow alone, since ``|A_ij| <= sqrt(A_ii A_jj)``.
+        """
+        return _all_finite([total.diagonal() for total in (*self.activation.values(), *self.gradient.values())])
 
     def tensors(self) -> list[torch.Tensor]:
         """Every running sum, in a fixed order, for an in-place all-reduce."""
@@ -78,6 +95,10 @@ class EigenvalueSums:
 
     def count(self, mask: torch.Tensor) -> None:
         self.num_sequences += mask.shape[0]
+
+    def all_finite(self) -> bool:
+        """Whether every sum is finite; squares overflow entry by entry, so every entry is read."""
+        return _all_finite(list(self.squares.values()))
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.squares.values(), self.num_sequences]

@@ -19,6 +19,7 @@ from attribution.curvature.factors import (
     eigenvectors,
     identity_factors,
 )
+from attribution.curvature.finite import check_covariance_sums, check_eigenvalue_sums, check_factors
 from attribution.curvature.objective import normalise_fisher, pseudo_loss
 from attribution.curvature.store import FactorSet, Manifest, ModuleSpec
 from attribution.data.batching import TokenBatch
@@ -90,8 +91,14 @@ def run_pass(
     config: FitConfig,
     description: str,
     collective: Collective = SingleProcess(),
-) -> None:
-    """One forward and backward pass per batch of the pseudo-loss, feeding ``a`` and ``ds`` to the accumulator."""
+) -> list[str] | None:
+    """One forward and backward pass per batch of the pseudo-loss, feeding ``a`` and ``ds`` to the accumulator.
+
+    Returns the ids of the batch that first made this worker's sums non-finite, if one did.
+    The worker then stops its share there, as the sums stay non-finite whatever follows; the
+    caller raises after the all-reduce, which every worker reaches (:mod:`attribution.curvature.finite`).
+    A lockstep worker keeps going, as the others' forward passes gather parameters from it.
+    """
     device = next(model.parameters()).device
     fisher = normalise_fisher(config.fisher)
     current_mask: list[torch.Tensor] = []
@@ -111,6 +118,9 @@ def run_pass(
             pseudo_loss(logits, batch, fisher, config.seed).backward()
             if counts:
                 accumulator.count(current_mask[0])
+            if not config.lockstep and not accumulator.all_finite():
+                return batch.ids
+    return None
 
 
 def fit_factors(
@@ -127,6 +137,8 @@ def fit_factors(
     With several workers, each feeds its own share of the sample through ``batches()``; the
     sums of each pass are all-reduced, and each worker eigendecomposes every
     ``world_size``-th module, shared with the others by a summing all-reduce.
+    A NaN or Inf in a pass or in the factors raises :class:`~attribution.curvature.finite.NonFiniteError`
+    naming the module, on every worker alike.
     """
     strategy = check_strategy(config.strategy)
     device = next(model.parameters()).device
@@ -136,8 +148,9 @@ def fit_factors(
         modules = {m.name: identity_factors(m.d_in_augmented, m.d_out, config.dtype, device) for m in tracked}
     else:
         covariances = CovarianceSums(tracked, config.dtype, device)
-        run_pass(model, tracked, batches(), covariances, config, "covariance pass", collective)
+        seen_in = run_pass(model, tracked, batches(), covariances, config, "covariance pass", collective)
         collective.all_reduce(covariances.tensors())
+        check_covariance_sums(covariances, seen_in)
         num_tokens, num_sequences = int(covariances.num_tokens.item()), int(covariances.num_sequences.item())
         activation, gradient = covariances.means()
         modules = {
@@ -152,10 +165,13 @@ def fit_factors(
                 {name: f.activation_eigenvectors for name, f in modules.items()},
                 {name: f.gradient_eigenvectors for name, f in modules.items()},
             )
-            run_pass(model, tracked, batches(), eigenvalues, config, "eigenvalue pass", collective)
+            seen_in = run_pass(model, tracked, batches(), eigenvalues, config, "eigenvalue pass", collective)
             collective.all_reduce(eigenvalues.tensors())
+            check_eigenvalue_sums(eigenvalues, seen_in)
             for name, corrected in eigenvalues.means().items():
                 modules[name].corrected_eigenvalues = corrected
+    # With finite sums, what can still overflow factors.dtype is kfac's float64 eigenvalue products.
+    check_factors(modules, "fitted factors")
     manifest = Manifest(
         strategy=strategy,
         fisher=normalise_fisher(config.fisher),

@@ -39,13 +39,19 @@ def sequence_seed(seed: int, sequence_id: str) -> int:
 def sample_targets(logits: torch.Tensor, batch: TokenBatch, seed: int) -> torch.Tensor:
     """Input ids with every target position replaced by a draw from the model.
 
-    Position ``t`` is predicted by the logits at ``t - 1``.
+    Position ``t`` is predicted by the logits at ``t - 1``. A sequence whose logits at a target
+    position are NaN or Inf has no distribution to draw from: it keeps its data tokens. Its
+    loss, and from it every module's output gradients, are then non-finite, and the fit names
+    the module after the pass (:mod:`attribution.curvature.finite`), as it does for the
+    empirical Fisher, instead of ``torch.multinomial`` failing on this worker alone.
     """
     probabilities = torch.softmax(logits[:, :-1].detach().float(), dim=-1)
+    # The maximum is NaN or Inf exactly when an entry is; cheaper than a full isfinite mask.
+    drawable = torch.isfinite(probabilities.amax(dim=-1))
     targets = batch.input_ids.clone()
     for row, sequence_id in enumerate(batch.ids):
         positions = batch.target_mask[row, 1:].nonzero().squeeze(1)
-        if positions.numel() == 0:
+        if positions.numel() == 0 or not drawable[row, positions].all():
             continue
         generator = torch.Generator(device=logits.device).manual_seed(sequence_seed(seed, sequence_id))
         drawn = torch.multinomial(probabilities[row, positions], 1, generator=generator).squeeze(1)

@@ -1,7 +1,8 @@
 """The factor store: a directory with ``manifest.json`` and one safetensors file per module.
 
 Written to a temporary sibling directory and renamed into place, so a reader never
-sees a half-written store. Loading checks the model fingerprint.
+sees a half-written store, and never written with a NaN or Inf factor, so a store from an
+earlier run stays as it was. Loading checks the model fingerprint.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from attribution import __version__
 from attribution.curvature.factors import ModuleFactors, check_strategy
+from attribution.curvature.finite import check_factors
 from attribution.errors import UserError
 from attribution.models import TrackedModule
 
@@ -75,8 +77,9 @@ def module_file(directory: Path, name: str) -> Path:
 
 
 def save_factors(factors: FactorSet, path: str | Path) -> Path:
-    """Write the store atomically: a temporary sibling directory, then a rename."""
+    """Write the store atomically: a temporary sibling directory, then a rename; every factor finite first."""
     target = Path(path)
+    check_factors(factors.modules, f"factor store {target} not written")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
