@@ -27,14 +27,14 @@ def main(cfg: DictConfig) -> None:
     prepare_process()
     model, data = model_and_data(cfg)
     report_options = report_settings(cfg)
-    fit, score, summary = run_pipeline(
+    fit_line, score, summary = run_pipeline(
         model, data, factor_settings(cfg), query_settings(cfg), score_settings(cfg), cfg.output_dir, plain(cfg),
         show_top=cfg.show_top, progress=cfg.progress, prefilter=prefilter_settings(cfg), cluster=cluster_settings(cfg),
-        refine=refine_settings(cfg),
+        refine=refine_settings(cfg), refit=cfg.refit,
     )
     say(summary)
-    if fit is not None:
-        say(fit.line())
+    if fit_line is not None:
+        say(fit_line)
     say(score.line())
     say(f"run record: {score.run_record}")
     report = render_report(score.run_record, report_options)

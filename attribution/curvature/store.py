@@ -58,6 +58,8 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     library_version: str = __version__
+    # What it was fitted from (attribution.fitting.fit_request): a store with the same request is reused.
+    request: str | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Manifest:

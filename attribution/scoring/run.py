@@ -235,6 +235,7 @@ class _Run:
             notes.append("no token scores with score.top_k=all (the pairs dataset has no token table)")
         if inputs.score.all_pairs and inputs.score.bottom_k:
             notes.append("score.bottom_k is implied by score.top_k=all (every pair is written)")
+        notes.extend(_rows_beyond_documents(inputs.score, self._documents_per_query(record.counts)))
         record.config["notes"] = notes
         if self.candidates is not None:
             record.counts.update(self.candidates.counts())
@@ -269,7 +270,14 @@ class _Run:
         if self.candidates is not None:
             candidates = f"{self.candidates.kind} top-{self.candidates.top_m} candidates"
         return ScoreSummary(record.run_id, self.method, scores_path, tokens_path, record_path, record.counts,
-                            sum(record.timings.values()), all_pairs=inputs.score.all_pairs, candidates=candidates)
+                            sum(record.timings.values()), all_pairs=inputs.score.all_pairs, candidates=candidates,
+                            notes=tuple(notes))
+
+    def _documents_per_query(self, counts: dict[str, int]) -> int:
+        """How many documents each query is ranked against: the corpus scored, or at most its candidates."""
+        if self.candidates is None:
+            return counts["documents_scored"]
+        return min(self.candidates.top_m, counts["documents_scored"])
 
     def _counts(self, schedule: Schedule, outcomes: dict[WorkUnit, UnitOutcome]) -> dict[str, int]:
         """Queries, documents (distinct), document passes (one per document and pass) and pairs scored."""
@@ -294,6 +302,18 @@ class _Run:
             "skipped": len(self.record.skips),
             "shards": len(self.shards),
         }
+
+
+def _rows_beyond_documents(score: ScoreSettings, documents: int) -> list[str]:
+    """What a user asking for more rows than there are documents should know about the table."""
+    if score.all_pairs or score.top_k + score.bottom_k <= documents:
+        return []
+    if score.top_k >= documents:
+        repeats = (f", and the {score.bottom_k} bottom rows repeat documents of the top rows" if score.bottom_k else "")
+        return [f"score.top_k={score.top_k} is more than the {documents} documents each query is ranked against: "
+                f"every document is kept{repeats}"]
+    return [f"score.top_k={score.top_k} + score.bottom_k={score.bottom_k} is more than the {documents} documents each "
+            f"query is ranked against: some documents are both top and bottom rows"]
 
 
 def _failure(task: Task, error: str) -> dict[str, Any]:

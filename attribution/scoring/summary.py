@@ -26,6 +26,8 @@ class ScoreSummary:
     all_pairs: bool = False
     # With a prefilter, what each query was scored on, e.g. "bm25 top-100 candidates".
     candidates: str | None = None
+    # What the user should know about the table (more rows asked for than documents, ...).
+    notes: tuple[str, ...] = ()
 
     @cached_property
     def top(self) -> dict[str, list[Ranked]]:
@@ -45,7 +47,12 @@ class ScoreSummary:
                       f"its {self.candidates} ({counts['documents_scored']} distinct documents of "
                       f"{counts['prefilter_searched_documents']} searched)")
         every = "; every pair, unranked, no token table" if self.all_pairs else ""
-        return f"{scored} ({self.method}{every}) in {self.seconds:.1f} s -> {self.scores_path}"
+        lines = [f"{scored} ({self.method}{every}) in {self.seconds:.1f} s -> {self.scores_path}"]
+        if counts.get("skipped"):
+            lines.append(f"skipped {counts['skipped']} queries or documents, each with its file, row and reason "
+                         f"in the run record {self.run_record}")
+        lines.extend(f"note: {note}" for note in self.notes)
+        return "\n".join(lines)
 
 
 def finished_summary(run_record: Path, method: str) -> ScoreSummary:
