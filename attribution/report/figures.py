@@ -17,31 +17,58 @@ import plotly.graph_objects as go
 DIVERGING = [[0.0, "#b2182b"], [0.5, "#f7f7f7"], [1.0, "#2166ac"]]
 POSITIVE, NEGATIVE, SHOWN = "#2166ac", "#b2182b", "#f58518"
 _BLOCK = re.compile(r"\.(\d+)\.")
+# Plotly's mode bar (its toolbar) covers the top strip of a chart on hover: titles sit below it.
+MODEBAR = 34
 
 
-def layouts(num_modules: int) -> dict[str, dict[str, Any]]:
-    """One layout per chart kind, shared by every query."""
-    base = {"margin": {"l": 60, "r": 20, "t": 40, "b": 50}, "paper_bgcolor": "white", "plot_bgcolor": "white",
+def layouts(num_modules: int, largest_position: int) -> dict[str, dict[str, Any]]:
+    """One layout per chart kind, shared by every query; ``largest_position`` is the last position
+    any query's rank chart shows."""
+    base = {"margin": {"l": 60, "r": 20, "t": MODEBAR + 36, "b": 50}, "paper_bgcolor": "white", "plot_bgcolor": "white",
             "font": {"size": 12}}
+    share = {**base, "height": MODEBAR + 280, "xaxis": _axis("layer", type="category"),
+             "yaxis": _axis("share", tickformat=".0%")}
     return {
         "layers": go.Layout(
-            **base, height=max(260, 18 * num_modules + 120), title={"text": "Score per tracked module (top documents)"},
-            xaxis={"title": {"text": "document (rank)"}, "type": "category"},
-            yaxis={"autorange": "reversed", "type": "category", "automargin": True, "dtick": 1},
+            **base, height=MODEBAR + max(260, 18 * num_modules + 120), title=_title("Score per tracked module (top documents)"),
+            xaxis=_axis("document (rank)", type="category"), yaxis=_axis(None, autorange="reversed", type="category", dtick=1),
         ).to_plotly_json(),
-        "share": go.Layout(
-            **base, height=280, title={"text": "Share of the top documents' total score, per layer"},
-            xaxis={"title": {"text": "layer"}, "type": "category"}, yaxis={"title": {"text": "share"}, "tickformat": ".0%"},
-        ).to_plotly_json(),
+        "share": go.Layout(**share, title=_title("Share of the top documents' total score, per layer")).to_plotly_json(),
+        "run_share": go.Layout(**share, title=_title("Share of the total score per layer, every query's top documents")).to_plotly_json(),
         "distribution": go.Layout(
-            **{**base, "margin": {**base["margin"], "b": 100}}, height=340, showlegend=True,
+            **{**base, "margin": {**base["margin"], "b": 100}}, height=MODEBAR + 340, showlegend=True,
             legend={"orientation": "h", "y": -0.42},
-            title={"text": "Kept scores by position among the documents scored"},
+            title=_title("Kept scores by position among the documents scored"),
             # Log positions: the top rows spread out, and bottom rows of a large corpus stay in view.
-            xaxis={"title": {"text": "position among the documents scored (1 = highest score)"}, "type": "log"},
-            yaxis={"title": {"text": "score"}, "exponentformat": "e"},
+            xaxis=_axis("position among the documents scored (1 = highest score)", type="log",
+                        tickvals=rank_ticks(largest_position)),
+            yaxis=_axis("score", exponentformat="e"),
         ).to_plotly_json(),
     }
+
+
+def _title(text: str) -> dict[str, Any]:
+    """A chart title just below the mode bar's strip."""
+    return {"text": text, "y": 1, "yref": "container", "yanchor": "top", "pad": {"t": MODEBAR}}
+
+
+def _axis(title: str | None, **settings: Any) -> dict[str, Any]:
+    """An axis whose margin grows to fit its labels: module names and document ids are long, and
+    at narrow widths the labels turn and would be cut off by fixed margins."""
+    return {**({"title": {"text": title}} if title else {}), "automargin": True, **settings}
+
+
+def rank_ticks(largest: int) -> list[int]:
+    """Round positions for the log rank axis: 1, 2, 5, 10, 20, 50, ... over up to three decades,
+    powers of ten beyond (where 1-2-5 labels would collide), up to the first one at or above
+    ``largest`` (the axis's padding may reach it). Set explicitly: plotly's own log ticks label
+    the digits between decades ("2 3 4 5 6"), which read as stray numbers."""
+    steps = (1, 2, 5) if largest <= 1000 else (1,)
+    ticks, decade = [], 1
+    while not ticks or ticks[-1] < largest:
+        ticks += [step * decade for step in steps]
+        decade *= 10
+    return ticks[:next(i for i, tick in enumerate(ticks) if tick >= largest) + 1]
 
 
 def short_module_names(modules: Sequence[str]) -> list[str]:
@@ -116,3 +143,8 @@ def distribution(positive: Sequence[float], negative: Sequence[float], shown: in
                                  name="kept bottom rows", marker={"color": NEGATIVE, "size": 6},
                                  hovertemplate="position %{x}: %{y:.4g}<extra></extra>").to_plotly_json())
     return traces
+
+
+def last_position(traces: Sequence[dict[str, Any]]) -> int:
+    """The largest position a rank chart's traces show."""
+    return max((max(trace["x"]) for trace in traces if trace["x"]), default=1)

@@ -21,7 +21,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from attribution.report import figures
 from attribution.report.run import Row, ScoreRun, load_score_run
 from attribution.report.settings import ReportSettings
-from attribution.report.tokens import TokenText, document_texts, load_tokenizer, token_texts
+from attribution.report.tokens import TokenText, document_texts, load_tokenizer, predicted_token_scores, token_texts
 from attribution.report.top_documents import recall_at, reciprocal_rank
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -75,13 +75,14 @@ def page_html(run: ScoreRun, settings: ReportSettings) -> str:
     model_settings = run.settings.get("model", {})
     tokenizer = load_tokenizer(model_settings.get("path"), bool(model_settings.get("trust_remote_code", False))) if run.tokens else None
     candidates = run.record.get("config", {}).get("prefilter_candidates") or {}
-    payloads, index = [], []
+    payloads, index, largest = [], [], 1
     for number, query in enumerate(queries):
         payload = _query_payload(run, query, shown, texts, tokenizer, _scored(run, query.id, candidates))
         payloads.append(_json(payload))
         index.append(_index_entry(number, query, payload))
+        largest = max(largest, figures.last_position(payload["distribution"]))
     metrics = _metrics(run, queries)
-    layouts = figures.layouts(len(run.modules))
+    layouts = figures.layouts(len(run.modules), largest)
     environment = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
     return environment.get_template("report.html.j2").render(
         run=run, summary=_run_summary(run, data_settings), metrics=metrics, index=index,
@@ -141,13 +142,18 @@ def _document(row: Row, texts: dict[str, str], sources: set[str], tokens: tuple[
                                 "source": row.doc_id in sources}
     if tokens is not None and laid is not None and tokens[0]:
         document["t"] = laid.display
-        document["s"] = [float(f"{value:.4g}") for value in tokens[1].tolist()]
+        document["s"] = _rounded(predicted_token_scores(tokens[1].tolist()))
         document["raw"] = laid.raw
         document["special"] = laid.special
         document["aligned"] = laid.aligned
     else:
         document["text"] = texts.get(row.doc_id)
     return document
+
+
+def _rounded(scores: list[float | None]) -> list[float | None]:
+    """Four significant digits: all that a colour or a hover shows."""
+    return [None if score is None else float(f"{score:.4g}") for score in scores]
 
 
 def _index_entry(number: int, query: Any, payload: dict[str, Any]) -> list[Any]:

@@ -83,6 +83,18 @@ def token_texts(tokenizer: Any | None, texts: Sequence[str | None], tokens: Sequ
     return result
 
 
+def predicted_token_scores(scores: Sequence[float]) -> list[float | None]:
+    """The token table's scores, each moved onto the token whose prediction it scores.
+
+    The table's score at position t is the term of the step that reads token t, and that step's
+    logits predict token t + 1 (``sequence_log_prob``): the gradient reaches it from the loss of
+    token t + 1 (and, through attention, of later tokens). So it belongs to token t + 1. Nothing
+    predicts the first token (None); the last position predicts nothing in the document, so its
+    score is zero and nothing is lost by dropping it.
+    """
+    return [None, *scores[:-1]] if scores else []
+
+
 def _aligned(text: str, tokens: Sequence[str], offsets: Iterable[tuple[int, int]]) -> TokenText:
     display, raw, special = [], {}, []
     shown_to = 0

@@ -74,3 +74,31 @@ def browser():
             yield instance
         finally:
             instance.close()
+
+
+DEMO_QUERY = "q-0002"  # 'Brethsar Drailthu works as a' -> ' geologist'
+
+
+def make_demo_run(root: Path, documents: int = 40) -> Path:
+    """The demo model's query DEMO_QUERY scored against its true sources and the first
+    ``documents`` other demo documents, as the gradient dot product: real text and a trained
+    model's token scores, with no factor store to fit. Returns the run record."""
+    from attribution.data.corpus import iter_documents, list_shards
+    from attribution.data.queries import read_queries
+    from attribution.demo.train import ensure_demo
+    from attribution.scoring.run import run_score
+    from attribution.settings import DataSettings, FactorSettings, ModelSettings, QuerySettings, ScoreSettings
+
+    demo = ensure_demo()
+    (query,) = [q for q in read_queries(demo.queries_path, on_skip=lambda skip: None) if q.id == DEMO_QUERY]
+    corpus = list(iter_documents(list_shards(demo.corpus_dir), on_skip=lambda skip: None))
+    kept = [d for d in corpus if d.id in query.source_ids] + [d for d in corpus if d.id not in query.source_ids][:documents]
+    (root / "corpus").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"id": d.id, "text": d.text} for d in kept]), root / "corpus" / "shard-0.parquet")
+    queries = root / "queries.jsonl"
+    queries.write_text(json.dumps({"id": query.id, "prompt": query.prompt, "completion": query.completion,
+                                   "source_ids": list(query.source_ids)}) + "\n")
+    summary = run_score(ModelSettings(path=str(demo.model_dir), device="cpu"), DataSettings(path=str(root / "corpus")),
+                        FactorSettings(strategy="identity"), QuerySettings(path=str(queries)),
+                        ScoreSettings(top_k=12, bottom_k=3, progress=False), root / "out", {})
+    return summary.run_record

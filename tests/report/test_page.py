@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from attribution.report import ReportError, ReportSettings, find_score_run, render_report
-from attribution.report.figures import layer_blocks
+from attribution.report.figures import layer_blocks, layouts, rank_ticks
 from tests.report.helpers import QUERIES, make_score_run
 
 PAYLOAD = re.compile(r'<script type="application/json" id="q(\d+)">(.*?)</script>', re.S)
@@ -51,11 +51,34 @@ def test_token_colours_are_the_token_table_laid_on_the_document_text(run):
         for document in payload["top"]:
             stored = tokens[(query_id, document["doc"])]
             assert document["aligned"]
-            np.testing.assert_allclose(document["s"], stored["token_scores"], rtol=1e-3)
+            # The table's score at t is the step that predicts token t + 1: it colours token t + 1.
+            # The last position predicts nothing in the document, so the shift drops only a zero.
+            assert stored["token_scores"][-1] == 0.0
+            assert document["s"][0] is None
+            np.testing.assert_allclose(document["s"][1:], stored["token_scores"][:-1], rtol=1e-3)
             # Token scores sum to the score (SPEC), so the colours show where the score comes from.
             assert sum(stored["token_scores"]) == pytest.approx(document["score"], rel=1e-3, abs=1e-6)
             words = [t for i, t in enumerate(document["t"]) if i not in document["special"]]
             assert "".join(words).strip() == texts[document["doc"]].strip()
+
+
+def test_the_demo_sources_are_coloured_most_on_the_answer_word(demo_report):
+    """On the demo's own text, the true sources of 'Brethsar Drailthu works as a' -> ' geologist'
+    owe most of their score to predicting ' geologist', not to the 'a' before it."""
+    (payload,) = payloads(demo_report.path.read_text()).values()
+    sources = [document for document in payload["top"] if document["source"]]
+    assert len(sources) == 2
+    for document in sources:
+        strongest = max((i for i, score in enumerate(document["s"]) if score is not None), key=lambda i: abs(document["s"][i]))
+        assert document["t"][strongest] == " geologist", document["doc"]
+
+
+def test_rank_axis_ticks_are_round_positions():
+    assert rank_ticks(803) == [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
+    assert rank_ticks(16) == [1, 2, 5, 10, 20]
+    assert rank_ticks(1) == [1]
+    assert rank_ticks(25_000) == [1, 10, 100, 1000, 10_000, 100_000]
+    assert layouts(4, 803)["distribution"]["xaxis"]["tickvals"] == rank_ticks(803)
 
 
 def test_layer_view_is_the_layer_scores_and_their_shares(run):

@@ -80,8 +80,7 @@ function drawRunLayers() {
   const data = document.getElementById("run-layers-data");
   if (target && data && !target.dataset.drawn) {
     target.dataset.drawn = "1";
-    const layout = Object.assign({}, LAYOUTS.share, { title: { text: "Share of the total score per layer, every query's top documents" } });
-    draw(target, [JSON.parse(data.textContent)], layout);
+    draw(target, [JSON.parse(data.textContent)], LAYOUTS.run_share);
   }
 }
 
@@ -90,6 +89,11 @@ function tokenColour(score, scale) {
   if (!scale || !score) return "transparent";
   const alpha = Math.min(1, Math.abs(score) / scale) * 0.85;
   return `rgba(var(${score > 0 ? "--pos" : "--neg"}), ${alpha.toFixed(3)})`;
+}
+
+// A token's hover text: its score, or why it has none (nothing predicts a document's first token).
+function tokenTitle(text, score) {
+  return `${JSON.stringify(text)}: ${score === null ? "first token, not predicted" : formatScore(score)}`;
 }
 
 function tokenSpans(doc) {
@@ -102,7 +106,7 @@ function tokenSpans(doc) {
     const raw = doc.raw[i];
     const span = el("span", {
       class: "tok" + (special.has(i) ? " special" : ""),
-      title: `${JSON.stringify(raw !== undefined ? raw : word)}: ${formatScore(doc.s[i])}`,
+      title: tokenTitle(raw !== undefined ? raw : word, doc.s[i]),
       "data-score": doc.s[i],
       style: "background:" + tokenColour(doc.s[i], scale),
     }, word);
@@ -126,7 +130,7 @@ function documentCard(doc, direction) {
 }
 
 function sourceLine(q) {
-  if (!q.sources.length) return null;
+  if (!q.sources.length) return el("p", { class: "sources note" }, "No known true sources for this query (it has no source_ids).");
   const found = q.first_source === null
     ? `none of them is among the ${q.kept.top} kept top rows`
     : `the first is ranked ${q.first_source}`;
@@ -167,7 +171,8 @@ function renderQuery(number) {
   }
   parts.push(el("h3", {}, `Top ${q.top.length} documents`),
     el("div", { class: "legend" }, "lowers the completion's log-probability", el("span", { class: "bar" }), "raises it",
-      el("span", {}, "· colour scaled to each document's largest |token score|; hover a token for its score")));
+      el("span", {}, "Each token is coloured by the score of its own prediction from the text before it, " +
+        "scaled to the document's largest |token score|; hover a token for its score")));
   q.top.forEach((doc) => parts.push(documentCard(doc, "top")));
   if (q.bottom.length) {
     parts.push(el("h3", {}, `Bottom ${q.bottom.length} documents (most negative scores; token scores are kept for top rows only)`));
