@@ -46,10 +46,12 @@ def test_fit_then_score_then_report_with_nothing_but_the_run_directory(tmp_path,
     report.main.__wrapped__(composed("report", f"output_dir={tmp_path / 'run'}"))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("fitted factors on 10 sequences") and "added 2 shard(s)" in lines[1]
-    assert lines[2].startswith("scored ") and lines[3].startswith("run record: ")
-    run_id = Path(lines[3].removeprefix("run record: ")).stem
+    assert lines[2].startswith("scored ") and lines[4].startswith("run record: ")
+    # 10 rows asked for, 3 candidates per query: the console says so.
+    assert lines[3] == "note: score.top_k=10 is more than the 3 documents each query is ranked against: every document is kept"
+    run_id = Path(lines[4].removeprefix("run record: ")).stem
     page = tmp_path / "run" / "reports" / f"{run_id}.html"
-    assert lines[4].endswith(str(page))
+    assert lines[5].endswith(str(page))
     # Each query was ranked among its 3 prefilter candidates, and the report says so.
     payloads = [json.loads(block) for block in re.findall(r'<script type="application/json" id="q\d+">(.*?)</script>',
                                                             page.read_text(), re.S)]
