@@ -100,7 +100,7 @@ def preflight_problem(config_name: str, overrides: list[str]) -> str | None:
     try:
         cfg = composed(config_name, overrides)
     except HydraException as error:
-        return _one_line(config_name, overrides, error)
+        return _one_line(config_name, error)
     try:
         check_settings(cfg)
     except SettingsError as error:
@@ -186,7 +186,7 @@ def _write_refused(folder: Path) -> str | None:
     return None
 
 
-def _one_line(config_name: str, overrides: list[str], error: Exception) -> str:
+def _one_line(config_name: str, error: Exception) -> str:
     message = str(error)
     unknown = re.match(r"Could not override '([^']+)'", message)
     if unknown:

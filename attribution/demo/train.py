@@ -166,8 +166,22 @@ def default_cache_root() -> Path:
 
 
 def build_demo(directory: Path, config: DemoConfig) -> DemoPaths:
-    """Generate the data, train the model and write everything under `directory`."""
-    paths = DemoPaths.under(Path(directory))
+    """Generate the data, train the model and write everything under `directory`.
+
+    Trained on one torch thread whatever the calling process uses: the order of float sums
+    differs with the thread count, and the cached demo (hence every figure and the README's
+    example output) must not depend on which process happened to build it first.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _build_demo(Path(directory), config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_demo(directory: Path, config: DemoConfig) -> DemoPaths:
+    paths = DemoPaths.under(directory)
     data = generate_demo(config.corpus)
     write_demo(data, paths.root, config.corpus.num_shards)
     tokenizer = build_tokenizer(_all_texts(data))
