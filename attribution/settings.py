@@ -374,7 +374,7 @@ class RefineSettings:
         return self.method != "none"
 
 
-PREFILTER_KINDS = ("none", "tfidf", "bm25", "dense")
+PREFILTER_KINDS = ("none", "tfidf", "bm25", "dense", "gradient")
 DENSE_INDEX_TYPES = ("flat", "ivf", "hnsw")
 
 
@@ -398,6 +398,9 @@ class PrefilterSettings:
     ef_construction: int = 200
     ef_search: int = 128
     batch_size: int = 256
+    # gradient: each module's sketch is sketch_dim x sketch_dim, its projections drawn from sketch_seed.
+    sketch_dim: int = 16
+    sketch_seed: int = 0
 
     def __post_init__(self) -> None:
         check = Check("prefilter", self)
@@ -417,6 +420,8 @@ class PrefilterSettings:
         check.integer("ef_construction", 1)
         check.integer("ef_search", 1)
         check.integer("batch_size", 1)
+        check.integer("sketch_dim", 1)
+        check.integer("sketch_seed", 0)
         check.done()
 
     def index_path(self, output_dir: str | Path) -> Path:

@@ -13,8 +13,8 @@ def main(cfg: DictConfig) -> None:
     from jobs.wiring import model_and_data, plain, prefilter_settings, prepare_process
 
     prepare_process()
-    _, data = model_and_data(cfg)
-    say(run_build_index(prefilter_settings(cfg), data, cfg.output_dir, plain(cfg)).line())
+    model, data = model_and_data(cfg)
+    say(run_build_index(prefilter_settings(cfg), data, cfg.output_dir, plain(cfg), model).line())
 
 
 if __name__ == "__main__":

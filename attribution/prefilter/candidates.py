@@ -7,7 +7,7 @@ to its own candidates.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,9 +15,11 @@ from typing import Any
 import numpy as np
 
 from attribution.data.queries import Query
-from attribution.prefilter.index import open_index
+from attribution.prefilter.index import Retriever, open_index
+from attribution.prefilter.manifest import IndexManifest, PrefilterError
 from attribution.prefilter.ranking import Hit
 from attribution.settings import PrefilterSettings
+from attribution.sketch.index import QuerySketches, SketchIndex
 
 
 def query_text(query: Query) -> str:
@@ -63,14 +65,27 @@ class Candidates:
         }
 
 
+def search(index: Retriever, queries: Sequence[Query], m: int, query_sketches: QuerySketches | None = None) -> list[list[Hit]]:
+    """Each query's top ``m`` documents: by its text, or for a gradient index by its gradient's sketch."""
+    if isinstance(index, SketchIndex):
+        if query_sketches is None:
+            raise PrefilterError("prefilter.kind=gradient searches with the queries' gradients: it needs the score run's model and factors")
+        return index.search(query_sketches(queries), [query.id for query in queries], m)
+    return index.top_m([query_text(query) for query in queries], m)
+
+
 def retrieve_candidates(
-    settings: PrefilterSettings, queries: Sequence[Query], corpus: Sequence[Path], output_dir: str | Path
+    settings: PrefilterSettings, queries: Sequence[Query], corpus: Sequence[Path], output_dir: str | Path,
+    query_sketches: Callable[[IndexManifest, Path], QuerySketches] | None = None,
 ) -> Candidates | None:
-    """The top ``prefilter.top_m`` documents of ``corpus`` per query; None when ``prefilter.kind=none``."""
+    """The top ``prefilter.top_m`` documents of ``corpus`` per query; None when ``prefilter.kind=none``.
+
+    ``query_sketches(manifest, directory)`` loads what sketches queries for a gradient index."""
     if settings.kind == "none":
         return None
     directory = settings.index_path(output_dir)
     index = open_index(directory, settings, corpus)
-    hits = index.top_m([query_text(query) for query in queries], settings.top_m)
+    sketches = query_sketches(index.manifest, directory) if query_sketches is not None and settings.kind == "gradient" else None
+    hits = search(index, queries, settings.top_m, sketches)
     searched = sum(index.manifest.shards[position].documents for position in index.selection)
     return Candidates(str(directory), settings.kind, settings.top_m, searched, {q.id: h for q, h in zip(queries, hits)})

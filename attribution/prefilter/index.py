@@ -2,7 +2,9 @@
 
 ``update_index`` creates the index at a directory or adds the corpus shards it lacks (the
 nightly sweep); ``open_index`` checks it against the settings and the corpus to be searched
-and returns a retriever with ``top_m(texts, m) -> [[Hit(doc_id, score, shard), ...] per text]``.
+and returns a retriever: for the text kinds one with ``top_m(texts, m) -> [[Hit(doc_id, score,
+shard), ...] per text]``; for ``gradient`` a :class:`~attribution.sketch.index.SketchIndex`,
+searched with the queries' gradient sketches.
 """
 
 from __future__ import annotations
@@ -13,7 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from attribution.data.corpus import Document, IdRegistry, SkipHandler, iter_documents, list_shards
+from attribution.data.corpus import (
+    Document,
+    IdRegistry,
+    SkipHandler,
+    iter_documents,
+    list_shards,
+)
 from attribution.prefilter import dense, sparse
 from attribution.prefilter.manifest import (
     MANIFEST_NAME,
@@ -27,7 +35,18 @@ from attribution.prefilter.manifest import (
 )
 from attribution.prefilter.ranking import Hit
 from attribution.runs import RunRecord
-from attribution.settings import DataSettings, PrefilterSettings, SettingsError
+from attribution.settings import (
+    DataSettings,
+    ModelSettings,
+    PrefilterSettings,
+    SettingsError,
+)
+from attribution.sketch.index import (
+    DocumentSketcher,
+    SketchBuilder,
+    SketchIndex,
+    sketch_structure,
+)
 
 
 class Retriever(Protocol):
@@ -59,12 +78,15 @@ class UpdateSummary:
 
 def _require_kind(settings: PrefilterSettings) -> str:
     if settings.kind == "none":
-        raise SettingsError("prefilter.kind=none has no index: choose tfidf, bm25 or dense")
+        raise SettingsError("prefilter.kind=none has no index: choose tfidf, bm25, dense or gradient")
     return settings.kind
 
 
-def encoder_identity(settings: PrefilterSettings) -> tuple[dict[str, Any], str]:
-    """How text becomes index entries, and its fingerprint (for dense: a hash of the model's files)."""
+def encoder_identity(settings: PrefilterSettings, sketcher: DocumentSketcher | None = None) -> tuple[dict[str, Any], str]:
+    """How a document becomes index entries, and its fingerprint (dense: a hash of the model's files;
+    gradient: of the scored model's weights and the projections)."""
+    if sketcher is not None:
+        return sketcher.description, sketcher.fingerprint
     if _require_kind(settings) == "dense":
         return dense.encoder_description(settings), dense.model_fingerprint(dense.model_directory(settings.model))
     description = sparse.encoder_description(settings)
@@ -72,13 +94,16 @@ def encoder_identity(settings: PrefilterSettings) -> tuple[dict[str, Any], str]:
 
 
 def _structure(settings: PrefilterSettings) -> dict[str, Any]:
+    if settings.kind == "gradient":
+        return sketch_structure(settings)
     return dense.structure_description(settings) if settings.kind == "dense" else {}
 
 
-def _check_encoder(directory: Path, manifest: IndexManifest, settings: PrefilterSettings) -> None:
+def _check_encoder(directory: Path, manifest: IndexManifest, settings: PrefilterSettings,
+                   sketcher: DocumentSketcher | None) -> None:
     if manifest.kind != settings.kind:
         raise PrefilterError(f"prefilter index {directory} is a {manifest.kind} index, but prefilter.kind={settings.kind}")
-    description, fingerprint = encoder_identity(settings)
+    description, fingerprint = encoder_identity(settings, sketcher)
     if fingerprint != manifest.encoder_fingerprint:
         raise PrefilterError(
             f"prefilter index {directory} was built with another encoder: {manifest.encoder} "
@@ -92,18 +117,21 @@ def update_index(
     data: DataSettings,
     shards: Sequence[Path],
     on_skip: SkipHandler,
+    model: ModelSettings | None = None,
 ) -> UpdateSummary:
     """Create the index at ``directory`` over ``shards``, or add those it does not hold yet.
 
     Shards are identified by content (sha256), so one already indexed is never read again;
     the index must have been built with the same kind, encoder, FAISS structure and fields.
+    ``model`` is the scored model, which the ``gradient`` kind sketches documents with.
     """
     _require_kind(settings)
     started = time.perf_counter()
     directory = Path(directory)
+    sketcher = DocumentSketcher(model or ModelSettings(), data, settings) if settings.kind == "gradient" else None
     if (directory / MANIFEST_NAME).exists():
         manifest = read_manifest(directory)
-        _check_encoder(directory, manifest, settings)
+        _check_encoder(directory, manifest, settings, sketcher)
         wanted = (_structure(settings), data.id_field, data.text_field)
         if wanted != (manifest.structure, manifest.id_field, manifest.text_field):
             raise PrefilterError(
@@ -112,7 +140,7 @@ def update_index(
                 f"{data.id_field!r}/{data.text_field!r}: use the same, or another prefilter.path"
             )
     else:
-        description, fingerprint = encoder_identity(settings)
+        description, fingerprint = encoder_identity(settings, sketcher)
         manifest = IndexManifest(settings.kind, data.id_field, data.text_field, description, fingerprint, _structure(settings))
     indexed = {shard.fingerprint for shard in manifest.shards}
     new = [(path, fingerprint) for path in shards if (fingerprint := shard_fingerprint(path)) not in indexed]
@@ -120,7 +148,7 @@ def update_index(
     documents_before = manifest.documents
     if new:
         (directory / "shards").mkdir(parents=True, exist_ok=True)
-        builder = _builder(directory, manifest, settings)
+        builder = _builder(directory, manifest, settings, sketcher, on_skip)
         registry = IdRegistry()
         for path, fingerprint in new:
             stem = f"shards/{len(manifest.shards):06d}"
@@ -146,9 +174,12 @@ def _unique(documents: Iterable[Document], registry: IdRegistry) -> Iterator[Doc
         yield doc
 
 
-def _builder(directory: Path, manifest: IndexManifest, settings: PrefilterSettings) -> sparse.SparseBuilder | dense.DenseBuilder:
+def _builder(directory: Path, manifest: IndexManifest, settings: PrefilterSettings, sketcher: DocumentSketcher | None,
+             on_skip: SkipHandler) -> sparse.SparseBuilder | dense.DenseBuilder | SketchBuilder:
     if manifest.kind == "dense":
         return dense.DenseBuilder(directory, manifest, settings)
+    if sketcher is not None:
+        return SketchBuilder(directory, manifest, sketcher, on_skip)
     return sparse.SparseBuilder(directory, manifest)
 
 
@@ -161,24 +192,28 @@ def open_index(directory: str | Path, settings: PrefilterSettings, corpus: Seque
     _require_kind(settings)
     directory = Path(directory)
     manifest = read_manifest(directory)
-    _check_encoder(directory, manifest, settings)
+    # A gradient index's encoder is the scored model: the query side checks it when it loads that model.
+    if settings.kind != "gradient":
+        _check_encoder(directory, manifest, settings, None)
     if corpus is None:
         selection = {position: shard.path for position, shard in enumerate(manifest.shards)}
     else:
         selection = select_shards(directory, manifest, corpus)
-    opener: Callable[..., Retriever] = dense.DenseIndex if manifest.kind == "dense" else sparse.SparseIndex
-    return opener(directory, manifest, settings, selection)
+    openers: dict[str, Callable[..., Retriever]] = {"dense": dense.DenseIndex, "gradient": SketchIndex}
+    return openers.get(manifest.kind, sparse.SparseIndex)(directory, manifest, settings, selection)
 
 
 def run_build_index(
-    settings: PrefilterSettings, data: DataSettings, output_dir: str | Path, config: dict[str, Any]
+    settings: PrefilterSettings, data: DataSettings, output_dir: str | Path, config: dict[str, Any],
+    model: ModelSettings | None = None,
 ) -> UpdateSummary:
-    """The build_index job: create or extend the index, and write ``runs/<run_id>.json`` with every skip."""
+    """The build_index job: create or extend the index, and write ``runs/<run_id>.json`` with every skip.
+    ``model``: the scored model, which the ``gradient`` kind sketches with."""
     if data.path is None:
         raise SettingsError("data.path must be set (the jobs fill it in with the demo corpus)")
     record = RunRecord(job="build_index", config=config)
     directory = settings.index_path(output_dir)
-    summary = update_index(directory, settings, data, list_shards(data.path), record.skip)
+    summary = update_index(directory, settings, data, list_shards(data.path), record.skip, model)
     record.lap("build")
     record.counts = {
         "shards_added": summary.shards_added,

@@ -7,6 +7,7 @@ empty (retrieval has no per-module split). No model is loaded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,21 @@ import numpy as np
 
 from attribution.data.corpus import list_shards
 from attribution.data.queries import read_queries
-from attribution.prefilter.candidates import query_text
+from attribution.prefilter.candidates import search
 from attribution.prefilter.index import open_index
+from attribution.prefilter.manifest import IndexManifest
 from attribution.runs import RunRecord
 from attribution.scoring.summary import ScoreSummary
 from attribution.scoring.tables import score_table, write_part
 from attribution.scoring.topk import Ranked
-from attribution.settings import DataSettings, PrefilterSettings, QuerySettings, ScoreSettings, SettingsError
+from attribution.settings import (
+    DataSettings,
+    PrefilterSettings,
+    QuerySettings,
+    ScoreSettings,
+    SettingsError,
+)
+from attribution.sketch.index import QuerySketches
 
 
 def run_prefilter_scores(
@@ -31,9 +40,11 @@ def run_prefilter_scores(
     prefilter: PrefilterSettings,
     output_dir: str | Path,
     config: dict[str, Any],
+    query_sketches: Callable[[IndexManifest, Path], QuerySketches] | None = None,
 ) -> ScoreSummary:
+    """``query_sketches(manifest, directory)`` loads what sketches queries for a gradient index."""
     if prefilter.kind == "none":
-        raise SettingsError("score.method=prefilter needs prefilter.kind=tfidf, bm25 or dense (and its index)")
+        raise SettingsError("score.method=prefilter needs prefilter.kind=tfidf, bm25, dense or gradient (and its index)")
     if data.path is None or queries.path is None:
         raise SettingsError("data.path and queries.path must be set (the jobs fill them in with the demo)")
     output_dir = Path(output_dir)
@@ -41,8 +52,9 @@ def run_prefilter_scores(
     query_list = read_queries(queries.path, on_skip=record.skip)
     directory = prefilter.index_path(output_dir)
     index = open_index(directory, prefilter, list_shards(data.path))
+    sketches = query_sketches(index.manifest, directory) if query_sketches is not None and prefilter.kind == "gradient" else None
     record.lap("setup")
-    hits = index.top_m([query_text(query) for query in query_list], score.top_k)
+    hits = search(index, query_list, score.top_k, sketches)
     record.lap("score")
     no_layers = np.empty(0, dtype=np.float32)
     rows = [Ranked(query.id, rank, hit.doc_id, hit.shard, hit.score, no_layers)

@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,12 +26,24 @@ from attribution.data.queries import read_queries
 from attribution.distributed.cluster import peak_memory_mib
 from attribution.lock import OutputLock, OutputLocked
 from attribution.prefilter.candidates import Candidates, retrieve_candidates
+from attribution.prefilter.manifest import IndexManifest
 from attribution.prefilter.scores import run_prefilter_scores
 from attribution.runs import RunRecord
 from attribution.scoring.execution import Failures, QueryTask, Schedule, Task, executor
 from attribution.scoring.inputs import ScoreInputs, StageIdentity
-from attribution.scoring.markers import MarkerStore, UnitOutcome, WorkUnit, file_fingerprint, run_key
-from attribution.scoring.merge import PassUnits, merge_top_tables, publish_pairs, remove_work
+from attribution.scoring.markers import (
+    MarkerStore,
+    UnitOutcome,
+    WorkUnit,
+    file_fingerprint,
+    run_key,
+)
+from attribution.scoring.merge import (
+    PassUnits,
+    merge_top_tables,
+    publish_pairs,
+    remove_work,
+)
 from attribution.scoring.query_files import read_query_header
 from attribution.scoring.summary import ScoreSummary, finished_summary
 from attribution.scoring.tasks import QueryPlan, pass_batches
@@ -47,6 +59,8 @@ from attribution.settings import (
     ScoreSettings,
     SettingsError,
 )
+from attribution.sketch.index import QuerySketches
+from attribution.sketch.queries import query_sketcher
 
 NON_FINITE_QUERY = "non-finite query gradient (NaN or Inf)"
 
@@ -90,7 +104,8 @@ def run_score(
     inputs = ScoreInputs(model_settings, data_settings, factor_settings, query_settings, score_settings,
                          finetune_settings, prefilter_settings, cluster, refine_settings)
     if score_settings.method == "prefilter":
-        return run_prefilter_scores(data_settings, query_settings, score_settings, prefilter_settings, output_dir, config)
+        return run_prefilter_scores(data_settings, query_settings, score_settings, prefilter_settings, output_dir, config,
+                                    gradient_queries(inputs, Path(output_dir)))
     return score(inputs, Path(output_dir), config, shards)
 
 
@@ -125,7 +140,12 @@ def prefilter_candidates(inputs: ScoreInputs, shards: Sequence[Path], output_dir
     if inputs.prefilter.kind == "none":
         return None
     queries = read_queries(inputs.queries.path, on_skip=lambda skip: None)  # the query plan records the skips
-    return retrieve_candidates(inputs.prefilter, queries, shards, output_dir)
+    return retrieve_candidates(inputs.prefilter, queries, shards, output_dir, gradient_queries(inputs, output_dir))
+
+
+def gradient_queries(inputs: ScoreInputs, output_dir: Path) -> Callable[[IndexManifest, Path], QuerySketches]:
+    """How a gradient index's queries are sketched: with this run's model, store and preconditioning."""
+    return lambda manifest, directory: query_sketcher(inputs, directory, manifest, output_dir)
 
 
 def key_inputs(inputs: ScoreInputs, identity: StageIdentity, shards: Sequence[Path]) -> dict[str, Any]:

@@ -211,7 +211,7 @@ class _Night:
         record.fingerprints = {key: value for key, value in identity.items() if isinstance(value, str)}
         if self.prefilter.kind != "none":
             index = update_index(Path(str(self.prefilter.path)), self.prefilter, self.data,
-                                 [Path(path) for path in sorted(shards)], record.skip)
+                                 [Path(path) for path in sorted(shards)], record.skip, self.model)
             self.messages.append(index.line())
         record.lap("prefilter")
 

@@ -1,0 +1,1 @@
+"""Gradient sketches: every document's gradient, compressed once, searched for any later query."""

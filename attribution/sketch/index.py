@@ -1,0 +1,194 @@
+"""The gradient prefilter: every document's gradient sketch in FAISS, one file per corpus shard.
+
+Layout, beside the other prefilter kinds' (:mod:`attribution.prefilter.manifest`)::
+
+    manifest.json          kind ``gradient``; the encoder: model fingerprint, tracked modules,
+                           sketch_dim, sketch_seed, max_length; its fingerprint; every shard
+    shards/<n>.ids.npy     document ids of shard n, in vector order
+    shards/<n>.faiss       shard n's sketches: float16 vectors (a scalar-quantised flat index,
+                           exact inner product) or an HNSW graph over them
+
+Adding shards writes only the new shards' files, so the nightly sweep extends the index
+without touching what is there, and a search reads each shard's file memory-mapped and merges
+the shards' top-M by score (ties by id, :class:`~attribution.prefilter.ranking.TopM`).
+
+A document's sketch is of its gradient of ``log p(z)`` under the scored model
+(:class:`~attribution.sketch.sketcher.Sketcher`); it does not depend on the factor store, which
+only the query side uses (its preconditioned gradient is what is sketched), so one index serves
+every store fitted for the model. An index of another model, seed or size is refused, naming
+both encoder fingerprints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from attribution.data.batching import batch_documents
+from attribution.data.corpus import Document, SkipHandler
+from attribution.models import find_tracked_modules, load_model, model_fingerprint
+from attribution.prefilter.manifest import (
+    IndexedShard,
+    IndexManifest,
+    PrefilterError,
+    expect_length,
+    json_fingerprint,
+    load_array,
+    save_ids,
+)
+from attribution.prefilter.ranking import Hit, TopM
+from attribution.settings import (
+    DataSettings,
+    ModelSettings,
+    PrefilterSettings,
+    resolve_device,
+    torch_dtype,
+)
+from attribution.sketch.sketcher import Sketcher
+
+# Query id -> its sketch; queries that could not be sketched (skipped) are absent.
+QuerySketches = Callable[[Sequence[Any]], dict[str, np.ndarray]]
+
+
+def sketch_structure(settings: PrefilterSettings) -> dict[str, Any]:
+    """The per-shard FAISS index: flat (exact, float16) or hnsw; ivf has no meaning per shard."""
+    if settings.index_type == "ivf":
+        raise PrefilterError("prefilter.index_type=ivf is not available for prefilter.kind=gradient, whose index is "
+                             "one file per shard: use flat (exact) or hnsw")
+    if settings.index_type == "hnsw":
+        return {"index_type": "hnsw", "hnsw_m": settings.hnsw_m, "ef_construction": settings.ef_construction}
+    return {"index_type": "flat"}
+
+
+class DocumentSketcher:
+    """The scored model, loaded once, sketching documents of a corpus."""
+
+    def __init__(self, model: ModelSettings, data: DataSettings, settings: PrefilterSettings) -> None:
+        if model.path is None:
+            raise PrefilterError("prefilter.kind=gradient sketches with the scored model: set model.path")
+        self.data = data
+        loaded, self.tokenizer = load_model(model.path, model.trust_remote_code, torch_dtype(model.dtype),
+                                            resolve_device(model.device))
+        tracked = find_tracked_modules(loaded, model.tracked_modules)
+        self.sketcher = Sketcher(loaded, tracked, settings.sketch_seed, settings.sketch_dim)
+        self.description = {
+            "model_fingerprint": model_fingerprint(loaded),
+            "modules": [module.name for module in tracked],
+            "sketch_dim": settings.sketch_dim,
+            "sketch_seed": settings.sketch_seed,
+            "max_length": data.max_length,
+            "objective": "log p(z)",
+            "stored": "float16",
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        return json_fingerprint(self.description)
+
+    def sketch(self, documents: Iterable[Document], on_skip: SkipHandler) -> tuple[list[str], np.ndarray]:
+        """Ids and float32 sketches (N, dim) of the documents that have a prediction target."""
+        ids: list[str] = []
+        parts = [np.empty((0, self.sketcher.dim), dtype=np.float32)]
+        device = next(self.sketcher.model.parameters()).device
+        for batch in batch_documents(self.tokenizer, documents, self.data.batch_size, self.data.max_length, on_skip):
+            ids += batch.ids
+            parts.append(self.sketcher.documents(batch.to(device)).float().cpu().numpy())
+        return ids, np.concatenate(parts)
+
+
+def new_shard_index(structure: Mapping[str, Any], dim: int) -> faiss.Index:
+    """Inner product over float16 codes: half the bytes of float32 and, for sketches, the same ranking."""
+    if structure["index_type"] == "hnsw":
+        index = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, structure["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = structure["ef_construction"]
+        return index
+    return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+
+
+class SketchBuilder:
+    """Sketches each new shard and writes its own FAISS file; there is nothing global to rewrite."""
+
+    def __init__(self, directory: Path, manifest: IndexManifest, sketcher: DocumentSketcher, on_skip: SkipHandler) -> None:
+        self.directory = directory
+        self.structure = manifest.structure
+        self.sketcher = sketcher
+        self.on_skip = on_skip
+
+    def add_shard(self, shard: Path, fingerprint: str, stem: str, documents: Iterable[Document]) -> IndexedShard:
+        ids, vectors = self.sketcher.sketch(documents, self.on_skip)
+        index = new_shard_index(self.structure, vectors.shape[1])
+        index.add(vectors)
+        faiss.write_index(index, str(self.directory / f"{stem}.faiss"))
+        save_ids(self.directory / f"{stem}.ids.npy", ids)
+        return IndexedShard(str(shard), fingerprint, len(ids), 0, stem)
+
+    def finish(self, generation: int) -> dict[str, str]:
+        return {}
+
+
+def _read_mapped(path: Path) -> faiss.Index:
+    if not path.is_file():
+        raise PrefilterError(f"prefilter index file {path} is missing")
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError as error:
+        raise PrefilterError(f"corrupt prefilter index file {path}: {error}") from error
+
+
+class SketchIndex:
+    """Each query's nearest documents by sketched influence, over the selected shards."""
+
+    def __init__(self, directory: Path, manifest: IndexManifest, settings: PrefilterSettings,
+                 selection: Mapping[int, str]) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.settings = settings
+        self.selection = selection
+
+    def search(self, sketches: dict[str, np.ndarray], query_ids: Sequence[str], m: int) -> list[list[Hit]]:
+        """Per query id, its ``m`` highest sketched scores, best first ([] for a query with no sketch)."""
+        present = [query_id for query_id in query_ids if query_id in sketches]
+        top = TopM(len(present), m)
+        if present:
+            vectors = np.ascontiguousarray(np.stack([sketches[query_id] for query_id in present]), dtype=np.float32)
+            for position, path in self.selection.items():
+                shard = self.manifest.shards[position]
+                ids = load_array(self.directory / f"{shard.stem}.ids.npy")
+                expect_length(self.directory / f"{shard.stem}.ids.npy", len(ids), shard.documents, "ids")
+                if not len(ids):
+                    continue
+                index = _read_mapped(self.directory / f"{shard.stem}.faiss")
+                expect_length(self.directory / f"{shard.stem}.faiss", index.ntotal, shard.documents, "vectors")
+                k = min(m, len(ids))
+                scores, rows = index.search(vectors, k, params=self._parameters(index, k))
+                for query in range(len(present)):
+                    found = rows[query] >= 0
+                    top.update(query, ids[rows[query][found]], scores[query][found], path)
+        found = dict(zip(present, top.hits()))
+        return [found.get(query_id, []) for query_id in query_ids]
+
+    def _parameters(self, index: faiss.Index, k: int) -> faiss.SearchParameters | None:
+        if isinstance(index, faiss.IndexHNSW):
+            return faiss.SearchParametersHNSW(efSearch=max(self.settings.ef_search, k))
+        return None
+
+
+def check_encoder(directory: Path, manifest: IndexManifest, expected: dict[str, Any]) -> None:
+    """The index must hold sketches of the scored model, with the projections the settings ask for."""
+    fingerprint = json_fingerprint(expected)
+    if fingerprint != manifest.encoder_fingerprint:
+        differ = [key for key in expected if manifest.encoder.get(key) != expected[key]]
+        raise PrefilterError(
+            f"prefilter index {directory} holds other gradient sketches (encoder fingerprint {manifest.encoder_fingerprint}) "
+            f"than this run needs (fingerprint {fingerprint}): they differ in {', '.join(differ) or 'their description'}; "
+            "build one with jobs.build_index prefilter.kind=gradient and this run's model and prefilter.sketch_* settings")
+
+
+def to_numpy(sketches: torch.Tensor) -> np.ndarray:
+    """float32, C-ordered: what FAISS searches with."""
+    return np.ascontiguousarray(sketches.detach().float().cpu().numpy())

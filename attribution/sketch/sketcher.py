@@ -1,0 +1,64 @@
+"""Sketch documents' and queries' gradients with one module's projections each, concatenated.
+
+A sketch vector is the row-major flattening of every tracked module's ``k x k`` sketch, in
+the order of the tracked modules, so that
+
+    <sketch(q), sketch(z)> = sum_m <S_m(X_q), S_m(dW_m(z))>  ~  sum_m <X_q, dW_m(z)> = I(q, z)
+
+for a query's preconditioned gradient ``X_q`` (its rank-r factors, as scoring uses them) and a
+document's gradient of ``log p(z)``: the candidate pass's own score, estimated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from attribution.curvature.capture import GradientCapture
+from attribution.data.batching import TokenBatch, sequence_log_prob
+from attribution.models import TrackedModule
+from attribution.scoring.query_factors import QueryFactors
+from attribution.sketch.projection import ModuleProjection, projections
+
+
+class Sketcher:
+    """The projections of every tracked module, and the passes that use them."""
+
+    def __init__(self, model: PreTrainedModel, tracked: Sequence[TrackedModule], seed: int, k: int,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.model = model
+        self.tracked = list(tracked)
+        self.dtype = dtype
+        self.k = k
+        device = next(model.parameters()).device
+        self.projections: dict[str, ModuleProjection] = projections(seed, self.tracked, k, device, dtype)
+
+    @property
+    def dim(self) -> int:
+        return len(self.tracked) * self.k * self.k
+
+    def documents(self, batch: TokenBatch) -> torch.Tensor:
+        """(B, dim): each document's sketched gradient of ``log p(z)``, from one forward and backward pass."""
+        device = batch.input_ids.device
+        sketches = torch.zeros(len(batch.ids), len(self.tracked), self.k, self.k, dtype=self.dtype, device=device)
+        position = {module.name: index for index, module in enumerate(self.tracked)}
+
+        def sketch(module: TrackedModule, activations: torch.Tensor, output_gradients: torch.Tensor) -> None:
+            masked = activations * batch.attention_mask.unsqueeze(-1).to(self.dtype)
+            sketches[:, position[module.name]] = self.projections[module.name].tokens(output_gradients, masked)
+
+        with GradientCapture(self.model, self.tracked, sketch, dtype=self.dtype):
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            sequence_log_prob(logits, batch).sum().backward()
+        return sketches.flatten(1)
+
+    def queries(self, factors: QueryFactors) -> torch.Tensor:
+        """(Q, dim): each query's sketched preconditioned gradient, from its low-rank factors."""
+        device = next(self.model.parameters()).device
+        parts = []
+        for module in self.tracked:
+            stacked = factors.modules[module.name].to(device, self.dtype)
+            parts.append(self.projections[module.name].factors(stacked.left, stacked.right).flatten(1))
+        return torch.cat(parts, dim=1)

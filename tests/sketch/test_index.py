@@ -1,0 +1,155 @@
+"""The gradient prefilter end to end on a tiny model: what it stores is the sketches, what it returns
+is ranked by their inner product with the query's, scoring its top M = all equals the full run, it
+grows shard by shard, and it refuses sketches of another model or projection."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from attribution.data.batching import batch_documents
+from attribution.data.corpus import iter_documents
+from attribution.data.queries import read_queries
+from attribution.fitting import run_fit
+from attribution.prefilter.index import open_index, update_index
+from attribution.prefilter.manifest import PrefilterError
+from attribution.scoring.inputs import ScoreInputs
+from attribution.scoring.run import run_score
+from attribution.settings import DataSettings, FactorSettings, ModelSettings, PrefilterSettings, QuerySettings, ScoreSettings
+from attribution.sketch.index import DocumentSketcher
+from attribution.sketch.queries import query_sketcher
+from tests.prefilter.helpers import TEXTS, write_corpus
+from tests.tiny import save_tiny_lm
+
+QUERIES = [
+    {"id": "q-cat", "prompt": "the cat sat on", "completion": " the mat"},
+    {"id": "q-river", "prompt": "a river flows past", "completion": " the old mill"},
+]
+DATA = {"max_length": 16, "batch_size": 3}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gradient-index")
+    shards = write_corpus(root / "corpus")
+    model_dir = save_tiny_lm(root / "model", TEXTS + [q["prompt"] + q["completion"] for q in QUERIES])
+    model = ModelSettings(path=str(model_dir), device="cpu")
+    data = DataSettings(path=str(root / "corpus"), **DATA)
+    factors = run_fit(model, data, FactorSettings(), root, {}, progress=False)
+    queries = root / "queries.jsonl"
+    queries.write_text("".join(json.dumps(q) + "\n" for q in QUERIES))
+    prefilter = PrefilterSettings(kind="gradient", path=str(root / "index"), sketch_dim=8, top_m=len(TEXTS))
+    update_index(root / "index", prefilter, data, shards, on_skip=lambda skip: None, model=model)
+    return root, shards, model, data, FactorSettings(path=str(factors.factors_path)), QuerySettings(path=str(queries)), prefilter
+
+
+def inputs(setup, **prefilter) -> ScoreInputs:
+    root, _, model, data, factors, queries, settings = setup
+    score = ScoreSettings(rank=None, top_k=20, query_batch_size=2, token_scores=False, progress=False)
+    return ScoreInputs(model, data, factors, queries, score, prefilter=PrefilterSettings(**{**settings.__dict__, **prefilter}))
+
+
+def test_the_index_stores_each_documents_sketch_and_ranks_by_the_sketched_score(setup):
+    root, shards, model, data, *_ = setup
+    settings = inputs(setup)
+    sketcher = DocumentSketcher(model, data, settings.prefilter)
+    documents = list(iter_documents(shards, "id", "text", on_skip=lambda skip: None))
+    expected = {}
+    for batch in batch_documents(sketcher.tokenizer, documents, 3, 16, on_skip=lambda skip: None):
+        expected.update(zip(batch.ids, sketcher.sketcher.documents(batch).detach().numpy()))
+    index = open_index(root / "index", settings.prefilter, shards)
+    query_list = read_queries(settings.queries.path, on_skip=print)
+    sketches = query_sketcher(settings, root / "index", index.manifest, root)(query_list)
+    hits = index.search(sketches, [q.id for q in query_list], len(TEXTS))
+    for query, found in zip(query_list, hits):
+        # Every document with a target (the whitespace-only one is a recorded skip), by sketched score.
+        assert {hit.doc_id for hit in found} == set(expected)
+        scores = np.array([hit.score for hit in found])
+        exact = np.array([float(sketches[query.id] @ expected[hit.doc_id]) for hit in found])
+        assert np.all(np.diff(scores) <= 0)
+        # float16 storage: the scores are the float32 products to within float16's rounding.
+        assert np.allclose(scores, exact, rtol=2e-3, atol=2e-3 * np.abs(exact).max())
+
+
+def test_scoring_every_candidate_equals_the_full_run(setup):
+    root, _, model, data, factors, queries, prefilter = setup
+    score = ScoreSettings(rank=None, top_k=20, bottom_k=2, query_batch_size=2, token_scores=False, progress=False)
+    full = run_score(model, data, factors, queries, score, root / "full", {})
+    candidates = run_score(model, data, factors, queries, score, root / "all-candidates", {}, prefilter_settings=prefilter)
+
+    def rows(summary):
+        table = pq.read_table(summary.scores_path).to_pylist()
+        return sorted((r["query_id"], r["direction"], r["rank"], r["doc_id"], round(r["score"], 6)) for r in table)
+
+    assert rows(candidates) == rows(full)
+    assert candidates.counts["prefilter_searched_documents"] == 11
+
+
+def test_the_sketch_ranking_predicts_the_influence_ranking(setup):
+    """score.method=prefilter writes the sketch ranking: it agrees with the exact scores' order
+    far better than chance (the estimate is unbiased; its spread falls with sketch_dim)."""
+    root, _, model, data, factors, queries, prefilter = setup
+    score = ScoreSettings(rank=None, top_k=20, query_batch_size=2, token_scores=False, progress=False)
+    exact = pq.read_table(run_score(model, data, factors, queries, score, root / "exact", {}).scores_path).to_pylist()
+    wide = PrefilterSettings(**{**prefilter.__dict__, "path": str(root / "wide"), "sketch_dim": 32})
+    update_index(root / "wide", wide, data, setup[1], on_skip=lambda skip: None, model=model)
+    sketched = run_score(model, data, factors, queries, ScoreSettings(**{**score.__dict__, "method": "prefilter"}),
+                         root / "sketched", {}, prefilter_settings=wide)
+    sketched_rows = pq.read_table(sketched.scores_path).to_pylist()
+    for query in ("q-cat", "q-river"):
+        truth = {r["doc_id"]: r["score"] for r in exact if r["query_id"] == query and r["direction"] == "positive"}
+        estimate = {r["doc_id"]: r["score"] for r in sketched_rows if r["query_id"] == query}
+        common = sorted(truth)
+        correlation = np.corrcoef([truth[d] for d in common], [estimate[d] for d in common])[0, 1]
+        assert correlation > 0.8, (query, correlation)
+
+
+def test_a_new_shard_adds_only_its_own_files_and_searches_as_one_built_at_once(setup, tmp_path):
+    root, shards, model, data, *_ = setup
+    settings = PrefilterSettings(kind="gradient", sketch_dim=8)
+    update_index(tmp_path / "grown", settings, data, shards[:2], on_skip=lambda skip: None, model=model)
+    before = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "grown" / "shards").iterdir()}
+    summary = update_index(tmp_path / "grown", settings, data, shards, on_skip=lambda skip: None, model=model)
+    after = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "grown" / "shards").iterdir()}
+    assert summary.shards_added == 1 and {name: after[name] for name in before} == before and len(after) == len(before) + 2
+    run = inputs(setup, path=str(tmp_path / "grown"))
+    grown = open_index(tmp_path / "grown", settings, shards)
+    at_once = open_index(root / "index", run.prefilter, shards)
+    query_list = read_queries(run.queries.path, on_skip=print)
+    sketches = query_sketcher(run, tmp_path / "grown", grown.manifest, root)(query_list)
+    ids = [q.id for q in query_list]
+    assert [[h.doc_id for h in hits] for hits in grown.search(sketches, ids, 5)] == \
+        [[h.doc_id for h in hits] for hits in at_once.search(sketches, ids, 5)]
+
+
+@pytest.mark.parametrize("change", [{"sketch_seed": 1}, {"sketch_dim": 4}])
+def test_sketches_of_another_projection_are_refused_naming_both_fingerprints(setup, change):
+    root, *_ = setup
+    run = inputs(setup, **change)
+    index = open_index(root / "index", run.prefilter)
+    with pytest.raises(PrefilterError, match=rf"encoder fingerprint {index.manifest.encoder_fingerprint}\) .* "
+                                             rf"\(fingerprint [0-9a-f]{{32}}\): they differ in {next(iter(change))}"):
+        query_sketcher(run, root / "index", index.manifest, root)
+
+
+def test_sketches_of_another_model_are_refused(setup, tmp_path):
+    root, shards, model, data, *_ = setup
+    other = ModelSettings(path=str(save_tiny_lm(tmp_path / "other", TEXTS, seed=5)), device="cpu")
+    update_index(tmp_path / "other-index", PrefilterSettings(kind="gradient", sketch_dim=8), data, shards,
+                 on_skip=lambda skip: None, model=other)
+    run = inputs(setup, path=str(tmp_path / "other-index"))
+    index = open_index(tmp_path / "other-index", run.prefilter)
+    with pytest.raises(PrefilterError, match="they differ in model_fingerprint"):
+        query_sketcher(run, tmp_path / "other-index", index.manifest, root)
+
+
+def test_a_shard_missing_from_the_index_is_an_error_naming_it(setup, tmp_path):
+    root, shards, model, data, *_ = setup
+    update_index(tmp_path / "partial", PrefilterSettings(kind="gradient", sketch_dim=8), data, shards[:2],
+                 on_skip=lambda skip: None, model=model)
+    with pytest.raises(PrefilterError, match=f"shard {shards[2]} does not match"):
+        open_index(tmp_path / "partial", PrefilterSettings(kind="gradient", sketch_dim=8), shards)
