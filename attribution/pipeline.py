@@ -60,7 +60,8 @@ def run_pipeline(
                         f"from the same model, corpus files and settings (refit=true fits it again)")
         factors = replace(factors, path=str(target))
     if prefilter.kind != "none":
-        run_build_index(prefilter, data, output_dir, config, model)
+        store = Path(factors.path) if factors.path is not None else output_dir / "factors"
+        run_build_index(prefilter, data, output_dir, config, model, store)
     score_summary = run_score(model, data, factors, queries, score, output_dir, config, prefilter_settings=prefilter,
                               cluster=cluster, refine_settings=refine)
     shown = {row.doc_id for rows in score_summary.top.values() for row in rows[:show_top]}

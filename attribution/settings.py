@@ -401,6 +401,8 @@ class PrefilterSettings:
     # gradient: each module's sketch is sketch_dim x sketch_dim, its projections drawn from sketch_seed.
     sketch_dim: int = 16
     sketch_seed: int = 0
+    # gradient: whiten both sides by the factor store's covariances (the index is then tied to that store).
+    sketch_whiten: bool = True
 
     def __post_init__(self) -> None:
         check = Check("prefilter", self)
@@ -422,6 +424,7 @@ class PrefilterSettings:
         check.integer("batch_size", 1)
         check.integer("sketch_dim", 1)
         check.integer("sketch_seed", 0)
+        check.boolean("sketch_whiten")
         check.done()
 
     def index_path(self, output_dir: str | Path) -> Path:

@@ -7,6 +7,7 @@ earlier run stays as it was. Loading checks the model fingerprint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -100,6 +101,19 @@ def save_factors(factors: FactorSet, path: str | Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def store_fingerprint(path: str | Path) -> str:
+    """sha256 of the store's manifest (which records when and on what it was fitted) and the names and
+    sizes of its files: a refit changes it."""
+    directory = Path(path)
+    if not (directory / MANIFEST).is_file():
+        raise FactorStoreError(f"factor store {directory} does not exist or never finished (no {MANIFEST}); fit it "
+                               f"first: python -m jobs.fit_factors factors.path={directory} model.path=... data.path=...")
+    digest = hashlib.sha256((directory / MANIFEST).read_bytes())
+    for file in sorted(directory.iterdir()):
+        digest.update(f"{file.name}:{file.stat().st_size}".encode())
+    return digest.hexdigest()[:32]
 
 
 def read_manifest(path: str | Path) -> Manifest:

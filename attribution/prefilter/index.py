@@ -118,17 +118,19 @@ def update_index(
     shards: Sequence[Path],
     on_skip: SkipHandler,
     model: ModelSettings | None = None,
+    store: Path | None = None,
 ) -> UpdateSummary:
     """Create the index at ``directory`` over ``shards``, or add those it does not hold yet.
 
     Shards are identified by content (sha256), so one already indexed is never read again;
     the index must have been built with the same kind, encoder, FAISS structure and fields.
-    ``model`` is the scored model, which the ``gradient`` kind sketches documents with.
+    ``model`` is the scored model, which the ``gradient`` kind sketches documents with, whitened
+    by the factor store at ``store``.
     """
     _require_kind(settings)
     started = time.perf_counter()
     directory = Path(directory)
-    sketcher = DocumentSketcher(model or ModelSettings(), data, settings) if settings.kind == "gradient" else None
+    sketcher = DocumentSketcher(model or ModelSettings(), data, settings, store) if settings.kind == "gradient" else None
     if (directory / MANIFEST_NAME).exists():
         manifest = read_manifest(directory)
         _check_encoder(directory, manifest, settings, sketcher)
@@ -206,14 +208,15 @@ def open_index(directory: str | Path, settings: PrefilterSettings, corpus: Seque
 def run_build_index(
     settings: PrefilterSettings, data: DataSettings, output_dir: str | Path, config: dict[str, Any],
     model: ModelSettings | None = None,
+    store: Path | None = None,
 ) -> UpdateSummary:
     """The build_index job: create or extend the index, and write ``runs/<run_id>.json`` with every skip.
-    ``model``: the scored model, which the ``gradient`` kind sketches with."""
+    ``model`` and ``store``: the scored model and factor store, which the ``gradient`` kind sketches with."""
     if data.path is None:
         raise SettingsError("data.path must be set (the jobs fill it in with the demo corpus)")
     record = RunRecord(job="build_index", config=config)
     directory = settings.index_path(output_dir)
-    summary = update_index(directory, settings, data, list_shards(data.path), record.skip, model)
+    summary = update_index(directory, settings, data, list_shards(data.path), record.skip, model, store)
     record.lap("build")
     record.counts = {
         "shards_added": summary.shards_added,

@@ -2,7 +2,8 @@
 
 Same schema as influence scores (SPEC "Score table"): the top ``score.top_k`` documents per
 query by retrieval score, direction ``positive``, ``method`` = the index kind, ``layer_scores``
-empty (retrieval has no per-module split). No model is loaded.
+empty (retrieval has no per-module split). No model is loaded, but for ``gradient``, whose
+queries are sketched from their preconditioned gradients.
 """
 
 from __future__ import annotations

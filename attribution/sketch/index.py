@@ -13,10 +13,9 @@ without touching what is there, and a search reads each shard's file memory-mapp
 the shards' top-M by score (ties by id, :class:`~attribution.prefilter.ranking.TopM`).
 
 A document's sketch is of its gradient of ``log p(z)`` under the scored model
-(:class:`~attribution.sketch.sketcher.Sketcher`); it does not depend on the factor store, which
-only the query side uses (its preconditioned gradient is what is sketched), so one index serves
-every store fitted for the model. An index of another model, seed or size is refused, naming
-both encoder fingerprints.
+(:class:`~attribution.sketch.sketcher.Sketcher`), whitened by the factor store's covariances
+(``prefilter.sketch_whiten``, :mod:`attribution.sketch.whitening`). An index of another model,
+store, seed or size is refused, naming both encoder fingerprints.
 """
 
 from __future__ import annotations
@@ -29,9 +28,15 @@ import faiss
 import numpy as np
 import torch
 
+from attribution.curvature.store import MANIFEST, load_factors, store_fingerprint
 from attribution.data.batching import batch_documents
 from attribution.data.corpus import Document, SkipHandler
-from attribution.models import find_tracked_modules, load_model, model_fingerprint
+from attribution.models import (
+    TrackedModule,
+    find_tracked_modules,
+    load_model,
+    model_fingerprint,
+)
 from attribution.prefilter.manifest import (
     IndexedShard,
     IndexManifest,
@@ -50,6 +55,7 @@ from attribution.settings import (
     torch_dtype,
 )
 from attribution.sketch.sketcher import Sketcher
+from attribution.sketch.whitening import module_whitening
 
 # Query id -> its sketch; queries that could not be sketched (skipped) are absent.
 QuerySketches = Callable[[Sequence[Any]], dict[str, np.ndarray]]
@@ -65,26 +71,45 @@ def sketch_structure(settings: PrefilterSettings) -> dict[str, Any]:
     return {"index_type": "flat"}
 
 
-class DocumentSketcher:
-    """The scored model, loaded once, sketching documents of a corpus."""
+def whitening_of(store: Path | None, tracked: Sequence[TrackedModule], fingerprint: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Each module's whitening matrices from the factor store fitted for this model."""
+    if store is None or not (store / MANIFEST).is_file():
+        raise PrefilterError(f"prefilter.sketch_whiten=true whitens with the factor store's covariances, and there is no "
+                             f"store at {store}: fit one first (jobs.fit_factors), set factors.path, or set "
+                             "prefilter.sketch_whiten=false")
+    factors = load_factors(store, list(tracked), fingerprint)
+    return {name: module_whitening(module) for name, module in factors.modules.items()}
 
-    def __init__(self, model: ModelSettings, data: DataSettings, settings: PrefilterSettings) -> None:
+
+def encoder_description(fingerprint: str, tracked: Sequence[TrackedModule], settings: PrefilterSettings, data: DataSettings,
+                        store: Path | None) -> dict[str, Any]:
+    """What a gradient sketch depends on: the model, modules, projections, sequence length and whitening store."""
+    return {
+        "model_fingerprint": fingerprint,
+        "modules": [module.name for module in tracked],
+        "sketch_dim": settings.sketch_dim,
+        "sketch_seed": settings.sketch_seed,
+        "max_length": data.max_length,
+        "objective": "log p(z)",
+        "stored": "float16",
+        "whitened_by": store_fingerprint(store) if settings.sketch_whiten and store is not None else None,
+    }
+
+
+class DocumentSketcher:
+    """The scored model, loaded once, sketching documents of a corpus (whitened by ``store``'s covariances)."""
+
+    def __init__(self, model: ModelSettings, data: DataSettings, settings: PrefilterSettings, store: Path | None) -> None:
         if model.path is None:
             raise PrefilterError("prefilter.kind=gradient sketches with the scored model: set model.path")
         self.data = data
         loaded, self.tokenizer = load_model(model.path, model.trust_remote_code, torch_dtype(model.dtype),
                                             resolve_device(model.device))
         tracked = find_tracked_modules(loaded, model.tracked_modules)
-        self.sketcher = Sketcher(loaded, tracked, settings.sketch_seed, settings.sketch_dim)
-        self.description = {
-            "model_fingerprint": model_fingerprint(loaded),
-            "modules": [module.name for module in tracked],
-            "sketch_dim": settings.sketch_dim,
-            "sketch_seed": settings.sketch_seed,
-            "max_length": data.max_length,
-            "objective": "log p(z)",
-            "stored": "float16",
-        }
+        fingerprint = model_fingerprint(loaded)
+        whitening = whitening_of(store, tracked, fingerprint) if settings.sketch_whiten else None
+        self.sketcher = Sketcher(loaded, tracked, settings.sketch_seed, settings.sketch_dim, whitening=whitening)
+        self.description = encoder_description(fingerprint, tracked, settings, data, store)
 
     @property
     def fingerprint(self) -> str:

@@ -19,7 +19,13 @@ from attribution.prefilter.manifest import IndexManifest
 from attribution.scoring.inputs import ScoreInputs
 from attribution.scoring.stages import build_stages
 from attribution.settings import resolve_device
-from attribution.sketch.index import QuerySketches, check_encoder, to_numpy
+from attribution.sketch.index import (
+    QuerySketches,
+    check_encoder,
+    encoder_description,
+    to_numpy,
+    whitening_of,
+)
 from attribution.sketch.sketcher import Sketcher
 
 
@@ -27,16 +33,12 @@ def query_sketcher(inputs: ScoreInputs, directory: Path, manifest: IndexManifest
     """Load the score run's stages once; return the function that sketches a list of queries."""
     stages = build_stages(inputs.model, inputs.factors, inputs.finetune, inputs.refine, output_dir,
                           resolve_device(inputs.model.device))
-    check_encoder(directory, manifest, {
-        "model_fingerprint": stages.fingerprints["model"],
-        "modules": [module.name for module in stages.tracked],
-        "sketch_dim": inputs.prefilter.sketch_dim,
-        "sketch_seed": inputs.prefilter.sketch_seed,
-        "max_length": inputs.data.max_length,
-        "objective": "log p(z)",
-        "stored": "float16",
-    })
-    sketcher = Sketcher(stages.candidate_model, stages.tracked, inputs.prefilter.sketch_seed, inputs.prefilter.sketch_dim)
+    store = Path(inputs.factors.path) if inputs.factors.path is not None else output_dir / "factors"
+    fingerprint = stages.fingerprints["model"]
+    check_encoder(directory, manifest, encoder_description(fingerprint, stages.tracked, inputs.prefilter, inputs.data, store))
+    whitening = whitening_of(store, stages.tracked, fingerprint) if inputs.prefilter.sketch_whiten else None
+    sketcher = Sketcher(stages.candidate_model, stages.tracked, inputs.prefilter.sketch_seed, inputs.prefilter.sketch_dim,
+                        whitening=whitening)
 
     def sketch(queries: Sequence[Query]) -> dict[str, np.ndarray]:
         sketches: dict[str, np.ndarray] = {}

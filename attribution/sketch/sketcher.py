@@ -24,16 +24,28 @@ from attribution.sketch.projection import ModuleProjection, projections
 
 
 class Sketcher:
-    """The projections of every tracked module, and the passes that use them."""
+    """The projections of every tracked module, and the passes that use them.
+
+    With ``whitening`` (per module, :func:`~attribution.sketch.whitening.module_whitening`),
+    documents are sketched with ``P W^{-1}`` and queries with ``P W``; without, both with ``P``.
+    """
 
     def __init__(self, model: PreTrainedModel, tracked: Sequence[TrackedModule], seed: int, k: int,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, whitening: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
         self.model = model
         self.tracked = list(tracked)
         self.dtype = dtype
         self.k = k
         device = next(model.parameters()).device
         self.projections: dict[str, ModuleProjection] = projections(seed, self.tracked, k, device, dtype)
+        self.document_projections = self.query_projections = self.projections
+        if whitening is not None:
+            self.document_projections = {name: projection.transformed(whitening[name]["inverse_root_outputs"],
+                                                                       whitening[name]["inverse_root_inputs"])
+                                         for name, projection in self.projections.items()}
+            self.query_projections = {name: projection.transformed(whitening[name]["root_outputs"],
+                                                                    whitening[name]["root_inputs"])
+                                      for name, projection in self.projections.items()}
 
     @property
     def dim(self) -> int:
@@ -47,7 +59,7 @@ class Sketcher:
 
         def sketch(module: TrackedModule, activations: torch.Tensor, output_gradients: torch.Tensor) -> None:
             masked = activations * batch.attention_mask.unsqueeze(-1).to(self.dtype)
-            sketches[:, position[module.name]] = self.projections[module.name].tokens(output_gradients, masked)
+            sketches[:, position[module.name]] = self.document_projections[module.name].tokens(output_gradients, masked)
 
         with GradientCapture(self.model, self.tracked, sketch, dtype=self.dtype):
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -60,5 +72,5 @@ class Sketcher:
         parts = []
         for module in self.tracked:
             stacked = factors.modules[module.name].to(device, self.dtype)
-            parts.append(self.projections[module.name].factors(stacked.left, stacked.right).flatten(1))
+            parts.append(self.query_projections[module.name].factors(stacked.left, stacked.right).flatten(1))
         return torch.cat(parts, dim=1)

@@ -17,10 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
-from attribution.curvature.store import MANIFEST, read_manifest
+from attribution.curvature.store import read_manifest, store_fingerprint
 from attribution.data.corpus import list_shards
 from attribution.errors import UserError
 from attribution.models import load_model, model_fingerprint
@@ -52,24 +51,13 @@ class IdentityError(UserError, ValueError):
     """A model, factor store or query file the sweep cannot fingerprint."""
 
 
-def factor_store_fingerprint(path: str | Path) -> str:
-    directory = Path(path)
-    if not (directory / MANIFEST).is_file():
-        raise IdentityError(f"factor store {directory} does not exist or never finished (no {MANIFEST}); "
-                            f"fit it first: python -m jobs.fit_factors factors.path={directory} model.path=... data.path=...")
-    digest = hashlib.sha256((directory / MANIFEST).read_bytes())
-    for file in sorted(directory.iterdir()):
-        digest.update(f"{file.name}:{file.stat().st_size}".encode())
-    return digest.hexdigest()[:32]
-
-
 def _model_and_factors(model: ModelSettings, model_path: str, factors: FactorSettings, store: str | None) -> tuple[str, str]:
     if factors.strategy == "identity":
         loaded, _ = load_model(model_path, model.trust_remote_code, torch_dtype(model.dtype), "cpu")
         return model_fingerprint(loaded), "identity"
     if store is None:
         raise IdentityError("factors.path is unset")
-    factor_fingerprint = factor_store_fingerprint(store)
+    factor_fingerprint = store_fingerprint(store)
     return read_manifest(store).model_fingerprint, factor_fingerprint
 
 

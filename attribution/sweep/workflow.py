@@ -211,7 +211,8 @@ class _Night:
         record.fingerprints = {key: value for key, value in identity.items() if isinstance(value, str)}
         if self.prefilter.kind != "none":
             index = update_index(Path(str(self.prefilter.path)), self.prefilter, self.data,
-                                 [Path(path) for path in sorted(shards)], record.skip, self.model)
+                                 [Path(path) for path in sorted(shards)], record.skip, self.model,
+                                 Path(self.factors.path) if self.factors.path is not None else None)
             self.messages.append(index.line())
         record.lap("prefilter")
 

@@ -5,6 +5,7 @@ grows shard by shard, and it refuses sketches of another model or projection."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -43,7 +44,7 @@ def setup(tmp_path_factory):
     queries = root / "queries.jsonl"
     queries.write_text("".join(json.dumps(q) + "\n" for q in QUERIES))
     prefilter = PrefilterSettings(kind="gradient", path=str(root / "index"), sketch_dim=8, top_m=len(TEXTS))
-    update_index(root / "index", prefilter, data, shards, on_skip=lambda skip: None, model=model)
+    update_index(root / "index", prefilter, data, shards, on_skip=lambda skip: None, model=model, store=factors.factors_path)
     return root, shards, model, data, FactorSettings(path=str(factors.factors_path)), QuerySettings(path=str(queries)), prefilter
 
 
@@ -56,7 +57,7 @@ def inputs(setup, **prefilter) -> ScoreInputs:
 def test_the_index_stores_each_documents_sketch_and_ranks_by_the_sketched_score(setup):
     root, shards, model, data, *_ = setup
     settings = inputs(setup)
-    sketcher = DocumentSketcher(model, data, settings.prefilter)
+    sketcher = DocumentSketcher(model, data, settings.prefilter, Path(settings.factors.path))
     documents = list(iter_documents(shards, "id", "text", on_skip=lambda skip: None))
     expected = {}
     for batch in batch_documents(sketcher.tokenizer, documents, 3, 16, on_skip=lambda skip: None):
@@ -96,7 +97,7 @@ def test_the_sketch_ranking_predicts_the_influence_ranking(setup):
     score = ScoreSettings(rank=None, top_k=20, query_batch_size=2, token_scores=False, progress=False)
     exact = pq.read_table(run_score(model, data, factors, queries, score, root / "exact", {}).scores_path).to_pylist()
     wide = PrefilterSettings(**{**prefilter.__dict__, "path": str(root / "wide"), "sketch_dim": 32})
-    update_index(root / "wide", wide, data, setup[1], on_skip=lambda skip: None, model=model)
+    update_index(root / "wide", wide, data, setup[1], on_skip=lambda skip: None, model=model, store=Path(factors.path))
     sketched = run_score(model, data, factors, queries, ScoreSettings(**{**score.__dict__, "method": "prefilter"}),
                          root / "sketched", {}, prefilter_settings=wide)
     sketched_rows = pq.read_table(sketched.scores_path).to_pylist()
@@ -109,11 +110,11 @@ def test_the_sketch_ranking_predicts_the_influence_ranking(setup):
 
 
 def test_a_new_shard_adds_only_its_own_files_and_searches_as_one_built_at_once(setup, tmp_path):
-    root, shards, model, data, *_ = setup
-    settings = PrefilterSettings(kind="gradient", sketch_dim=8)
-    update_index(tmp_path / "grown", settings, data, shards[:2], on_skip=lambda skip: None, model=model)
+    root, shards, model, data, factors, *_ = setup
+    settings, store = PrefilterSettings(kind="gradient", sketch_dim=8), Path(factors.path)
+    update_index(tmp_path / "grown", settings, data, shards[:2], on_skip=lambda skip: None, model=model, store=store)
     before = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "grown" / "shards").iterdir()}
-    summary = update_index(tmp_path / "grown", settings, data, shards, on_skip=lambda skip: None, model=model)
+    summary = update_index(tmp_path / "grown", settings, data, shards, on_skip=lambda skip: None, model=model, store=store)
     after = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "grown" / "shards").iterdir()}
     assert summary.shards_added == 1 and {name: after[name] for name in before} == before and len(after) == len(before) + 2
     run = inputs(setup, path=str(tmp_path / "grown"))
@@ -126,30 +127,49 @@ def test_a_new_shard_adds_only_its_own_files_and_searches_as_one_built_at_once(s
         [[h.doc_id for h in hits] for hits in at_once.search(sketches, ids, 5)]
 
 
-@pytest.mark.parametrize("change", [{"sketch_seed": 1}, {"sketch_dim": 4}])
-def test_sketches_of_another_projection_are_refused_naming_both_fingerprints(setup, change):
+@pytest.mark.parametrize("change, field", [({"sketch_seed": 1}, "sketch_seed"), ({"sketch_dim": 4}, "sketch_dim"),
+                                           ({"sketch_whiten": False}, "whitened_by")])
+def test_sketches_of_another_projection_are_refused_naming_both_fingerprints(setup, change, field):
     root, *_ = setup
     run = inputs(setup, **change)
     index = open_index(root / "index", run.prefilter)
     with pytest.raises(PrefilterError, match=rf"encoder fingerprint {index.manifest.encoder_fingerprint}\) .* "
-                                             rf"\(fingerprint [0-9a-f]{{32}}\): they differ in {next(iter(change))}"):
+                                             rf"\(fingerprint [0-9a-f]{{32}}\): they differ in {field}"):
         query_sketcher(run, root / "index", index.manifest, root)
 
 
 def test_sketches_of_another_model_are_refused(setup, tmp_path):
     root, shards, model, data, *_ = setup
     other = ModelSettings(path=str(save_tiny_lm(tmp_path / "other", TEXTS, seed=5)), device="cpu")
-    update_index(tmp_path / "other-index", PrefilterSettings(kind="gradient", sketch_dim=8), data, shards,
-                 on_skip=lambda skip: None, model=other)
-    run = inputs(setup, path=str(tmp_path / "other-index"))
+    update_index(tmp_path / "other-index", PrefilterSettings(kind="gradient", sketch_dim=8, sketch_whiten=False), data,
+                 shards, on_skip=lambda skip: None, model=other)
+    run = inputs(setup, path=str(tmp_path / "other-index"), sketch_whiten=False)
     index = open_index(tmp_path / "other-index", run.prefilter)
     with pytest.raises(PrefilterError, match="they differ in model_fingerprint"):
         query_sketcher(run, tmp_path / "other-index", index.manifest, root)
 
 
 def test_a_shard_missing_from_the_index_is_an_error_naming_it(setup, tmp_path):
-    root, shards, model, data, *_ = setup
+    root, shards, model, data, factors, *_ = setup
     update_index(tmp_path / "partial", PrefilterSettings(kind="gradient", sketch_dim=8), data, shards[:2],
-                 on_skip=lambda skip: None, model=model)
+                 on_skip=lambda skip: None, model=model, store=Path(factors.path))
     with pytest.raises(PrefilterError, match=f"shard {shards[2]} does not match"):
         open_index(tmp_path / "partial", PrefilterSettings(kind="gradient", sketch_dim=8), shards)
+
+
+def test_sketches_whitened_by_another_store_are_refused(setup, tmp_path):
+    root, shards, model, data, factors, *_ = setup
+    refit = run_fit(model, data, FactorSettings(path=str(tmp_path / "refit"), damping=0.5), tmp_path, {}, progress=False)
+    run = inputs(setup, path=str(root / "index"))
+    run = ScoreInputs(run.model, run.data, FactorSettings(path=str(refit.factors_path)), run.queries, run.score,
+                      prefilter=run.prefilter)
+    index = open_index(root / "index", run.prefilter)
+    with pytest.raises(PrefilterError, match="they differ in whitened_by"):
+        query_sketcher(run, root / "index", index.manifest, root)
+
+
+def test_whitening_without_a_store_names_the_setting(setup, tmp_path):
+    root, shards, model, data, *_ = setup
+    with pytest.raises(PrefilterError, match="prefilter.sketch_whiten=false"):
+        update_index(tmp_path / "none", PrefilterSettings(kind="gradient"), data, shards, on_skip=lambda skip: None,
+                     model=model, store=tmp_path / "no-store")
