@@ -12,13 +12,7 @@ from attribution.curvature.store import MANIFEST, Manifest, read_manifest, save_
 from attribution.data.corpus import list_shards
 from attribution.distributed.fit import fit_on_ray
 from attribution.runs import RunRecord
-from attribution.settings import (
-    ClusterSettings,
-    DataSettings,
-    FactorSettings,
-    ModelSettings,
-    SettingsError,
-)
+from attribution.settings import ClusterSettings, DataSettings, FactorSettings, ModelSettings, SettingsError
 from attribution.store_fit import fit_store
 
 

@@ -19,14 +19,7 @@ from attribution.data.batching import TokenBatch
 from attribution.data.corpus import Skip, list_shards
 from attribution.data.stream import is_prompt_completion, training_batches
 from attribution.models import find_tracked_modules, load_model, model_fingerprint
-from attribution.settings import (
-    DataSettings,
-    FactorSettings,
-    ModelSettings,
-    SettingsError,
-    resolve_device,
-    torch_dtype,
-)
+from attribution.settings import DataSettings, FactorSettings, ModelSettings, SettingsError, resolve_device, torch_dtype
 
 
 @dataclass

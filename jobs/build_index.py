@@ -12,13 +12,7 @@ from jobs.entry import job, say
 @job("build_index")
 def main(cfg: DictConfig) -> None:
     from attribution.prefilter.index import run_build_index
-    from jobs.wiring import (
-        factor_settings,
-        model_and_data,
-        plain,
-        prefilter_settings,
-        prepare_process,
-    )
+    from jobs.wiring import factor_settings, model_and_data, plain, prefilter_settings, prepare_process
 
     prepare_process()
     model, data = model_and_data(cfg)

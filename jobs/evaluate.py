@@ -13,13 +13,7 @@ def main(cfg: DictConfig) -> None:
 
     from attribution.evaluation.config import EvaluationSettings
     from attribution.evaluation.run import run_evaluate
-    from jobs.wiring import (
-        demo_paths,
-        model_and_data,
-        plain,
-        prepare_process,
-        query_settings,
-    )
+    from jobs.wiring import demo_paths, model_and_data, plain, prepare_process, query_settings
 
     prepare_process()
     model, data = model_and_data(cfg)

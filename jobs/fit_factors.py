@@ -10,13 +10,7 @@ from jobs.entry import job, say
 @job("fit_factors")
 def main(cfg: DictConfig) -> None:
     from attribution.fitting import run_fit
-    from jobs.wiring import (
-        cluster_settings,
-        factor_settings,
-        model_and_data,
-        plain,
-        prepare_process,
-    )
+    from jobs.wiring import cluster_settings, factor_settings, model_and_data, plain, prepare_process
 
     prepare_process()
     model, data = model_and_data(cfg)

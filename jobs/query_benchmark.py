@@ -14,11 +14,7 @@ from jobs.entry import job, say
 def main(cfg: DictConfig) -> None:
     from attribution.runs import write_json_atomically
     from attribution.settings import resolve_device
-    from attribution.studies.query_side import (
-        QuerySideSettings,
-        format_rows,
-        run_query_side,
-    )
+    from attribution.studies.query_side import QuerySideSettings, format_rows, run_query_side
     from jobs.wiring import plain, prepare_process
 
     prepare_process()

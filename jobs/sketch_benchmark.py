@@ -11,11 +11,7 @@ from jobs.entry import job, say
 
 @job("sketch_benchmark")
 def main(cfg: DictConfig) -> None:
-    from attribution.studies.sketch_recall import (
-        SketchRecallSettings,
-        format_results,
-        run_sketch_recall,
-    )
+    from attribution.studies.sketch_recall import SketchRecallSettings, format_results, run_sketch_recall
     from jobs.wiring import demo_paths, plain, prepare_process
 
     prepare_process()

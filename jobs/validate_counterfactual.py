@@ -15,20 +15,8 @@ def main(cfg: DictConfig) -> None:
     from attribution.counterfactual.retrain import Recipe
     from attribution.counterfactual.run import run_counterfactual
     from attribution.counterfactual.settings import CounterfactualSettings
-    from attribution.settings import (
-        DataSettings,
-        ModelSettings,
-        SettingsError,
-        from_mapping,
-    )
-    from jobs.wiring import (
-        cluster_settings,
-        demo_paths,
-        plain,
-        prepare_process,
-        query_settings,
-        score_settings,
-    )
+    from attribution.settings import DataSettings, ModelSettings, SettingsError, from_mapping
+    from jobs.wiring import cluster_settings, demo_paths, plain, prepare_process, query_settings, score_settings
 
     prepare_process()
     model = from_mapping(ModelSettings, plain(cfg.model), "model")

@@ -14,14 +14,7 @@ from jobs.entry import job, say
 def main(cfg: DictConfig) -> None:
     from attribution.runs import write_json_atomically
     from attribution.studies.worker_scaling import format_table, run_scaling
-    from jobs.wiring import (
-        factor_settings,
-        model_and_data,
-        plain,
-        prepare_process,
-        query_settings,
-        score_settings,
-    )
+    from jobs.wiring import factor_settings, model_and_data, plain, prepare_process, query_settings, score_settings
 
     prepare_process()
     model, data = model_and_data(cfg)

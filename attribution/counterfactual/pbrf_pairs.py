@@ -18,12 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attribution.counterfactual.pbrf import (
-    PbrfResponse,
-    PbrfSolve,
-    ProximalObjective,
-    pbrf_responses,
-)
+from attribution.counterfactual.pbrf import PbrfResponse, PbrfSolve, ProximalObjective, pbrf_responses
 from attribution.counterfactual.settings import PbrfSettings
 from attribution.data.batching import TokenBatch, batch_documents, batch_queries
 from attribution.data.corpus import Document

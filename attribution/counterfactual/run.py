@@ -26,25 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from attribution.counterfactual.lds import (
-    linear_datamodeling_score,
-    predicted_influence,
-    seed_agreement,
-)
+from attribution.counterfactual.lds import linear_datamodeling_score, predicted_influence, seed_agreement
 from attribution.counterfactual.methods import Damping, Engine, MethodScores, dampings
 from attribution.counterfactual.pbrf import ProximalObjective
-from attribution.counterfactual.pbrf_pairs import (
-    PbrfPairs,
-    agreement,
-    choose_documents,
-    pbrf_pairs,
-)
-from attribution.counterfactual.retrain import (
-    Recipe,
-    RetrainTask,
-    TaskOutcome,
-    queries_key,
-)
+from attribution.counterfactual.pbrf_pairs import PbrfPairs, agreement, choose_documents, pbrf_pairs
+from attribution.counterfactual.retrain import Recipe, RetrainTask, TaskOutcome, queries_key
 from attribution.counterfactual.settings import CounterfactualSettings, with_steps
 from attribution.counterfactual.subsets import draw_subsets, membership
 from attribution.counterfactual.table import Row, as_dicts, format_rows, table

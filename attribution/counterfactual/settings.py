@@ -11,13 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from attribution.curvature.strategies import STRATEGIES
-from attribution.settings import (
-    Check,
-    RefineSettings,
-    SettingsError,
-    from_mapping,
-    show,
-)
+from attribution.settings import Check, RefineSettings, SettingsError, from_mapping, show
 
 # A factor strategy scored by the engine, or BM25 (retrieval scores, no model gradient).
 METHOD_KINDS = (*STRATEGIES, "bm25")

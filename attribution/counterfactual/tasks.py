@@ -13,11 +13,7 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from attribution.counterfactual.retrain import (
-    RetrainTask,
-    TaskOutcome,
-    retrain_and_measure,
-)
+from attribution.counterfactual.retrain import RetrainTask, TaskOutcome, retrain_and_measure
 from attribution.settings import ClusterSettings
 
 

@@ -19,11 +19,7 @@ from attribution.curvature.factors import (
     eigenvectors,
     identity_factors,
 )
-from attribution.curvature.finite import (
-    check_covariance_sums,
-    check_eigenvalue_sums,
-    check_factors,
-)
+from attribution.curvature.finite import check_covariance_sums, check_eigenvalue_sums, check_factors
 from attribution.curvature.objective import normalise_fisher, pseudo_loss
 from attribution.curvature.store import FactorSet, Manifest, ModuleSpec
 from attribution.data.batching import TokenBatch

@@ -28,12 +28,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerF
 from attribution.data.batching import batch_queries, sequence_log_prob
 from attribution.data.corpus import Skip
 from attribution.data.queries import Query
-from attribution.demo.corpus import (
-    DemoCorpusConfig,
-    DemoData,
-    generate_demo,
-    write_demo,
-)
+from attribution.demo.corpus import DemoCorpusConfig, DemoData, generate_demo, write_demo
 
 # Bump when the generator or the training code changes what a config produces,
 # so stale caches are not reused.

@@ -125,9 +125,7 @@ def private_token_file() -> None:
         return
     path = default_token_path()
     if not path.exists():
-        from ray._private.authentication.authentication_token_generator import (
-            generate_new_authentication_token,
-        )
+        from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
 
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:

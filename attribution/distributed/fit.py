@@ -25,12 +25,7 @@ from attribution.distributed.cluster import (
     rendezvous_host,
 )
 from attribution.progress import worker_progress
-from attribution.settings import (
-    ClusterSettings,
-    DataSettings,
-    FactorSettings,
-    ModelSettings,
-)
+from attribution.settings import ClusterSettings, DataSettings, FactorSettings, ModelSettings
 from attribution.store_fit import fit_store
 
 

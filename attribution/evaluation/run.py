@@ -28,10 +28,7 @@ from attribution.evaluation.candidates import (
     candidate_sets,
 )
 from attribution.evaluation.config import EvaluationSettings
-from attribution.evaluation.curvature_structure import (
-    CurvatureStructure,
-    curvature_structure,
-)
+from attribution.evaluation.curvature_structure import CurvatureStructure, curvature_structure
 from attribution.evaluation.ground_truth import Damping, GroundTruth, cached_solve
 from attribution.evaluation.methods import (
     FactorMethod,

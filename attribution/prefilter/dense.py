@@ -31,14 +31,7 @@ import faiss
 import numpy as np
 
 from attribution.data.corpus import Document
-from attribution.prefilter.manifest import (
-    IndexedShard,
-    IndexManifest,
-    PrefilterError,
-    expect_length,
-    load_array,
-    save_ids,
-)
+from attribution.prefilter.manifest import IndexedShard, IndexManifest, PrefilterError, expect_length, load_array, save_ids
 from attribution.prefilter.ranking import Hit, TopM
 from attribution.settings import PrefilterSettings, resolve_device
 

@@ -15,13 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from attribution.data.corpus import (
-    Document,
-    IdRegistry,
-    SkipHandler,
-    iter_documents,
-    list_shards,
-)
+from attribution.data.corpus import Document, IdRegistry, SkipHandler, iter_documents, list_shards
 from attribution.prefilter import dense, sparse
 from attribution.prefilter.manifest import (
     MANIFEST_NAME,
@@ -35,18 +29,8 @@ from attribution.prefilter.manifest import (
 )
 from attribution.prefilter.ranking import Hit
 from attribution.runs import RunRecord
-from attribution.settings import (
-    DataSettings,
-    ModelSettings,
-    PrefilterSettings,
-    SettingsError,
-)
-from attribution.sketch.index import (
-    DocumentSketcher,
-    SketchBuilder,
-    SketchIndex,
-    sketch_structure,
-)
+from attribution.settings import DataSettings, ModelSettings, PrefilterSettings, SettingsError
+from attribution.sketch.index import DocumentSketcher, SketchBuilder, SketchIndex, sketch_structure
 
 
 class Retriever(Protocol):

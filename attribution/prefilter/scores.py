@@ -24,13 +24,7 @@ from attribution.runs import RunRecord
 from attribution.scoring.summary import ScoreSummary
 from attribution.scoring.tables import score_table, write_part
 from attribution.scoring.topk import Ranked
-from attribution.settings import (
-    DataSettings,
-    PrefilterSettings,
-    QuerySettings,
-    ScoreSettings,
-    SettingsError,
-)
+from attribution.settings import DataSettings, PrefilterSettings, QuerySettings, ScoreSettings, SettingsError
 from attribution.sketch.index import QuerySketches
 
 

@@ -31,13 +31,7 @@ from attribution.curvature.parameters import ParameterLayout
 from attribution.curvature.precondition import Preconditioner
 from attribution.data.batching import TokenBatch
 from attribution.models import TrackedModule
-from attribution.refine.solvers import (
-    DIVERGED,
-    Operator,
-    SolveResult,
-    preconditioned_cg,
-    preconditioned_momentum,
-)
+from attribution.refine.solvers import DIVERGED, Operator, SolveResult, preconditioned_cg, preconditioned_momentum
 from attribution.settings import RefineSettings
 
 

@@ -21,13 +21,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from attribution.report import figures
 from attribution.report.run import Row, ScoreRun, load_score_run
 from attribution.report.settings import ReportSettings
-from attribution.report.tokens import (
-    TokenText,
-    document_texts,
-    load_tokenizer,
-    predicted_token_scores,
-    token_texts,
-)
+from attribution.report.tokens import TokenText, document_texts, load_tokenizer, predicted_token_scores, token_texts
 from attribution.report.top_documents import recall_at, reciprocal_rank
 
 TEMPLATES = Path(__file__).parent / "templates"

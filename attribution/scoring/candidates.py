@@ -10,11 +10,7 @@ from transformers import PreTrainedModel
 from attribution.curvature.capture import GradientCapture
 from attribution.data.batching import TokenBatch, sequence_log_prob
 from attribution.models import TrackedModule
-from attribution.scoring.contraction import (
-    Contraction,
-    ModuleContraction,
-    plan_contractions,
-)
+from attribution.scoring.contraction import Contraction, ModuleContraction, plan_contractions
 from attribution.scoring.query_factors import QueryFactors
 
 

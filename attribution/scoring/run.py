@@ -31,19 +31,8 @@ from attribution.prefilter.scores import run_prefilter_scores
 from attribution.runs import RunRecord
 from attribution.scoring.execution import Failures, QueryTask, Schedule, Task, executor
 from attribution.scoring.inputs import ScoreInputs, StageIdentity
-from attribution.scoring.markers import (
-    MarkerStore,
-    UnitOutcome,
-    WorkUnit,
-    file_fingerprint,
-    run_key,
-)
-from attribution.scoring.merge import (
-    PassUnits,
-    merge_top_tables,
-    publish_pairs,
-    remove_work,
-)
+from attribution.scoring.markers import MarkerStore, UnitOutcome, WorkUnit, file_fingerprint, run_key
+from attribution.scoring.merge import PassUnits, merge_top_tables, publish_pairs, remove_work
 from attribution.scoring.query_files import read_query_header
 from attribution.scoring.summary import ScoreSummary, finished_summary
 from attribution.scoring.tasks import QueryPlan, pass_batches

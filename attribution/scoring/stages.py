@@ -27,20 +27,10 @@ from attribution.curvature.precondition import Preconditioner
 from attribution.curvature.store import FactorSet, Manifest, ModuleSpec, load_factors
 from attribution.data.batching import TokenBatch
 from attribution.data.corpus import Skip
-from attribution.models import (
-    TrackedModule,
-    find_tracked_modules,
-    load_model,
-    model_fingerprint,
-)
+from attribution.models import TrackedModule, find_tracked_modules, load_model, model_fingerprint
 from attribution.refine.inverse import StageInverse, chain
 from attribution.refine.sample import sample_batches, sample_path
-from attribution.scoring.query_factors import (
-    ModuleQueryFactors,
-    QueryFactors,
-    factorise,
-    per_token_gradients,
-)
+from attribution.scoring.query_factors import ModuleQueryFactors, QueryFactors, factorise, per_token_gradients
 from attribution.settings import (
     FactorSettings,
     FinetuneSettings,

@@ -31,12 +31,7 @@ import torch
 from attribution.curvature.store import MANIFEST, load_factors, store_fingerprint
 from attribution.data.batching import batch_documents
 from attribution.data.corpus import Document, SkipHandler
-from attribution.models import (
-    TrackedModule,
-    find_tracked_modules,
-    load_model,
-    model_fingerprint,
-)
+from attribution.models import TrackedModule, find_tracked_modules, load_model, model_fingerprint
 from attribution.prefilter.manifest import (
     IndexedShard,
     IndexManifest,
@@ -47,13 +42,7 @@ from attribution.prefilter.manifest import (
     save_ids,
 )
 from attribution.prefilter.ranking import Hit, TopM
-from attribution.settings import (
-    DataSettings,
-    ModelSettings,
-    PrefilterSettings,
-    resolve_device,
-    torch_dtype,
-)
+from attribution.settings import DataSettings, ModelSettings, PrefilterSettings, resolve_device, torch_dtype
 from attribution.sketch.sketcher import Sketcher
 from attribution.sketch.whitening import module_whitening
 

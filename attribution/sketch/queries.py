@@ -19,13 +19,7 @@ from attribution.prefilter.manifest import IndexManifest
 from attribution.scoring.inputs import ScoreInputs
 from attribution.scoring.stages import build_stages
 from attribution.settings import resolve_device
-from attribution.sketch.index import (
-    QuerySketches,
-    check_encoder,
-    encoder_description,
-    to_numpy,
-    whitening_of,
-)
+from attribution.sketch.index import QuerySketches, check_encoder, encoder_description, to_numpy, whitening_of
 from attribution.sketch.sketcher import Sketcher
 
 

@@ -29,12 +29,7 @@ from attribution.curvature.store import FactorSet
 from attribution.data.batching import TokenBatch
 from attribution.models import find_tracked_modules, model_fingerprint
 from attribution.refine.inverse import StageInverse
-from attribution.scoring.query_factors import (
-    ModuleQueryFactors,
-    factorise,
-    per_sequence_gradients,
-    per_token_gradients,
-)
+from attribution.scoring.query_factors import ModuleQueryFactors, factorise, per_sequence_gradients, per_token_gradients
 from attribution.scoring.stages import Stages
 from attribution.settings import Check, RefineSettings
 

@@ -15,14 +15,7 @@ from pathlib import Path
 
 from attribution.fitting import run_fit
 from attribution.scoring.run import run_score
-from attribution.settings import (
-    ClusterSettings,
-    DataSettings,
-    FactorSettings,
-    ModelSettings,
-    QuerySettings,
-    ScoreSettings,
-)
+from attribution.settings import ClusterSettings, DataSettings, FactorSettings, ModelSettings, QuerySettings, ScoreSettings
 
 
 @dataclass(frozen=True)

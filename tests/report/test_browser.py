@@ -12,7 +12,6 @@ from PIL import Image
 from attribution.report import ReportSettings, render_report
 from tests.report.helpers import QUERIES, browser, make_score_run, require_chromium
 
-
 # The labels plotly draws on a log axis at the positions rank_ticks gives (1, 2, 5 x 10^k).
 ROUND_POSITIONS = {"1", "2", "5", "10", "20", "50", "100", "200", "500", "1000", "10k", "100k", "1M", "10M"}
 
