@@ -68,3 +68,28 @@ def test_a_read_only_folder_inside_output_dir_is_named_before_any_scoring(tmp_pa
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == [
         f"ERROR: output_dir={run}: cannot write to {scores} (its folder scores/): Read-only file system"]
+
+
+def test_a_missing_factor_store_names_the_key_and_the_command_that_writes_it(inputs, tmp_path):
+    result, _ = run_job("score", *overrides(inputs, f"output_dir={tmp_path}"))
+    assert result.returncode == 2
+    line = (f"ERROR: factors.path={tmp_path}/factors: no factor store there (no manifest.json); fit one with "
+            f"`python -m jobs.fit_factors output_dir={tmp_path}`, or set factors.path")
+    assert result.stderr.strip().splitlines()[-1] == line
+    assert "Traceback" not in result.stderr
+    log = (tmp_path / "score.log").read_text()
+    assert f"ERROR jobs: {line.removeprefix('ERROR: ')}" in log
+
+
+def test_debug_true_shows_the_traceback_before_the_line(inputs, tmp_path):
+    result, _ = run_job("score", *overrides(inputs, f"output_dir={tmp_path}", "debug=true"))
+    assert result.returncode == 2
+    assert "Traceback (most recent call last)" in result.stderr and "FactorStoreError" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("ERROR: factors.path=")
+
+
+def test_hydra_full_error_re_raises(inputs, tmp_path):
+    result, _ = run_job("score", *overrides(inputs, f"output_dir={tmp_path}"), env={"HYDRA_FULL_ERROR": "1"})
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "attribution.curvature.store.FactorStoreError: factors.path=" in result.stderr

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from attribution.data.batching import batch_documents
 from attribution.data.corpus import iter_documents
