@@ -37,7 +37,8 @@ def fit_request(model: ModelSettings, data: DataSettings, factors: FactorSetting
     """sha256 of everything a fit depends on: the model's and the corpus's files (name, size and
     modification time: a rewritten file counts as changed, without reading gigabytes to hash
     them; scoring checks the weights' own fingerprint anyway) and the settings that shape the
-    factors. Devices, batch sizes and worker counts change only the order of float sums."""
+    factors. Devices, batch sizes and worker counts change only the order of float sums, and the
+    damping is applied when scoring."""
     if model.path is None or data.path is None:
         raise SettingsError("model.path and data.path must be set (the jobs fill them in with the demo)")
     model_files = sorted(path for path in Path(model.path).rglob("*") if path.is_file())
@@ -46,7 +47,7 @@ def fit_request(model: ModelSettings, data: DataSettings, factors: FactorSetting
         "corpus_files": [_file_identity(path) for path in list_shards(data.path)],
         "model": {"tracked_modules": model.tracked_modules, "dtype": model.dtype},
         "data": {key: value for key, value in asdict(data).items() if key not in ("path", "batch_size")},
-        "factors": {key: value for key, value in asdict(factors).items() if key != "path"},
+        "factors": {key: value for key, value in asdict(factors).items() if key not in ("path", "damping")},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
