@@ -95,6 +95,11 @@ def check_factors(modules: Mapping[str, ModuleFactors], what: str) -> None:
 
 
 def _nonfinite_count(tensor: torch.Tensor) -> int:
+    """How many entries are NaN or Inf. The minimum and maximum are both finite exactly when every
+    entry is, and reducing to them allocates nothing the size of the tensor (a mask of a 128k x 4096
+    embedding is 0.5 GB), so the entries are counted only when there is something to count."""
+    if tensor.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all()):
+        return 0
     return tensor.numel() - int(torch.isfinite(tensor).sum().item())
 
 
