@@ -16,7 +16,8 @@ def main(cfg: DictConfig) -> None:
 
     prepare_process()
     values = plain(cfg.sketch_benchmark)
-    settings = SketchRecallSettings(**{**values, "sketch_dims": tuple(values["sketch_dims"]), "fractions": tuple(values["fractions"])})
+    lists = {key: tuple(values[key]) for key in ("sketch_dims", "fractions", "cost_fractions")}
+    settings = SketchRecallSettings(**{**values, **lists})
     results = run_sketch_recall(settings, demo_paths(cfg), Path(cfg.output_dir), say)
     say(format_results(results, settings))
 
