@@ -39,23 +39,26 @@ def sequence_seed(seed: int, sequence_id: str) -> int:
 def sample_targets(logits: torch.Tensor, batch: TokenBatch, seed: int) -> torch.Tensor:
     """Input ids with every target position replaced by a draw from the model.
 
-    Position ``t`` is predicted by the logits at ``t - 1``. A sequence whose logits at a target
-    position are NaN or Inf has no distribution to draw from: it keeps its data tokens. Its
-    loss, and from it every module's output gradients, are then non-finite, and the fit names
-    the module after the pass (:mod:`attribution.curvature.finite`), as it does for the
-    empirical Fisher, instead of ``torch.multinomial`` failing on this worker alone.
+    Position ``t`` is predicted by the logits at ``t - 1``. One sequence at a time, and only its
+    target positions, goes through the softmax: never the whole (batch, sequence, vocabulary)
+    tensor (2 GiB at 8 x 512 over a 128k vocabulary), which the model's logits already are. A
+    sequence whose logits at a target position are NaN or Inf has no distribution to draw from:
+    it keeps its data tokens. Its loss, and from it every module's output gradients, are then
+    non-finite, and the fit names the module after the pass (:mod:`attribution.curvature.finite`),
+    as it does for the empirical Fisher, instead of ``torch.multinomial`` failing on this worker alone.
     """
-    probabilities = torch.softmax(logits[:, :-1].detach().float(), dim=-1)
-    # The maximum is NaN or Inf exactly when an entry is; cheaper than a full isfinite mask.
-    drawable = torch.isfinite(probabilities.amax(dim=-1))
     targets = batch.input_ids.clone()
     for row, sequence_id in enumerate(batch.ids):
-        positions = batch.target_mask[row, 1:].nonzero().squeeze(1)
-        if positions.numel() == 0 or not drawable[row, positions].all():
+        positions = batch.target_mask[row, 1:].nonzero().squeeze(1).to(logits.device)
+        if positions.numel() == 0:
+            continue
+        probabilities = torch.softmax(logits[row, positions].detach().float(), dim=-1)
+        # The maximum is NaN or Inf exactly when an entry is; cheaper than a full isfinite mask.
+        if not torch.isfinite(probabilities.amax(dim=-1)).all():
             continue
         generator = torch.Generator(device=logits.device).manual_seed(sequence_seed(seed, sequence_id))
-        drawn = torch.multinomial(probabilities[row, positions], 1, generator=generator).squeeze(1)
-        targets[row, positions + 1] = drawn
+        drawn = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+        targets[row, positions.to(targets.device) + 1] = drawn.to(targets.device)
     return targets
 
 
