@@ -158,7 +158,7 @@ def test_a_shard_missing_from_the_index_is_an_error_naming_it(setup, tmp_path):
 
 def test_sketches_whitened_by_another_store_are_refused(setup, tmp_path):
     root, shards, model, data, factors, *_ = setup
-    refit = run_fit(model, data, FactorSettings(path=str(tmp_path / "refit"), damping=0.5), tmp_path, {}, progress=False)
+    refit = run_fit(model, data, FactorSettings(path=str(tmp_path / "refit"), seed=3), tmp_path, {}, progress=False)
     run = inputs(setup, path=str(root / "index"))
     run = ScoreInputs(run.model, run.data, FactorSettings(path=str(refit.factors_path)), run.queries, run.score,
                       prefilter=run.prefilter)
