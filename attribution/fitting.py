@@ -12,6 +12,7 @@ from attribution.curvature.store import MANIFEST, Manifest, read_manifest, save_
 from attribution.data.corpus import list_shards
 from attribution.distributed.fit import fit_on_ray
 from attribution.runs import RunRecord
+from attribution.scoring.markers import file_fingerprint
 from attribution.settings import ClusterSettings, DataSettings, FactorSettings, ModelSettings, SettingsError
 from attribution.store_fit import fit_store
 
@@ -43,18 +44,13 @@ def fit_request(model: ModelSettings, data: DataSettings, factors: FactorSetting
         raise SettingsError("model.path and data.path must be set (the jobs fill them in with the demo)")
     model_files = sorted(path for path in Path(model.path).rglob("*") if path.is_file())
     payload = {
-        "model_files": [_file_identity(path, Path(model.path)) for path in model_files],
-        "corpus_files": [_file_identity(path) for path in list_shards(data.path)],
+        "model_files": [file_fingerprint(path) for path in model_files],
+        "corpus_files": [file_fingerprint(path) for path in list_shards(data.path)],
         "model": {"tracked_modules": model.tracked_modules, "dtype": model.dtype},
         "data": {key: value for key, value in asdict(data).items() if key not in ("path", "batch_size")},
         "factors": {key: value for key, value in asdict(factors).items() if key not in ("path", "damping")},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _file_identity(path: Path, root: Path | None = None) -> list[Any]:
-    status = path.stat()
-    return [str(path.relative_to(root) if root else path.resolve()), status.st_size, status.st_mtime_ns]
 
 
 def fitted_for(path: str | Path, request: str) -> Manifest | None:

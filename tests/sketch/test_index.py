@@ -89,9 +89,10 @@ def test_scoring_every_candidate_equals_the_full_run(setup):
     assert candidates.counts["prefilter_searched_documents"] == 11
 
 
-def test_the_sketch_ranking_predicts_the_influence_ranking(setup):
-    """score.method=prefilter writes the sketch ranking: it agrees with the exact scores' order
-    far better than chance (the estimate is unbiased; its spread falls with sketch_dim)."""
+def test_a_sketch_as_wide_as_the_modules_gives_the_influence_scores(setup):
+    """score.method=prefilter writes the sketch ranking. At sketch_dim 32, wider than every module of
+    the tiny model, the projections are exact, so the sketch scores are the influence scores up to
+    the index's float16 rounding: a check of the whole path (whitening, rank, FAISS, merging)."""
     root, _, model, data, factors, queries, prefilter = setup
     score = ScoreSettings(rank=None, top_k=20, query_batch_size=2, token_scores=False, progress=False)
     exact = pq.read_table(run_score(model, data, factors, queries, score, root / "exact", {}).scores_path).to_pylist()
@@ -104,8 +105,9 @@ def test_the_sketch_ranking_predicts_the_influence_ranking(setup):
         truth = {r["doc_id"]: r["score"] for r in exact if r["query_id"] == query and r["direction"] == "positive"}
         estimate = {r["doc_id"]: r["score"] for r in sketched_rows if r["query_id"] == query}
         common = sorted(truth)
-        correlation = np.corrcoef([truth[d] for d in common], [estimate[d] for d in common])[0, 1]
-        assert correlation > 0.8, (query, correlation)
+        assert set(estimate) == set(truth), query
+        assert np.allclose([estimate[d] for d in common], [truth[d] for d in common], rtol=5e-3,
+                           atol=5e-3 * max(abs(v) for v in truth.values())), query
 
 
 def test_a_new_shard_adds_only_its_own_files_and_searches_as_one_built_at_once(setup, tmp_path):
