@@ -68,6 +68,9 @@ class RunRecord:
         return self.timings[name]
 
     def write(self, output_dir: str | Path) -> Path:
+        """``<output_dir>/runs/<run_id>.json``, its outputs as absolute paths: a job run from
+        another directory (``attribution-report output_dir=/abs/run``) still finds them."""
         path = Path(output_dir) / "runs" / f"{self.run_id}.json"
+        self.outputs = {name: str(Path(location).absolute()) for name, location in self.outputs.items()}
         write_json_atomically(path, asdict(self))
         return path

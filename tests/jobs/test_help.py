@@ -57,3 +57,19 @@ def test_a_console_script_reports_a_user_error_from_another_directory(tmp_path):
     assert result.stderr.splitlines() == [
         f"ERROR: output_dir={tmp_path}: no finished score run in {tmp_path}/runs; score one with "
         f"`python -m jobs.score output_dir={tmp_path}`, or set output_dir (or report.run_id)"]
+
+
+def test_a_run_scored_with_a_relative_output_dir_is_reported_from_another_directory(tmp_path):
+    """The run record keeps absolute paths, so the report finds the tables from anywhere."""
+    from tests.jobs.helpers import overrides, tiny_inputs
+
+    inputs = tiny_inputs(tmp_path / "inputs")
+    (tmp_path / "work").mkdir()
+    for name in ("fit_factors", "score"):
+        result, _ = run_job(name, *overrides(inputs, "output_dir=run", job=name), cwd=tmp_path / "work")
+        assert result.returncode == 0, result.stderr[-2000:]
+    script = Path(sys.executable).parent / "attribution-report"
+    result = subprocess.run([str(script), f"output_dir={tmp_path / 'work' / 'run'}"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "work" / "run" / "reports").is_dir()
