@@ -208,5 +208,6 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, parameter in model.named_parameters():
         digest.update(name.encode())
-        digest.update(parameter.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        # The array itself is hashed (buffer protocol): no copy of a float32 weight on the CPU.
+        digest.update(parameter.detach().to("cpu", torch.float32).contiguous().numpy())
     return digest.hexdigest()[:32]

@@ -61,12 +61,13 @@ class CovarianceSums:
         return [*self.activation.values(), *self.gradient.values(), self.num_tokens, self.num_sequences]
 
     def means(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``A`` and ``S``, divided in place: the sums become the means (no second copy of every factor)."""
         if self.num_tokens.item() == 0:
             raise ValueError("the covariance pass saw no tokens: the corpus sample is empty")
         tokens = self.num_tokens.item()
         return (
-            {name: total / tokens for name, total in self.activation.items()},
-            {name: total / tokens for name, total in self.gradient.items()},
+            {name: total.div_(tokens) for name, total in self.activation.items()},
+            {name: total.div_(tokens) for name, total in self.gradient.items()},
         )
 
 
@@ -90,8 +91,11 @@ class EigenvalueSums:
         # in the original basis first; the cost is the same, the memory is (B, d_out, d_in').
         rotated_a = _masked(activations, mask) @ self.activation_eigenvectors[module.name]
         rotated_ds = gradients @ self.gradient_eigenvectors[module.name]
-        rotated_gradient = rotated_ds.mT @ rotated_a
-        self.squares[module.name].add_(rotated_gradient.square().sum(0))
+        # One sequence at a time: a (d_out, d_in') temporary, not (B, d_out, d_in') (4.3 GiB at
+        # batch 8 for a 14,336 x 4,096 MLP map in float32), for the same multiply-adds.
+        squares = self.squares[module.name]
+        for sequence_ds, sequence_a in zip(rotated_ds, rotated_a):
+            squares.add_((sequence_ds.T @ sequence_a).square_())
 
     def count(self, mask: torch.Tensor) -> None:
         self.num_sequences += mask.shape[0]

@@ -20,9 +20,10 @@ from attribution.curvature.factors import (
     identity_factors,
 )
 from attribution.curvature.finite import check_covariance_sums, check_eigenvalue_sums, check_factors
-from attribution.curvature.objective import normalise_fisher, pseudo_loss
+from attribution.curvature.objective import normalise_fisher
 from attribution.curvature.store import FactorSet, Manifest, ModuleSpec
 from attribution.data.batching import TokenBatch
+from attribution.log_prob import backward_log_prob
 from attribution.models import TrackedModule
 from attribution.progress import progress_bar
 
@@ -114,8 +115,7 @@ def run_pass(
             counting[0] = counts
             batch = batch.to(device)
             current_mask[:] = [batch.attention_mask.bool()]
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            pseudo_loss(logits, batch, fisher, config.seed).backward()
+            backward_log_prob(model, batch, sign=-1.0, fisher=fisher, seed=config.seed, tracked=tracked)
             if counts:
                 accumulator.count(current_mask[0])
             if not config.lockstep and not accumulator.all_finite():

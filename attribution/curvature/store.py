@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from attribution import __version__
 from attribution.curvature.factors import ModuleFactors, check_strategy
@@ -28,6 +29,7 @@ from attribution.models import TrackedModule
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+COVARIANCES = ("activation_covariance", "gradient_covariance")
 
 
 class FactorStoreError(UserError, ValueError):
@@ -135,11 +137,13 @@ def load_factors(
     tracked: list[TrackedModule],
     model_fingerprint: str | None,
     device: torch.device | str = "cpu",
+    covariances: bool = True,
 ) -> FactorSet:
     """Load the factors of the tracked modules, checking the model fingerprint and every shape.
 
     ``model_fingerprint=None`` skips the fingerprint check; multi-stage scoring uses it to
-    read a store of another model, whose identity it checks itself.
+    read a store of another model, whose identity it checks itself. ``covariances=False`` reads
+    only the eigen-form, tensor by tensor, which is all scoring needs.
     """
     directory = Path(path)
     manifest = read_manifest(directory)
@@ -161,8 +165,10 @@ def load_factors(
     for module in tracked:
         file = module_file(directory, module.name)
         try:
-            tensors = load_file(str(file), device=str(device))
-            modules[module.name] = ModuleFactors(**tensors)
+            with safe_open(str(file), framework="pt", device=str(device)) as opened:
+                names = [name for name in opened.keys() if covariances or name not in COVARIANCES]
+                tensors = {name: opened.get_tensor(name) for name in names}
+            modules[module.name] = ModuleFactors(**{**dict.fromkeys(COVARIANCES), **tensors})
         except Exception as error:  # safetensors raises its own error types for corrupt files
             raise FactorStoreError(f"factor file {file} is missing or corrupt: {error}") from error
         _check_shapes(file, module, modules[module.name])
@@ -179,6 +185,11 @@ def _check_shapes(file: Path, module: TrackedModule, factors: ModuleFactors) -> 
         "gradient_eigenvectors": (d_out, d_out),
         "corrected_eigenvalues": (d_out, d_in),
     }
+    present = factors.as_dict()
     for name, shape in expected.items():
-        if tuple(factors.as_dict()[name].shape) != shape:
-            raise FactorStoreError(f"factor file {file}: {name} has shape {tuple(factors.as_dict()[name].shape)}, expected {shape}")
+        if name not in present:
+            if name in COVARIANCES:
+                continue
+            raise FactorStoreError(f"factor file {file} has no {name}")
+        if tuple(present[name].shape) != shape:
+            raise FactorStoreError(f"factor file {file}: {name} has shape {tuple(present[name].shape)}, expected {shape}")

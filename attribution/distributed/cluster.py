@@ -89,11 +89,14 @@ def _sigterm_handler_kept() -> Iterator[None]:
 
 
 def start_local_ray(cluster: ClusterSettings, **init_options: object) -> None:
-    """``ray.init`` of a new single-machine Ray on ``cluster.node_ip``, token-authenticated, no dashboard."""
+    """``ray.init`` of a new single-machine Ray on ``cluster.node_ip``, token-authenticated, no dashboard.
+
+    ``address="local"``: without it Ray joins any cluster ``ray start`` left running on this machine.
+    """
     use_token_authentication()
     node_ip = None if cluster.node_ip == "auto" else cluster.node_ip
     with _node_address_kept(node_ip):
-        ray.init(include_dashboard=False, _node_ip_address=node_ip, **init_options)
+        ray.init(address="local", include_dashboard=False, _node_ip_address=node_ip, **init_options)
 
 
 def use_token_authentication() -> None:

@@ -8,7 +8,8 @@ import torch
 from transformers import PreTrainedModel
 
 from attribution.curvature.capture import GradientCapture
-from attribution.data.batching import TokenBatch, sequence_log_prob
+from attribution.data.batching import TokenBatch
+from attribution.log_prob import backward_log_prob
 from attribution.models import TrackedModule
 from attribution.scoring.contraction import Contraction, ModuleContraction, plan_contractions
 from attribution.scoring.query_factors import QueryFactors
@@ -72,5 +73,4 @@ class CandidateScorer:
 
     def _backward(self, batch: TokenBatch, contract) -> None:
         with GradientCapture(self.model, self.tracked, contract, dtype=self.dtype):
-            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            sequence_log_prob(logits, batch).sum().backward()
+            backward_log_prob(self.model, batch, tracked=self.tracked)

@@ -17,7 +17,8 @@ import torch
 from transformers import PreTrainedModel
 
 from attribution.curvature.capture import GradientCapture
-from attribution.data.batching import TokenBatch, sequence_log_prob
+from attribution.data.batching import TokenBatch
+from attribution.log_prob import backward_log_prob
 from attribution.models import TrackedModule
 
 # Beyond this fraction of the full rank an exact SVD costs little more than a randomized one.
@@ -72,8 +73,7 @@ def per_token_gradients(
         factors[module.name] = (output_gradients, activations * mask)
 
     with GradientCapture(model, tracked, keep, dtype=dtype):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        sequence_log_prob(logits, batch).sum().backward()
+        backward_log_prob(model, batch, tracked=tracked)
     return factors
 
 

@@ -141,7 +141,7 @@ def load_factor_set(settings: FactorSettings, path: str | Path, tracked: list[Tr
     """The store to precondition with; ``factors.strategy=identity`` needs none."""
     if settings.strategy == "identity":
         return identity_factor_set(tracked, fingerprint)
-    factors = load_factors(path, tracked, fingerprint)
+    factors = load_factors(path, tracked, fingerprint, covariances=False)
     if factors.manifest.strategy != settings.strategy:
         raise SettingsError(f"factor store {path} holds {factors.manifest.strategy} factors, but factors.strategy={settings.strategy}")
     return factors

@@ -17,7 +17,8 @@ import torch
 from transformers import PreTrainedModel
 
 from attribution.curvature.capture import GradientCapture
-from attribution.data.batching import TokenBatch, sequence_log_prob
+from attribution.data.batching import TokenBatch
+from attribution.log_prob import backward_log_prob
 from attribution.models import TrackedModule
 from attribution.scoring.query_factors import QueryFactors
 from attribution.sketch.projection import ModuleProjection, projections
@@ -62,8 +63,7 @@ class Sketcher:
             sketches[:, position[module.name]] = self.document_projections[module.name].tokens(output_gradients, masked)
 
         with GradientCapture(self.model, self.tracked, sketch, dtype=self.dtype):
-            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            sequence_log_prob(logits, batch).sum().backward()
+            backward_log_prob(self.model, batch, tracked=self.tracked)
         return sketches.flatten(1)
 
     def queries(self, factors: QueryFactors) -> torch.Tensor:
