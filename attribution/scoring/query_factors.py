@@ -48,6 +48,12 @@ class ModuleQueryFactors:
         return ModuleQueryFactors(self.left.to(device, dtype), self.right.to(device, dtype))
 
 
+    def rows(self, keep: torch.Tensor) -> ModuleQueryFactors:
+        """The factors of the queries where ``keep`` (Q,) is true."""
+        keep = keep.to(self.left.device)
+        return ModuleQueryFactors(self.left[keep], self.right[keep])
+
+
 @dataclass
 class QueryFactors:
     query_ids: list[str]
@@ -55,6 +61,27 @@ class QueryFactors:
 
 
 TokenGradients = tuple[torch.Tensor, torch.Tensor]
+TokenGradientCallback = Callable[[str, torch.Tensor, torch.Tensor], None]
+
+
+def each_token_gradient(
+    model: PreTrainedModel,
+    tracked: Sequence[TrackedModule],
+    batch: TokenBatch,
+    use: TokenGradientCallback,
+    dtype: torch.dtype = torch.float64,
+) -> None:
+    """One backward pass of ``sum_n log p(x_n)`` over target positions; ``use(name, ds, a)`` gets each
+    module's factors as autograd produces them: output gradients ``ds`` (B, T, d_out) and inputs ``a``
+    (B, T, d_in') with padding zeroed, so that the gradient is ``dW = ds^T a`` (B, d_out, d_in').
+    A caller that reduces them at once never holds every module's factors together."""
+    mask = batch.attention_mask.to(dtype).unsqueeze(-1)
+
+    def hand_over(module: TrackedModule, activations: torch.Tensor, output_gradients: torch.Tensor) -> None:
+        use(module.name, output_gradients, activations * mask)
+
+    with GradientCapture(model, tracked, hand_over, dtype=dtype):
+        backward_log_prob(model, batch, tracked=tracked)
 
 
 def per_token_gradients(
@@ -63,17 +90,9 @@ def per_token_gradients(
     batch: TokenBatch,
     dtype: torch.dtype = torch.float64,
 ) -> dict[str, TokenGradients]:
-    """Per module, the factors of each sequence's ``grad_W sum_t log p(x_t | x_<t)`` over target positions:
-    output gradients ``ds`` (B, T, d_out) and inputs ``a`` (B, T, d_in') with padding zeroed, so that the
-    gradient is ``dW = ds^T a`` (B, d_out, d_in')."""
+    """Every module's ``(ds, a)`` of :func:`each_token_gradient`, by name."""
     factors: dict[str, TokenGradients] = {}
-    mask = batch.attention_mask.to(dtype).unsqueeze(-1)
-
-    def keep(module: TrackedModule, activations: torch.Tensor, output_gradients: torch.Tensor) -> None:
-        factors[module.name] = (output_gradients, activations * mask)
-
-    with GradientCapture(model, tracked, keep, dtype=dtype):
-        backward_log_prob(model, batch, tracked=tracked)
+    each_token_gradient(model, tracked, batch, lambda name, ds, a: factors.__setitem__(name, (ds, a)), dtype)
     return factors
 
 

@@ -30,7 +30,14 @@ from attribution.data.corpus import Skip
 from attribution.models import TrackedModule, find_tracked_modules, load_model, model_fingerprint
 from attribution.refine.inverse import StageInverse, chain
 from attribution.refine.sample import sample_batches, sample_path
-from attribution.scoring.query_factors import ModuleQueryFactors, QueryFactors, factorise, per_token_gradients
+from attribution.scoring.query_factors import (
+    ModuleQueryFactors,
+    QueryFactors,
+    compress,
+    each_token_gradient,
+    factorise,
+    per_token_gradients,
+)
 from attribution.settings import (
     FactorSettings,
     FinetuneSettings,
@@ -39,6 +46,26 @@ from attribution.settings import (
     SettingsError,
     torch_dtype,
 )
+
+
+# Query-side memory: the rows of one module's (rows, d_out, d_in') gradients in the eigenbasis taken
+# together; 512 MiB is 2 queries of a 14,336 x 4,096 map in float32, 16 of an 8,192 x 2,048 one.
+QUERY_CHUNK_BYTES = 512 * 2**20
+
+
+def query_rows(d_out: int, d_in: int, element_bytes: int, chunk_bytes: int = QUERY_CHUNK_BYTES) -> int:
+    """Queries whose (d_out, d_in') matrices fit in ``chunk_bytes`` together; at least one."""
+    return max(1, chunk_bytes // (d_out * d_in * element_bytes))
+
+
+def finite_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """(Q,): whether every entry of each row's slice is finite."""
+    return torch.isfinite(tensor).flatten(1).all(1)
+
+
+def zero_rows(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with the rows where ``keep`` is false set to zero."""
+    return torch.where(keep.view(-1, *[1] * (tensor.dim() - 1)), tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
 
 
 @dataclass
@@ -82,28 +109,55 @@ class Stages:
         compressed.
         """
         device = next(self.query_model.parameters()).device
+        if all(inverse.sample is None for inverse in self.inverses):
+            return self._closed_form_factors(batch.to(device), rank)
         tokens = per_token_gradients(self.query_model, self.query_tracked, batch.to(device), self.inverses[0].dtype)
         finite = torch.ones(len(batch.ids), dtype=torch.bool, device=device)
         for output_gradients, activations in tokens.values():
-            finite &= torch.isfinite(output_gradients).flatten(1).all(1) & torch.isfinite(activations).flatten(1).all(1)
+            finite &= finite_rows(output_gradients) & finite_rows(activations)
         kept = [query_id for query_id, ok in zip(batch.ids, finite.tolist()) if ok]
         rejected = [query_id for query_id, ok in zip(batch.ids, finite.tolist()) if not ok]
         if not kept:
             return QueryBatchFactors(QueryFactors([], {}), rejected)
-        if any(inverse.sample is not None for inverse in self.inverses):
-            layout = ParameterLayout(self.query_tracked)
-            gradients = layout.join({name: ds[finite].mT @ a[finite] for name, (ds, a) in tokens.items()})
-            solutions, diagnostics = chain(self.inverses, gradients, kept)
-            factors, unusable = factorise(kept, layout.split(solutions), rank)
-            return QueryBatchFactors(factors, rejected + unusable, diagnostics)
+        layout = ParameterLayout(self.query_tracked)
+        gradients = layout.join({name: ds[finite].mT @ a[finite] for name, (ds, a) in tokens.items()})
+        solutions, diagnostics = chain(self.inverses, gradients, kept)
+        factors, unusable = factorise(kept, layout.split(solutions), rank)
+        return QueryBatchFactors(factors, rejected + unusable, diagnostics)
+
+    def _closed_form_factors(self, batch: TokenBatch, rank: int | None) -> QueryBatchFactors:
+        """The closed form module by module, inside the backward pass: a module's per-token factors are
+        rotated, divided and compressed as autograd produces them, ``query_rows`` queries at a time, so
+        the largest query-side tensor is one chunk's (rows, d_out, d_in') in the eigenbasis, never every
+        module's gradients. A query whose gradient or preconditioned gradient is not finite anywhere
+        is left out (its rows are zeroed, so they cannot break the batched compression)."""
         last = self.inverses[-1].preconditioner
-        rotated = {name: self._closed_form_in_eigenbasis(name, ds[finite], a[finite]) for name, (ds, a) in tokens.items()}
+        dtype = self.inverses[0].dtype
+        finite = torch.ones(len(batch.ids), dtype=torch.bool, device=batch.input_ids.device)
+        modules: dict[str, ModuleQueryFactors] = {}
 
-        def to_parameters(name: str, compressed: ModuleQueryFactors) -> ModuleQueryFactors:
-            return ModuleQueryFactors(*last.factors_from_eigenbasis(name, compressed.left, compressed.right))
+        def compress_module(name: str, output_gradients: torch.Tensor, activations: torch.Tensor) -> None:
+            usable = finite_rows(output_gradients) & finite_rows(activations)
+            output_gradients, activations = zero_rows(output_gradients, usable), zero_rows(activations, usable)
+            step = query_rows(output_gradients.shape[-1], activations.shape[-1], dtype.itemsize)
+            lefts, rights = [], []
+            for start in range(0, len(usable), step):
+                rows = slice(start, start + step)
+                rotated = self._closed_form_in_eigenbasis(name, output_gradients[rows], activations[rows])
+                usable[rows] &= finite_rows(rotated)
+                compressed = compress(zero_rows(rotated, usable[rows]), rank)
+                left, right = last.factors_from_eigenbasis(name, compressed.left, compressed.right)
+                lefts.append(left)
+                rights.append(right)
+            modules[name] = ModuleQueryFactors(torch.cat(lefts), torch.cat(rights))
+            finite.logical_and_(usable)
 
-        factors, unusable = factorise(kept, rotated, rank, to_parameters)
-        return QueryBatchFactors(factors, rejected + unusable)
+        each_token_gradient(self.query_model, self.query_tracked, batch, compress_module, dtype)
+        kept = [query_id for query_id, ok in zip(batch.ids, finite.tolist()) if ok]
+        rejected = [query_id for query_id, ok in zip(batch.ids, finite.tolist()) if not ok]
+        if not kept:
+            return QueryBatchFactors(QueryFactors([], {}), rejected)
+        return QueryBatchFactors(QueryFactors(kept, {name: factors.rows(finite) for name, factors in modules.items()}), rejected)
 
     def _closed_form_in_eigenbasis(self, name: str, output_gradients: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
         """Every stage's closed-form inverse in turn, ending in the last stage's eigenbasis."""
