@@ -13,7 +13,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -26,6 +26,25 @@ SEND_EVERY = 0.5
 DRAW_EVERY = 0.25
 
 log = logging.getLogger(__name__)
+
+# Who is told when a stage of work begins (the scale benchmark's memory sampler); nobody by default.
+_stage_listeners: list[Callable[[str], None]] = []
+
+
+def begin_stage(name: str) -> None:
+    """Tell the stage listeners that stage ``name`` begins here (free when there are none)."""
+    for listener in _stage_listeners:
+        listener(name)
+
+
+@contextmanager
+def stage_listener(listener: Callable[[str], None]) -> Iterator[None]:
+    """Call ``listener(name)`` at every :func:`begin_stage` inside the block."""
+    _stage_listeners.append(listener)
+    try:
+        yield
+    finally:
+        _stage_listeners.remove(listener)
 
 
 def progress_bar(items: Iterable[Item], description: str, unit: str, enabled: bool = True) -> Iterator[Item]:

@@ -41,8 +41,9 @@ class CovarianceSums:
     def add(self, module: TrackedModule, activations: torch.Tensor, gradients: torch.Tensor, mask: torch.Tensor) -> None:
         a = _masked(activations, mask).flatten(0, 1)
         ds = _masked(gradients, mask).flatten(0, 1)
-        self.activation[module.name].add_(a.T @ a)
-        self.gradient[module.name].add_(ds.T @ ds)
+        # In place (addmm_): no (d, d) temporary, 0.8 GiB at d = 14,336.
+        self.activation[module.name].addmm_(a.T, a)
+        self.gradient[module.name].addmm_(ds.T, ds)
 
     def count(self, mask: torch.Tensor) -> None:
         self.num_tokens += mask.sum()
@@ -108,6 +109,7 @@ class EigenvalueSums:
         return [*self.squares.values(), self.num_sequences]
 
     def means(self) -> dict[str, torch.Tensor]:
+        """``Lambda``, divided in place: the sums become the means."""
         if self.num_sequences.item() == 0:
             raise ValueError("the eigenvalue pass saw no sequences: the corpus sample is empty")
-        return {name: total / self.num_sequences.item() for name, total in self.squares.items()}
+        return {name: total.div_(self.num_sequences.item()) for name, total in self.squares.items()}

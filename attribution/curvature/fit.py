@@ -25,7 +25,7 @@ from attribution.curvature.store import FactorSet, Manifest, ModuleSpec
 from attribution.data.batching import TokenBatch
 from attribution.log_prob import backward_log_prob
 from attribution.models import TrackedModule
-from attribution.progress import progress_bar
+from attribution.progress import begin_stage, progress_bar
 
 BatchSource = Callable[[], Iterable[TokenBatch]]
 
@@ -100,6 +100,7 @@ def run_pass(
     caller raises after the all-reduce, which every worker reaches (:mod:`attribution.curvature.finite`).
     A lockstep worker keeps going, as the others' forward passes gather parameters from it.
     """
+    begin_stage(description)
     device = next(model.parameters()).device
     fisher = normalise_fisher(config.fisher)
     current_mask: list[torch.Tensor] = []
@@ -153,6 +154,7 @@ def fit_factors(
         check_covariance_sums(covariances, seen_in)
         num_tokens, num_sequences = int(covariances.num_tokens.item()), int(covariances.num_sequences.item())
         activation, gradient = covariances.means()
+        begin_stage("eigendecomposition")
         modules = {
             m.name: _eigen_factors(activation[m.name], gradient[m.name], strategy, config.dtype,
                                    compute=index % collective.world_size == collective.rank)
@@ -170,7 +172,7 @@ def fit_factors(
             check_eigenvalue_sums(eigenvalues, seen_in)
             for name, corrected in eigenvalues.means().items():
                 modules[name].corrected_eigenvalues = corrected
-    # With finite sums, what can still overflow factors.dtype is kfac's float64 eigenvalue products.
+    # With finite sums, what can still overflow factors.dtype is kfac's eigenvalue products.
     check_factors(modules, "fitted factors")
     manifest = Manifest(
         strategy=strategy,
@@ -186,25 +188,30 @@ def fit_factors(
 
 
 def _eigen_factors(activation: torch.Tensor, gradient: torch.Tensor, strategy: str, dtype: torch.dtype, compute: bool) -> ModuleFactors:
-    """Eigenbases for ekfac/kfac, identity bases for diagonal; Lambda is filled in here only for kfac.
+    """Eigenbases for ekfac/kfac, identity bases for diagonal; Lambda is filled in here only for kfac
+    (ekfac's comes from the eigenvalue pass: an empty placeholder until then).
 
     A worker that does not own the module returns zeros in their place, for the summing all-reduce.
     """
     d_in, d_out = activation.shape[0], gradient.shape[0]
     like = {"dtype": dtype, "device": activation.device}
+    eigenvalue_shape = (d_out, d_in) if strategy == "kfac" else (0,)
     if not compute:
         return ModuleFactors(activation, gradient, torch.zeros(d_in, d_in, **like), torch.zeros(d_out, d_out, **like),
-                             torch.zeros(d_out, d_in, **like))
+                             torch.zeros(eigenvalue_shape, **like))
     if strategy == "diagonal":
-        return ModuleFactors(activation, gradient, torch.eye(d_in, **like), torch.eye(d_out, **like), torch.zeros(d_out, d_in, **like))
+        return ModuleFactors(activation, gradient, torch.eye(d_in, **like), torch.eye(d_out, **like), torch.zeros(0, **like))
     values_a, vectors_a = eigenvectors(activation)
     values_s, vectors_s = eigenvectors(gradient)
-    # Round-off can make eigenvalues of a PSD covariance slightly negative.
-    kronecker_eigenvalues = torch.outer(values_s.clamp_min(0.0), values_a.clamp_min(0.0))
+    kronecker_eigenvalues = torch.zeros(0, **like)
+    if strategy == "kfac":
+        # Round-off can make eigenvalues of a PSD covariance slightly negative. In the factor dtype: a
+        # float64 (d_out, d_in') product would be the largest temporary of the fit.
+        kronecker_eigenvalues = torch.outer(values_s.clamp_min(0.0).to(dtype), values_a.clamp_min(0.0).to(dtype))
     return ModuleFactors(
         activation,
         gradient,
         vectors_a.to(dtype),
         vectors_s.to(dtype),
-        kronecker_eigenvalues.to(dtype),
+        kronecker_eigenvalues,
     )
