@@ -40,7 +40,7 @@ _HEAD_IS_LAST: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDicti
 
 
 @contextmanager
-def _identity_output_layer(model: PreTrainedModel) -> Iterator[nn.Module]:
+def identity_output_layer(model: PreTrainedModel) -> Iterator[nn.Module]:
     """The model's output layer, with its forward replaced by the identity for the duration."""
     head = model.get_output_embeddings()
     # An instance-level forward (accelerate's offloading hooks install one) is put back as it was.
@@ -68,7 +68,7 @@ def head_is_last(model: PreTrainedModel) -> bool:
         ids = torch.arange(1, 9, device=device).remainder(vocabulary).unsqueeze(0)
         with torch.no_grad():
             logits = model(input_ids=ids).logits
-            with _identity_output_layer(model) as layer:
+            with identity_output_layer(model) as layer:
                 hidden = model(input_ids=ids).logits
                 verdict = hidden.shape[-1] == head.in_features
             # Non-finite logits leave the question open: the model's own logits are right either way.
@@ -107,7 +107,7 @@ def backward_log_prob(
     head = model.get_output_embeddings()
     chunked_head = head_is_last(model) and not any(module.module is head for module in tracked)
     if chunked_head:
-        with _identity_output_layer(model) as layer:
+        with identity_output_layer(model) as layer:
             hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         project: Callable[[torch.Tensor], torch.Tensor] = layer
         vocabulary = layer.out_features

@@ -163,6 +163,11 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, 
         )
 
 
+def in_block(name: str) -> bool:
+    """Whether a module or parameter name lies inside a transformer block (a numeric path component)."""
+    return _BLOCK_COMPONENT.search(name) is not None
+
+
 def _as_tracked(name: str, module: nn.Module) -> TrackedModule | None:
     if isinstance(module, nn.Linear):
         return TrackedModule(name, module, module.in_features, module.out_features, module.bias is not None)

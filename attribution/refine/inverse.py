@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -65,8 +66,13 @@ class StageInverse:
 
     def __post_init__(self) -> None:
         self.layout = ParameterLayout(self.tracked)
-        self.damping = self.preconditioner.damping_vector(self.layout).to(self.device)
         self.solver_preconditioner = self.preconditioner.with_damping_scaled(self.settings.preconditioner_damping)
+
+    @cached_property
+    def damping(self) -> torch.Tensor:
+        """D as a (P,) float64 vector: made when a solve first needs it (8 bytes per tracked parameter,
+        56 GiB at 8B, which the closed form never needs)."""
+        return self.preconditioner.damping_vector(self.layout).to(self.device)
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,136 @@
+"""The scale benchmark: every stage of a fit and a score run on a rehearsal model, timed, its peak memory
+measured and predicted by :mod:`attribution.scale.memory_model`, and the candidate pass against the
+plain forward+backward of the same batches (the floor)."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from attribution.benchmark import plain_forward_backward
+from attribution.curvature.fit import FitConfig, fit_factors
+from attribution.curvature.precondition import Preconditioner
+from attribution.curvature.store import load_factors, save_factors
+from attribution.data.batching import batch_queries
+from attribution.data.queries import read_queries
+from attribution.models import find_tracked_modules, load_model, model_fingerprint
+from attribution.refine.inverse import StageInverse
+from attribution.refine.sample import sample_batches
+from attribution.scale.memory_model import (
+    ModelShape,
+    RunShape,
+    eigendecomposition_cubes,
+    measured_eigh_constant,
+    measured_throughput,
+    model_shape,
+    stage_bytes,
+    stage_multiply_adds,
+)
+from attribution.scale.peaks import StagePeaks
+from attribution.scale.rehearsal import build_model_directory, rehearsal, write_corpus, write_queries
+from attribution.scoring.candidates import CandidateScorer
+from attribution.scoring.query_files import concatenate
+from attribution.scoring.stages import Stages
+from attribution.settings import RefineSettings
+
+
+@dataclass
+class StageRow:
+    model: str
+    stage: str
+    seconds: float
+    predicted_seconds: float | None
+    peak_gib: float
+    predicted_gib: float | None
+
+    @property
+    def ratio(self) -> float | None:
+        """Measured over predicted peak, above the process's baseline."""
+        return None if self.predicted_gib is None else self.peak_gib / self.predicted_gib
+
+
+@dataclass
+class Rehearsed:
+    model: str
+    rows: list[StageRow]
+    shape: ModelShape
+    candidate_over_floor: float  # throughput of the candidate pass over that of the plain forward+backward
+    baseline_gib: float
+
+
+def rehearse(name: str, root: Path, run: RunShape, documents: int, device: str = "cpu") -> Rehearsed:
+    """Fit and score rehearsal ``name`` in this process, one stage after the other."""
+    directory = build_model_directory(name, root / name)
+    corpus = write_corpus(root / f"corpus-{documents}x{run.sequence}.jsonl", documents, run.sequence)
+    query_file = write_queries(root / f"queries-{run.queries}x{run.query_tokens}.jsonl", run.queries, run.query_tokens // 2,
+                               run.query_tokens - run.query_tokens // 2)
+    store = root / f"factors-{name}"
+    throughput, eigh_constant = measured_throughput(device=device), measured_eigh_constant()
+    with StagePeaks(torch.device(device)) as peaks:
+        peaks.stage("load model")
+        model, tokenizer = load_model(directory, device=device)
+        tracked = find_tracked_modules(model)
+        peaks.stage("probe and fingerprint")
+        shape = model_shape(model)
+        batches = sample_batches(tokenizer, str(corpus), run.sequence + 1, run.batch, documents, lambda skip: None, "scale")
+        fingerprint = model_fingerprint(model)
+        factors = fit_factors(model, tracked, lambda: batches, FitConfig(progress=False), fingerprint, {})
+        peaks.stage("save store")
+        shutil.rmtree(store, ignore_errors=True)
+        save_factors(factors, store)
+        del factors
+        gc.collect()
+        peaks.stage("load store")
+        eigen_form = load_factors(store, tracked, fingerprint, covariances=False)
+        preconditioner = Preconditioner(eigen_form, None, device, torch.float32)
+        stages = Stages(model, tokenizer, model, tokenizer, tracked, tracked,
+                        [StageInverse("model", model, tracked, preconditioner, RefineSettings())], "ekfac", {}, {})
+        peaks.stage("query gradients")
+        queries = read_queries(query_file, lambda skip: None)
+        query_batches = batch_queries(tokenizer, queries, run.query_batch, run.query_tokens + 1, lambda skip: None)
+        query_factors = concatenate([stages.query_factors(batch, run.rank).factors for batch in query_batches])
+        peaks.stage("candidate pass")
+        scorer = CandidateScorer(model, tracked, query_factors, run.sequence, torch.float32, dense_budget_mib=2048)
+        started = time.perf_counter()
+        for batch in batches:
+            scorer.layer_scores(batch)
+        candidate_seconds = time.perf_counter() - started
+        peaks.stage("token scores")
+        scorer.token_scores(batches[0])
+        peaks.stage("plain forward+backward")
+        step = plain_forward_backward(model)
+        started = time.perf_counter()
+        for batch in batches:
+            step(batch)
+        floor_seconds = time.perf_counter() - started
+    predicted = stage_bytes(shape, run)
+    multiply_adds = stage_multiply_adds(shape, run)
+    passes = len(batches)
+    predicted_seconds = {stage: passes * value / throughput for stage, value in multiply_adds.items() if stage != "query gradients"}
+    predicted_seconds["query gradients"] = multiply_adds["query gradients"] / throughput
+    predicted_seconds["eigendecomposition"] = eigh_constant * eigendecomposition_cubes(shape)
+    rows = [StageRow(name, peak.name, peak.seconds, predicted_seconds.get(peak.name), (peak.peak_bytes - peaks.baseline) / 2**30,
+                     None if peak.name not in predicted else predicted[peak.name] / 2**30)
+            for peak in peaks.stages]
+    return Rehearsed(name, rows, shape, floor_seconds / candidate_seconds, peaks.baseline / 2**30)
+
+
+def format_rehearsal(result: Rehearsed) -> str:
+    """One table per rehearsal: seconds measured and predicted, peak GiB above the baseline measured and
+    predicted, and their ratio."""
+    spec = rehearsal(result.model)
+    lines = [f"{result.model}: {spec.stands_for}; baseline {result.baseline_gib:.2f} GiB resident before loading",
+             f"  {'stage':<24} {'seconds':>9} {'predicted':>9} {'peak GiB':>9} {'predicted':>9} {'ratio':>6}"]
+    for row in result.rows:
+        predicted_seconds = "-" if row.predicted_seconds is None else f"{row.predicted_seconds:.1f}"
+        predicted_gib = "-" if row.predicted_gib is None else f"{row.predicted_gib:.2f}"
+        ratio = "-" if row.ratio is None else f"{row.ratio:.2f}"
+        lines.append(f"  {row.stage:<24} {row.seconds:>9.1f} {predicted_seconds:>9} {row.peak_gib:>9.2f} {predicted_gib:>9} {ratio:>6}")
+    lines.append(f"  candidate pass throughput / plain forward+backward: {result.candidate_over_floor:.2f}")
+    return "\n".join(lines)
+

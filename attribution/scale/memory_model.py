@@ -1,0 +1,240 @@
+"""Peak memory and multiply-adds of every stage, as functions of the model's shapes and the settings.
+
+Notation: weights ``W`` bytes; tracked modules ``m`` with input width ``i_m`` (bias column included)
+and output width ``o_m``; ``f`` = 4 bytes (factors and accumulation, float32); batch ``B``, sequence
+``T``; vocabulary ``V``; hidden width ``H``; ``L`` blocks; queries ``Q`` (``Q_b`` per query batch,
+``T_q`` tokens each), rank ``r``; the output layer's chunk of ``C`` target positions.
+
+What autograd keeps for the backward pass is measured, not guessed: one block's saved tensors on a
+short probe at two lengths give bytes per token ``s_1`` and per token pair ``s_2`` (an attention
+that materialises its score matrix), so activations are ``L (s_1 B T + s_2 B T^2)``. Everything
+else is counted from the code:
+
+- forward+backward ``F(B, T) = L (s_1 B T + s_2 B T^2) + s_1 B T`` (one block's gradients during the
+  backward) ``+ 2 B T H f`` (the last hidden state's gradient, accumulated over chunks) ``+ k C V f``
+  (a chunk's logits, their softmax and gradient; ``k`` = 5 with sampled labels, 4 with data labels)
+  ``+ B T sum_m i_m f`` where the capture copies inputs (a bias column, or a dtype change);
+- covariance pass ``W + F + sum_m (i_m^2 + o_m^2) f + max_m B T (i_m + o_m) f`` (the masked copies);
+- eigendecomposition ``W + 2 sum_m (i_m^2 + o_m^2) f + max_m 32 d_m^2`` (one float64 copy, LAPACK's
+  result and its ``2 d^2`` workspace, ``d_m = max(i_m, o_m)``);
+- eigenvalue pass ``W + F + 2 sum_m (i_m^2 + o_m^2) f + sum_m o_m i_m f + max_m (B T (2 i_m + o_m) + o_m i_m) f``;
+- scoring holds ``E = sum_m (i_m^2 + o_m^2 + o_m i_m) f`` (the eigen-form) and the query factors
+  ``R = Q r sum_m (i_m + o_m) f``; the query stage adds ``F(Q_b, T_q)`` and ``2 rows o_m i_m f``
+  (one chunk of queries in the eigenbasis); the candidate pass ``F(B, T)`` and ``3 B T Q r f`` (the
+  low-rank contraction's projections), token scores ``B T Q f`` more.
+
+Multiply-adds count the matrix products; time divides them by a throughput measured on the machine
+(:func:`measured_throughput`), the eigendecompositions by their own (``c d^3``, ``c`` measured).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import torch
+from transformers import PreTrainedModel
+
+from attribution.curvature.capture import GradientCapture
+from attribution.log_prob import DEFAULT_CHUNK_BYTES, identity_output_layer
+from attribution.models import find_tracked_modules, in_block
+from attribution.scoring.stages import QUERY_CHUNK_BYTES
+
+FACTOR_BYTES = 4
+EIGH_BYTES_PER_SQUARE = 32
+HEAD_CHUNK_COPIES = {"sampled": 5, "data": 4}
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    d_in: int  # bias column included
+    d_out: int
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory model needs of a model, per block where it repeats."""
+
+    outer_weight_bytes: int  # embeddings, output layer, final norm
+    block_weight_bytes: int
+    blocks: int
+    block_modules: tuple[ModuleShape, ...]
+    hidden: int
+    vocabulary: int
+    element_bytes: int
+    saved_per_token: float  # s_1, bytes per token per block
+    saved_per_token_pair: float  # s_2
+    capture_copies: bool  # inputs copied by the capture (bias column or dtype change)
+    block_parameters: int
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.outer_weight_bytes + self.blocks * self.block_weight_bytes
+
+    @property
+    def modules(self) -> tuple[ModuleShape, ...]:
+        return self.block_modules * self.blocks
+
+    def with_blocks(self, blocks: int) -> ModelShape:
+        """The same model at another depth: a rehearsal's blocks multiplied out to the real model's."""
+        return replace(self, blocks=blocks)
+
+
+@dataclass(frozen=True)
+class RunShape:
+    batch: int
+    sequence: int
+    queries: int = 4
+    query_batch: int = 16
+    query_tokens: int = 128
+    rank: int = 32
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    query_chunk_bytes: int = QUERY_CHUNK_BYTES
+
+
+def saved_bytes(model: PreTrainedModel, length: int) -> int:
+    """Bytes autograd keeps for the backward of one sequence of ``length`` tokens, as the capture runs it
+    (parameters frozen, the graph starting at the embeddings, the output layer applied apart). Weights and
+    buffers that the backward reads are the model's own, not activations: they are not counted."""
+    storages: dict[int, int] = {}
+    owned = {tensor.untyped_storage().data_ptr() for tensor in (*model.parameters(), *model.buffers())}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in owned:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    device = next(model.parameters()).device
+    ids = torch.arange(1, length + 1, device=device).remainder(model.get_input_embeddings().num_embeddings).unsqueeze(0)
+    tracked = find_tracked_modules(model)
+    with GradientCapture(model, tracked, lambda *args: None), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        with identity_output_layer(model):
+            model(input_ids=ids)
+    return sum(storages.values())
+
+
+def model_shape(model: PreTrainedModel, probe: tuple[int, int, int] = (32, 64, 128)) -> ModelShape:
+    """The shape of ``model`` (its blocks as they are), with ``s_1, s_2`` from three probe lengths."""
+    tracked = find_tracked_modules(model)
+    block_names = {name for name, _ in model.named_parameters() if in_block(name)}
+    element = next(model.parameters()).element_size()
+    block_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n in block_names)
+    outer_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n not in block_names)
+    blocks = int(getattr(model.config, "num_hidden_layers", 1))
+    # saved(T) = s_0 + L (s_1 T + s_2 T^2): three lengths give the three coefficients (s_0: buffers
+    # made once per pass, such as a rotary table).
+    lengths = torch.tensor(probe, dtype=torch.float64)
+    saved = torch.tensor([float(saved_bytes(model, length)) for length in probe], dtype=torch.float64)
+    _, per_token, per_pair = torch.linalg.solve(torch.stack([torch.ones(3, dtype=torch.float64), lengths, lengths**2], 1),
+                                                saved).tolist()
+    per_pair = max(0.0, per_pair)
+    per_block_modules = len(tracked) // blocks
+    return ModelShape(
+        outer_weight_bytes=outer_bytes,
+        block_weight_bytes=block_bytes // blocks,
+        blocks=blocks,
+        block_modules=tuple(ModuleShape(m.d_in_augmented, m.d_out) for m in tracked[:per_block_modules]),
+        hidden=model.get_input_embeddings().embedding_dim,
+        vocabulary=model.get_output_embeddings().out_features,
+        element_bytes=element,
+        saved_per_token=per_token / blocks,
+        saved_per_token_pair=per_pair / blocks,
+        capture_copies=any(m.bias for m in tracked) or element != FACTOR_BYTES,
+        block_parameters=sum(p.numel() for n, p in model.named_parameters() if n in block_names) // blocks,
+    )
+
+
+def head_chunk_positions(shape: ModelShape, run: RunShape) -> int:
+    return max(1, run.chunk_bytes // (FACTOR_BYTES * shape.vocabulary))
+
+
+def forward_backward_bytes(shape: ModelShape, batch: int, sequence: int, run: RunShape, labels: str) -> float:
+    """``F(B, T)``: activations kept, one block's gradients, the hidden state's gradient, a head chunk,
+    the capture's copies of module inputs."""
+    tokens = batch * sequence
+    activations = shape.blocks * (shape.saved_per_token * tokens + shape.saved_per_token_pair * batch * sequence**2)
+    backward = shape.saved_per_token * tokens
+    hidden_gradient = 2 * tokens * shape.hidden * FACTOR_BYTES
+    head = HEAD_CHUNK_COPIES[labels] * min(head_chunk_positions(shape, run), tokens) * shape.vocabulary * FACTOR_BYTES
+    copies = tokens * sum(m.d_in for m in shape.modules) * FACTOR_BYTES if shape.capture_copies else 0
+    return activations + backward + hidden_gradient + head + copies
+
+
+def stage_bytes(shape: ModelShape, run: RunShape) -> dict[str, float]:
+    """Predicted peak bytes above the process's baseline, per stage (names as the scale benchmark marks them)."""
+    f = FACTOR_BYTES
+    modules = shape.modules
+    weights = shape.weight_bytes
+    tokens = run.batch * run.sequence
+    covariances = sum(m.d_in**2 + m.d_out**2 for m in modules) * f
+    eigenvalues = sum(m.d_out * m.d_in for m in modules) * f
+    eigen_form = covariances + eigenvalues
+    fit_pass = forward_backward_bytes(shape, run.batch, run.sequence, run, "sampled")
+    score_pass = forward_backward_bytes(shape, run.batch, run.sequence, run, "data")
+    query_pass = forward_backward_bytes(shape, min(run.query_batch, run.queries), run.query_tokens, run, "data")
+    query_factors = run.queries * run.rank * sum(m.d_in + m.d_out for m in modules) * f
+    rows = max(1, run.query_chunk_bytes // (max(m.d_out * m.d_in for m in modules) * f))
+    rows = min(rows, run.queries, run.query_batch)
+    return {
+        "load model": weights,
+        "covariance pass": weights + fit_pass + covariances + max(tokens * (m.d_in + m.d_out) for m in modules) * f,
+        "eigendecomposition": weights + 2 * covariances + max(EIGH_BYTES_PER_SQUARE * max(m.d_in, m.d_out) ** 2 for m in modules),
+        "eigenvalue pass": weights + fit_pass + 2 * covariances + eigenvalues
+        + max((tokens * (2 * m.d_in + m.d_out) + m.d_out * m.d_in) * f for m in modules),
+        "load store": weights + eigen_form,
+        "query gradients": weights + eigen_form + query_pass + query_factors + max(2 * rows * m.d_out * m.d_in * f for m in modules),
+        "candidate pass": weights + eigen_form + query_factors + score_pass + 3 * tokens * run.queries * run.rank * f,
+        "token scores": weights + eigen_form + query_factors + score_pass + 4 * tokens * run.queries * run.rank * f,
+    }
+
+
+def stage_multiply_adds(shape: ModelShape, run: RunShape) -> dict[str, float]:
+    """Multiply-adds of the matrix products of each stage (the forward is ``P_block`` per token per block
+    plus ``T H`` for attention scores and values, the capture's backward as much again, the output
+    layer ``H V`` per target position each way)."""
+    tokens = run.batch * run.sequence
+    modules = shape.modules
+
+    def forward_backward(batch: int, sequence: int, targets: int) -> float:
+        per_token = shape.blocks * (shape.block_parameters + 2 * sequence * shape.hidden)
+        return 2 * batch * sequence * per_token + 2 * targets * shape.hidden * shape.vocabulary
+
+    fit_pass = forward_backward(run.batch, run.sequence, tokens)
+    rotations = tokens * sum(m.d_in**2 + m.d_out**2 for m in modules)
+    query_tokens = run.queries * run.query_tokens
+    return {
+        "covariance pass": fit_pass + rotations,
+        "eigenvalue pass": fit_pass + rotations + tokens * sum(m.d_in * m.d_out for m in modules),
+        "query gradients": forward_backward(run.queries, run.query_tokens, query_tokens // 2)
+        + query_tokens * sum(m.d_in**2 + m.d_out**2 + m.d_in * m.d_out for m in modules),
+        "candidate pass": fit_pass + tokens * run.queries * run.rank * sum(m.d_in + m.d_out for m in modules),
+        "plain forward+backward": 1.5 * fit_pass,
+    }
+
+
+def eigendecomposition_cubes(shape: ModelShape) -> float:
+    """``sum_m (i_m^3 + o_m^3)``: eigendecomposition time is ``c`` times this."""
+    return float(sum(m.d_in**3 + m.d_out**3 for m in shape.modules))
+
+
+def measured_throughput(size: int = 2048, dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
+    """Multiply-adds per second of a (size x size) matrix product on this machine (median of 3)."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    timings = []
+    for _ in range(3):
+        started = time.perf_counter()
+        _ = a @ a
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - started)
+    return size**3 / sorted(timings)[1]
+
+
+def measured_eigh_constant(size: int = 2048) -> float:
+    """``c`` in ``seconds = c d^3`` of a float64 symmetric eigendecomposition with vectors on this machine."""
+    a = torch.randn(size, size, dtype=torch.float64)
+    symmetric = a @ a.T
+    started = time.perf_counter()
+    torch.linalg.eigh(symmetric)
+    return (time.perf_counter() - started) / size**3
