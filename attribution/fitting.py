@@ -82,7 +82,7 @@ def run_fit(
         parts = fit_on_ray(model_settings, data_settings, factor_settings, cluster)
         factors = parts[0].factors
         skips = [skip for part in parts for skip in part.skips]
-        record.config["workers"] = [{"peak_memory_mib": round(part.peak_memory_mib, 1),
+        record.config["workers"] = [{"node": part.node, "peak_memory_mib": round(part.peak_memory_mib, 1),
                                      "parameters_held": part.parameters_held} for part in parts]
     else:
         fit = fit_store(model_settings, data_settings, factor_settings, progress=progress)

@@ -191,9 +191,12 @@ def listening_socket(host: str) -> socket.socket:
     return socket.create_server((host, 0), family=_family(host), backlog=128)
 
 
-def check_rendezvous_reach(listen: str, worker_nodes: list[str]) -> None:
-    """Workers on several machines cannot meet on loopback: say which setting opens it."""
-    machines = len(set(worker_nodes))
+def check_rendezvous_reach(listen: str, worker_addresses: list[str]) -> None:
+    """Workers on several machines cannot meet on loopback: say which setting opens it.
+
+    A machine is a Ray node address: several nodes on one address (one machine) share its loopback.
+    """
+    machines = len(set(worker_addresses))
     if machines > 1 and listen != "node" and ipaddress.ip_address(listen).is_loopback:
         raise SettingsError(
             f"cluster.listen={listen}: the fit workers run on {machines} machines, which cannot reach a rendezvous "
@@ -201,27 +204,51 @@ def check_rendezvous_reach(listen: str, worker_nodes: list[str]) -> None:
         )
 
 
+def worker_host(rendezvous: str, rank: int) -> str:
+    """The address of a fit worker's own connections (gloo).
+
+    Rank 0 listens on the rendezvous address, and so does every worker when it is loopback
+    (they are all on that machine: :func:`check_rendezvous_reach`). Otherwise it may be another
+    machine's address, so the worker uses its own Ray node's address.
+    """
+    if rank == 0 or ipaddress.ip_address(rendezvous).is_loopback:
+        return rendezvous
+    return ray.util.get_node_ip_address()
+
+
+def interface_of(address: str) -> str | None:
+    """The network interface of this machine that holds ``address`` (None when none does)."""
+    import psutil
+
+    for name, entries in psutil.net_if_addrs().items():
+        if any(entry.address.split("%")[0] == address for entry in entries):
+            return name
+    return None
+
+
 def init_process_group(rank: int, world_size: int, host: str, port: int, listener: socket.socket | None,
-                       use_gpu: bool) -> None:
+                       use_gpu: bool, own_host: str | None = None) -> None:
     """Join the workers' torch.distributed group through a TCP store at ``host:port``.
 
-    Rank 0 serves the store on ``listener`` (bound to ``host`` only); gloo's own connections
-    use a device bound to ``host`` too, and NCCL's bootstrap stays on the loopback interface
-    when ``host`` is loopback (unless NCCL_SOCKET_IFNAME says otherwise).
+    Rank 0 serves the store on ``listener`` (bound to ``host`` only). Gloo's own connections use
+    the interface of ``own_host`` (this worker's address, ``host`` by default): torch builds the
+    gloo device itself (a device given in ``pg_options`` is ignored), from GLOO_SOCKET_IFNAME, or
+    else from the address the machine's host name resolves to, which need not be ``own_host``.
+    NCCL's bootstrap stays on the loopback interface when that is loopback. A variable the user
+    set is kept.
     """
     import torch.distributed as dist
 
+    local = own_host or host
+    interface = interface_of(local)
+    if interface is not None and not use_gpu:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+    if interface is not None and use_gpu and ipaddress.ip_address(local).is_loopback:
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
     fd = listener.detach() if listener is not None else None
     store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=STORE_TIMEOUT,
                           wait_for_workers=False, master_listen_fd=fd)
-    if use_gpu:
-        if ipaddress.ip_address(host).is_loopback:
-            os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
-        dist.init_process_group("nccl", store=store, rank=rank, world_size=world_size)
-        return
-    options = dist.ProcessGroupGloo._Options()
-    options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, pg_options=options)
+    dist.init_process_group("nccl" if use_gpu else "gloo", store=store, rank=rank, world_size=world_size)
 
 
 def _family(host: str) -> socket.AddressFamily:

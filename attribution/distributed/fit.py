@@ -23,6 +23,7 @@ from attribution.distributed.cluster import (
     prepare_worker_process,
     ray_session,
     rendezvous_host,
+    worker_host,
 )
 from attribution.progress import worker_progress
 from attribution.settings import ClusterSettings, DataSettings, FactorSettings, ModelSettings
@@ -50,10 +51,11 @@ class TorchCollective:
 
 @dataclass
 class WorkerFit:
-    """What one worker sends back: the factors (rank 0 only), its skips, and its footprint."""
+    """What one worker sends back: the factors (rank 0 only), its skips, its Ray node and its footprint."""
 
     factors: FactorSet | None
     skips: list[Skip]
+    node: str
     parameters_held: int
     peak_memory_mib: float
 
@@ -64,8 +66,8 @@ class FitWorker:
         prepare_worker_process()
         self.listener = None
 
-    def node(self) -> str:
-        return ray.get_runtime_context().get_node_id()
+    def node_address(self) -> str:
+        return ray.util.get_node_ip_address()
 
     def rendezvous(self, listen: str) -> tuple[str, int]:
         """Rank 0: open the store's socket on ``cluster.listen`` and say where it is."""
@@ -85,17 +87,18 @@ class FitWorker:
         shard_model: bool,
     ) -> WorkerFit:
         use_gpu = torch.cuda.is_available() and model_settings.device != "cpu"
-        init_process_group(rank, world_size, address, port, self.listener if rank == 0 else None, use_gpu)
+        init_process_group(rank, world_size, address, port, self.listener if rank == 0 else None, use_gpu,
+                           own_host=worker_host(address, rank))
         try:
             fit = fit_store(model_settings, data_settings, factor_settings, TorchCollective(),
                             progress=rank == 0, shard_model=shard_model)
         finally:
             dist.destroy_process_group()
-        peak = peak_memory_mib()
+        peak, node = peak_memory_mib(), ray.get_runtime_context().get_node_id()
         if rank != 0:
-            return WorkerFit(None, fit.skips, fit.parameters_held, peak)
+            return WorkerFit(None, fit.skips, node, fit.parameters_held, peak)
         on_cpu = {name: f.to("cpu", f.corrected_eigenvalues.dtype) for name, f in fit.factors.modules.items()}
-        return WorkerFit(FactorSet(fit.factors.manifest, on_cpu), fit.skips, fit.parameters_held, peak)
+        return WorkerFit(FactorSet(fit.factors.manifest, on_cpu), fit.skips, node, fit.parameters_held, peak)
 
 
 def fit_on_ray(
@@ -109,7 +112,7 @@ def fit_on_ray(
         options = {"num_cpus": cluster.cpus_per_worker, "num_gpus": cluster.gpus_per_worker}
         workers = [FitWorker.options(**options).remote() for _ in range(cluster.num_workers)]
         try:
-            check_rendezvous_reach(cluster.listen, ray.get([worker.node.remote() for worker in workers]))
+            check_rendezvous_reach(cluster.listen, ray.get([worker.node_address.remote() for worker in workers]))
             address, port = ray.get(workers[0].rendezvous.remote(cluster.listen))
             with worker_progress():
                 results = ray.get([

@@ -21,6 +21,9 @@ class ScoreWorker:
         prepare_worker_process()
         self.tasks = ScoreTasks(inputs, output_dir, candidates)
 
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def identity(self) -> StageIdentity:
         return self.tasks.identity()
 

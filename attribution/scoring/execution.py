@@ -122,15 +122,22 @@ class LocalExecutor:
                 schedule.failed(task)
         return failures
 
-    def peak_memory(self) -> list[float]:
+    def worker_records(self) -> list[dict]:
+        return []
+
+    def lost_workers(self) -> list[dict]:
         return []
 
 
 class RayExecutor:
     """A pool of ``cluster.num_workers`` actors, each loading the stages once.
 
-    A worker that dies is replaced by a fresh actor (calls to a restarting actor fail at once,
-    which would spend a task's retries in milliseconds) and its task goes back into the queue.
+    A worker that dies (or whose node is lost) is replaced by a fresh actor (calls to a restarting
+    actor fail at once, which would spend a task's retries in milliseconds) and its task goes back
+    into the queue, for the next worker that is free. The replacement takes tasks only once Ray has
+    placed and started it: on a cluster that lost a node there may be no room for it until the
+    cluster grows again, and a task handed to it would wait as long. A replacement that cannot
+    start leaves the pool smaller; when no worker is left, the tasks not yet done fail.
     """
 
     def __init__(self, inputs: ScoreInputs, output_dir: Path, candidates: Candidates | None) -> None:
@@ -144,9 +151,24 @@ class RayExecutor:
         self.max_retries = cluster.max_retries
         options = {"num_cpus": cluster.cpus_per_worker, "num_gpus": cluster.gpus_per_worker,
                    "runtime_env": {"env_vars": worker_environment()}}
-        self._start = lambda: ScoreWorker.options(**options).remote(inputs, str(output_dir), candidates)
+        self._create = lambda: ScoreWorker.options(**options).remote(inputs, str(output_dir), candidates)
+        # Each worker's Ray node, asked first: the answer also says the worker has started.
+        self._nodes: dict = {}
+        self._tasks_done: Counter = Counter()
+        self._lost: list = []
         self.workers = [self._start() for _ in range(cluster.num_workers)]
-        self._peaks: list[float] = []
+        self._records: list[dict] = []
+
+    def _start(self):
+        worker = self._create()
+        self._nodes[worker] = worker.node.remote()
+        return worker
+
+    def _node(self, worker) -> str | None:
+        try:
+            return self._ray.get(self._nodes[worker])
+        except self._ray.exceptions.RayError:  # died before it said
+            return None
 
     def _first(self, method: str):
         try:
@@ -170,22 +192,30 @@ class RayExecutor:
         retry: deque[Task] = deque()
         idle = list(self.workers)
         running: dict = {}
+        starting: dict = {}  # a replacement's node call -> the replacement
 
         def call(worker, task: Task):
             if isinstance(task, QueryTask):
                 return worker.compute_query_batch.remote(store, task.index)
             return worker.score_unit.remote(store, task, list(schedule.batches(task.group)))
 
+        def next_task() -> Task | None:
+            return retry.popleft() if retry else schedule.next()
+
         while True:
-            while idle:
-                task = retry.popleft() if retry else schedule.next()
-                if task is None:
-                    break
+            while idle and (task := next_task()) is not None:
                 worker = idle.pop()
                 running[call(worker, task)] = (task, worker)
-            if not running:
-                break
-            (done,), _ = ray.wait(list(running), num_returns=1)
+            if not running and (idle or not starting):
+                break  # every task done (replacements still waiting for room are not needed), or no worker left
+            (done,), _ = ray.wait([*running, *starting], num_returns=1)
+            if done in starting:
+                worker = starting.pop(done)
+                if self._node(worker) is None:
+                    self._lose(worker)
+                else:
+                    idle.append(worker)
+                continue
             task, worker = running.pop(done)
             try:
                 ray.get(done)
@@ -193,26 +223,51 @@ class RayExecutor:
                 cause = user_error_of(error)
                 if cause is not None:
                     raise cause from None
-                if isinstance(error, ray.exceptions.RayActorError):
-                    ray.kill(worker)
-                    self.workers.remove(worker)
-                    worker = self._start()
-                    self.workers.append(worker)
                 attempts[task] += 1
                 if attempts[task] <= self.max_retries:
                     retry.append(task)
                 else:
                     failures[task] = f"attempt {attempts[task]}: {type(error).__name__}: {error}"
                     schedule.failed(task)
+                if isinstance(error, ray.exceptions.RayActorError):
+                    self._lose(worker)
+                    replacement = self._start()
+                    self.workers.append(replacement)
+                    starting[self._nodes[replacement]] = replacement
+                    continue
             else:
+                self._tasks_done[worker] += 1
                 schedule.finished(task)
                 on_done(task)
             idle.append(worker)
-        self._peaks = ray.get([worker.peak_memory_mib.remote() for worker in self.workers])
+        while (task := next_task()) is not None:
+            failures[task] = "no worker left: every worker of the pool died and no replacement could start"
+            schedule.failed(task)
+        self._records = self._describe([worker for worker in self.workers if worker not in starting.values()])
         return failures
 
-    def peak_memory(self) -> list[float]:
-        return self._peaks
+    def _lose(self, worker) -> None:
+        self._ray.kill(worker)
+        self.workers.remove(worker)
+        self._lost.append(worker)
+
+    def _describe(self, started: list) -> list[dict]:
+        """Each started worker's node, tasks done and peak memory (one lost since its last task counts as lost)."""
+        records = []
+        for worker in started:
+            try:
+                peak = self._ray.get(worker.peak_memory_mib.remote())
+            except self._ray.exceptions.RayActorError:
+                self._lose(worker)
+                continue
+            records.append({"node": self._node(worker), "tasks": self._tasks_done[worker], "peak_memory_mib": round(peak, 1)})
+        return records
+
+    def worker_records(self) -> list[dict]:
+        return self._records
+
+    def lost_workers(self) -> list[dict]:
+        return [{"node": self._node(worker), "tasks": self._tasks_done[worker]} for worker in self._lost]
 
     def close(self) -> None:
         for worker in self.workers:

@@ -119,7 +119,8 @@ def score(inputs: ScoreInputs, output_dir: Path, config: dict[str, Any], shards:
             schedule = Schedule(plan.num_batches, inputs.score.query_batches_per_pass, run.written_batches(), run.release)
             failures = pool.run(schedule, store, run.done)
             run.progress.close()
-            record.config["workers"] = [{"peak_memory_mib": round(peak, 1)} for peak in pool.peak_memory()]
+            record.config["workers"] = pool.worker_records()
+            record.config["lost_workers"] = pool.lost_workers()
             record.lap("score")
             return run.finish(schedule, failures)
 

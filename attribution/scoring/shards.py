@@ -10,6 +10,7 @@ rows (a second forward and backward of just those documents), and last its compl
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -39,9 +40,11 @@ from attribution.scoring.topk import ORDINAL_STRIDE, KeptRows, TopK
 from attribution.settings import DataSettings, ScoreSettings
 
 NON_FINITE_DOCUMENT = "non-finite influence score (NaN or Inf in the document's gradient)"
-# Test-only fault injection: "<target>:<index>:<exit|raise>[:<flag file>]", the target a shard's
+# Test-only fault injection: "<target>:<index>:<exit|raise|hold>[:<flag file>]", the target a shard's
 # file name (index = document batch) or "query-batch" (index = query batch). With a flag file
-# the fault fires once (the file records that it did); without, on every attempt.
+# the fault fires once (the file records that it did); without, on every attempt. "hold" needs
+# the flag file: it writes this process's id there and waits until the process is killed (a
+# test kills its node at a known point of the run).
 FAULT_SWITCH = "ATTRIBUTION_TEST_FAULT"
 
 
@@ -225,7 +228,7 @@ def _already_recorded(skip: Skip) -> None:
 
 
 def inject_fault_for_tests(target: str, index: int) -> None:
-    """Exit or raise at ``target``/``index`` when the test switch names them (see FAULT_SWITCH)."""
+    """Exit, raise or hold at ``target``/``index`` when the test switch names them (see FAULT_SWITCH)."""
     switch = os.environ.get(FAULT_SWITCH)
     if not switch:
         return
@@ -235,8 +238,17 @@ def inject_fault_for_tests(target: str, index: int) -> None:
     if flag:
         if Path(flag[0]).exists():
             return
+        if mode == "hold":
+            _hold_until_killed(Path(flag[0]))
         Path(flag[0]).touch()
     if mode == "exit":
         os._exit(17)
     raise RuntimeError(f"injected test fault in {target} at {index}")
 
+
+def _hold_until_killed(flag: Path) -> None:
+    """Say which process holds (its id in ``flag``, written whole) and wait for it to be killed."""
+    staged = flag.with_name(f"{flag.name}.partial")
+    staged.write_text(str(os.getpid()))
+    staged.replace(flag)
+    threading.Event().wait()

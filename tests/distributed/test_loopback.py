@@ -16,6 +16,7 @@ import pytest
 from attribution.distributed.cluster import (
     free_port,
     init_process_group,
+    interface_of,
     listening_socket,
 )
 from attribution.settings import ClusterSettings, SettingsError
@@ -79,9 +80,13 @@ def test_a_fit_job_on_local_ray_listens_on_loopback_only(tmp_path):
     assert "Token authentication" not in errors and "WARNING" not in errors, errors[-2000:]
 
 
-def test_the_rendezvous_store_and_gloo_listen_on_the_chosen_address_only():
+def test_the_rendezvous_store_and_gloo_listen_on_the_chosen_address_only(monkeypatch):
+    """Gloo's device follows GLOO_SOCKET_IFNAME (torch ignores one given in pg_options), so the
+    interface of the chosen address is named there; without it gloo would take the address the
+    host name resolves to (loopback on this test machine, often not elsewhere)."""
     import torch.distributed as dist
 
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
     before = listeners(psutil.Process())  # other tests of this process may have left some
     listener = listening_socket("127.0.0.1")
     port = listener.getsockname()[1]
@@ -90,8 +95,15 @@ def test_the_rendezvous_store_and_gloo_listen_on_the_chosen_address_only():
         opened = listeners(psutil.Process()) - before
         assert any(p == port for _, _, p in opened)
         assert all(is_loopback(address) for _, address, _ in opened), opened
+        loopback = {name for name, entries in psutil.net_if_addrs().items() if any(e.address == "127.0.0.1" for e in entries)}
+        assert os.environ["GLOO_SOCKET_IFNAME"] in loopback
     finally:
         dist.destroy_process_group()
+
+
+def test_the_interface_of_an_address():
+    assert interface_of("127.0.0.1") in {name for _, name in socket.if_nameindex()}
+    assert interface_of("203.0.113.7") is None  # TEST-NET-3: on no interface
 
 
 def test_free_port_binds_loopback():
@@ -101,9 +113,24 @@ def test_free_port_binds_loopback():
 
 
 def test_workers_on_several_machines_are_told_to_open_the_rendezvous():
+    """A machine is a node address: several Ray nodes on one address share its loopback."""
     from attribution.distributed.cluster import check_rendezvous_reach
 
-    check_rendezvous_reach("127.0.0.1", ["node-a", "node-a"])
-    check_rendezvous_reach("node", ["node-a", "node-b"])
+    check_rendezvous_reach("127.0.0.1", ["10.0.0.1", "10.0.0.1"])
+    check_rendezvous_reach("127.0.0.1", ["127.0.0.1", "127.0.0.1"])
+    check_rendezvous_reach("node", ["10.0.0.1", "10.0.0.2"])
     with pytest.raises(SettingsError, match="cluster.listen=127.0.0.1: the fit workers run on 2 machines.*cluster.listen=node"):
-        check_rendezvous_reach(ClusterSettings().listen, ["node-a", "node-b"])
+        check_rendezvous_reach(ClusterSettings().listen, ["10.0.0.1", "10.0.0.2"])
+
+
+def test_each_worker_binds_its_own_address(monkeypatch):
+    """Rank 0 listens on the rendezvous address; another worker cannot bind another machine's
+    address, so off loopback it binds its own node's."""
+    import ray
+
+    from attribution.distributed.cluster import worker_host
+
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.0.9")
+    assert worker_host("10.0.0.1", 0) == "10.0.0.1"
+    assert worker_host("10.0.0.1", 1) == "10.0.0.9"
+    assert worker_host("127.0.0.1", 1) == "127.0.0.1"
