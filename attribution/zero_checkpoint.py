@@ -12,7 +12,7 @@ Trainer does so; by hand, ``model.config.save_pretrained(folder)`` and
 
 Loading: the model is built from ``config.json`` with its parameters on the meta device (no
 memory), DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` reassembles the partitions
-(lazily: one parameter at a time is made whole), and each whole tensor becomes the model's
+(lazily for ZeRO-3: one parameter at a time is made whole), and each whole tensor becomes the model's
 parameter as it is (``load_state_dict(assign=True)``): no random initialisation and no copy into
 it, so once loaded the host holds one copy of the weights (about two at the peak while DeepSpeed
 reads the files). Tied weights (an unembedding that shares the embedding) are tied again afterwards, as
