@@ -76,21 +76,43 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a local directory, in eval mode (no dropout).
 
+    The weights come from the directory's weights file (``from_pretrained``) or, when it has
+    none, from a DeepSpeed ZeRO checkpoint in it (:mod:`attribution.zero_checkpoint`).
+
     Checked, not assumed: the model must attend causally (an encoder such as BERT also loads
     as a "causal LM" head, with bidirectional attention) and the tokenizer must have a
     vocabulary that fits the model's embedding; otherwise ModelError naming the directory.
     """
+    # Imported here: it imports ModelError from this module.
+    from attribution.zero_checkpoint import has_weight_files, is_zero_checkpoint, load_zero_checkpoint
+
     directory = Path(path)
     if not directory.is_dir():
         raise ModelError(f"model directory {directory} does not exist")
+    zero = is_zero_checkpoint(directory)
     if not (directory / "config.json").is_file():
+        if zero:
+            raise ModelError(
+                f"model directory {directory} is a DeepSpeed ZeRO checkpoint without config.json: save the model's config and "
+                "tokenizer into it (model.config.save_pretrained, tokenizer.save_pretrained), as the Hugging Face Trainer does"
+            )
         raise ModelError(f"model directory {directory} has no config.json")
     _check_config(directory)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            directory, local_files_only=True, trust_remote_code=trust_remote_code, dtype=dtype
+    if not zero and not has_weight_files(directory):
+        raise ModelError(
+            f"model directory {directory} has no weights: no model.safetensors or pytorch_model.bin (or their sharded index), "
+            "and no DeepSpeed ZeRO checkpoint ('latest' and a global_step* folder)"
         )
+    try:
+        if zero:
+            model = load_zero_checkpoint(directory, trust_remote_code, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                directory, local_files_only=True, trust_remote_code=trust_remote_code, dtype=dtype
+            )
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=trust_remote_code)
+    except ModelError:
+        raise
     except (OSError, ValueError) as error:
         if "trust_remote_code" in str(error) and not trust_remote_code:
             raise ModelError(

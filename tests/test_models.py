@@ -77,6 +77,14 @@ def test_load_model_errors_name_the_directory(tmp_path):
         load_model(tmp_path)
 
 
+def test_a_folder_without_weights_is_refused(tmp_path):
+    folder = save_tiny_lm(tmp_path / "lm", ["the cat sat"])
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match=rf"^model directory {folder} has no weights: no model.safetensors or pytorch_model.bin "
+                                         r"\(or their sharded index\), and no DeepSpeed ZeRO checkpoint"):
+        load_model(folder)
+
+
 def test_every_supported_architecture_passes_the_causality_check(architecture):
     check_causal(tiny_model(architecture), "tiny")
 
