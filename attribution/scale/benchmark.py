@@ -5,9 +5,11 @@ plain forward+backward of the same batches (the floor)."""
 from __future__ import annotations
 
 import gc
+import json
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ from attribution.refine.inverse import StageInverse
 from attribution.refine.sample import sample_batches
 from attribution.scale.memory_model import (
     ModelShape,
+    ModuleShape,
     RunShape,
     eigendecomposition_cubes,
     measured_eigh_constant,
@@ -32,11 +35,41 @@ from attribution.scale.memory_model import (
     stage_multiply_adds,
 )
 from attribution.scale.peaks import StagePeaks
-from attribution.scale.rehearsal import build_model_directory, rehearsal, write_corpus, write_queries
+from attribution.scale.rehearsal import REHEARSALS, build_model_directory, rehearsal, write_corpus, write_queries
 from attribution.scoring.candidates import CandidateScorer
 from attribution.scoring.query_files import concatenate
 from attribution.scoring.stages import Stages
-from attribution.settings import RefineSettings
+from attribution.settings import RefineSettings, SettingsError
+
+
+@dataclass(frozen=True)
+class ScaleSettings:
+    """``scale.*`` of conf/scale.yaml, checked when the job starts."""
+
+    models: tuple[str, ...]
+    documents: int
+    batch_size: int
+    sequence: int
+    queries: int
+    query_batch_size: int
+    query_tokens: int
+    rank: int
+    device: str
+
+    def __post_init__(self) -> None:
+        for name in self.models:
+            if name not in REHEARSALS:
+                raise SettingsError(f"scale.models: unknown rehearsal model {name!r}; known: {', '.join(REHEARSALS)}")
+        for key in ("documents", "batch_size", "sequence", "queries", "query_batch_size", "query_tokens", "rank"):
+            if getattr(self, key) < 1:
+                raise SettingsError(f"scale.{key} must be at least 1, got {getattr(self, key)}")
+        if self.query_tokens < 2:
+            raise SettingsError("scale.query_tokens must be at least 2 (a prompt and a completion token)")
+
+    @property
+    def run(self) -> RunShape:
+        return RunShape(batch=self.batch_size, sequence=self.sequence, queries=self.queries, query_batch=self.query_batch_size,
+                        query_tokens=self.query_tokens, rank=self.rank)
 
 
 @dataclass
@@ -134,3 +167,28 @@ def format_rehearsal(result: Rehearsed) -> str:
     lines.append(f"  candidate pass throughput / plain forward+backward: {result.candidate_over_floor:.2f}")
     return "\n".join(lines)
 
+
+def run_scale(settings: ScaleSettings, output_dir: Path, say: Callable[[str], None]) -> list[Rehearsed]:
+    """Every rehearsal of ``settings.models``, each kept in ``output_dir/<model>.json`` when it ends: a
+    rerun with the same settings skips the models already measured."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in settings.models:
+        record = output_dir / f"{name}.json"
+        if record.is_file() and json.loads(record.read_text()).get("settings") == json.loads(json.dumps(asdict(settings))):
+            result = _rehearsed_from(json.loads(record.read_text()))
+        else:
+            say(f"rehearsing {name} ({rehearsal(name).stands_for}) ...")
+            result = rehearse(name, output_dir / "rehearsal", settings.run, settings.documents, settings.device)
+            record.write_text(json.dumps({"settings": asdict(settings), "result": asdict(result)}, indent=2) + "\n")
+        say(format_rehearsal(result))
+        results.append(result)
+    return results
+
+
+def _rehearsed_from(raw: dict) -> Rehearsed:
+    result = raw["result"]
+    shape = result["shape"]
+    shape["block_modules"] = tuple(ModuleShape(**m) for m in shape["block_modules"])
+    return Rehearsed(result["model"], [StageRow(**row) for row in result["rows"]], ModelShape(**shape),
+                     result["candidate_over_floor"], result["baseline_gib"])

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[2]
 JOBS = ("fit_factors", "score", "pipeline", "build_index", "report", "sweep", "evaluate", "benchmark",
-        "worker_scaling", "multi_stage_study", "validate_counterfactual", "query_benchmark", "sketch_benchmark")
+        "worker_scaling", "multi_stage_study", "validate_counterfactual", "query_benchmark", "sketch_benchmark", "scale")
 
 
 def run_job(name: str, *overrides: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> tuple[subprocess.CompletedProcess, float]:
