@@ -3,7 +3,8 @@
 A *tracked module* is a linear map ``s = W a (+ b)`` inside the transformer blocks.
 Its gradients are always handled in the ``(d_out, d_in')`` layout of ``torch.nn.Linear``
 with the bias as an extra input column (``d_in' = d_in + 1``), also for GPT-2's
-``Conv1D``, whose weight is stored transposed.
+``Conv1D``, whose weight is stored transposed, and for one expert of a fused
+mixture-of-experts layer, whose weight is a slice of a 3-D parameter (:mod:`attribution.experts`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +27,12 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from attribution.errors import UserError
+from attribution.experts import ExpertLinear, expert_views, is_fused_experts
 
 # A module inside a block has a numeric path component: "gpt_neox.layers.3.mlp.dense_h_to_4h".
 _BLOCK_COMPONENT = re.compile(r"\.\d+\.")
+# The names a mixture-of-experts block gives the router beside its experts.
+_ROUTER_NAMES = ("gate", "router")
 _CONFIG_KEYS_NOT_FINGERPRINTED = ("_name_or_path", "transformers_version", "torch_dtype", "dtype")
 _TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt",
                               "tokenizer.model", "spiece.model", "special_tokens_map.json"})
@@ -35,6 +40,22 @@ _TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "vocab.
 
 class ModelError(UserError, ValueError):
     """A model directory that cannot be loaded, or a module selection that matches nothing."""
+
+
+@dataclass(frozen=True)
+class ParameterSlice:
+    """Where a tracked weight or bias is stored: ``parameter`` itself, or its ``index``-th slice along
+    the first dimension (one expert of a fused parameter); ``transposed``: a weight stored (d_in, d_out)."""
+
+    parameter: nn.Parameter
+    index: int | None = None
+    transposed: bool = False
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This piece of ``tensor``, shaped (..., *parameter.shape), in the (d_out, d_in) or (d_out,) layout."""
+        if self.index is not None:
+            tensor = tensor.select(tensor.dim() - self.parameter.dim(), self.index)
+        return tensor.mT if self.transposed else tensor
 
 
 @dataclass(frozen=True)
@@ -54,18 +75,29 @@ class TrackedModule:
 
     @property
     def transposed(self) -> bool:
-        """GPT-2's Conv1D stores its weight as (d_in, d_out)."""
-        return isinstance(self.module, Conv1D)
+        """GPT-2's Conv1D, and the experts of some fused layers (gpt-oss), store the weight as (d_in, d_out)."""
+        return isinstance(self.module, Conv1D) or (isinstance(self.module, ExpertLinear) and self.module.transposed)
+
+    @property
+    def storage(self) -> tuple[ParameterSlice, ...]:
+        """Where the weight, then the bias if any, are stored."""
+        if isinstance(self.module, ExpertLinear):
+            index, weight, bias = self.module.expert, self.module.fused_weight, self.module.fused_bias
+        else:
+            index, weight, bias = None, self.module.weight, self.module.bias
+        pieces = (ParameterSlice(weight, index, self.transposed),)
+        return pieces + (ParameterSlice(bias, index),) if self.bias else pieces
 
     def weight_gradient(self) -> torch.Tensor:
         """The accumulated ``.grad`` of weight and bias as one (d_out, d_in') matrix."""
-        weight_grad = self.module.weight.grad
-        if weight_grad is None:
-            raise ModelError(f"module {self.name} has no accumulated gradient")
-        matrix = weight_grad.T if self.transposed else weight_grad
+        gradients = []
+        for piece in self.storage:
+            if piece.parameter.grad is None:
+                raise ModelError(f"module {self.name} has no accumulated gradient")
+            gradients.append(piece.take(piece.parameter.grad))
         if self.bias:
-            matrix = torch.cat([matrix, self.module.bias.grad.unsqueeze(1)], dim=1)
-        return matrix
+            return torch.cat([gradients[0], gradients[1].unsqueeze(1)], dim=1)
+        return gradients[0]
 
 
 def load_model(
@@ -191,8 +223,9 @@ def in_block(name: str) -> bool:
 
 
 def _as_tracked(name: str, module: nn.Module) -> TrackedModule | None:
-    if isinstance(module, nn.Linear):
-        return TrackedModule(name, module, module.in_features, module.out_features, module.bias is not None)
+    if isinstance(module, (nn.Linear, ExpertLinear)):
+        bias = module.bias is not None if isinstance(module, nn.Linear) else module.bias_name is not None
+        return TrackedModule(name, module, module.in_features, module.out_features, bias)
     if isinstance(module, Conv1D):
         d_in, d_out = module.weight.shape
         return TrackedModule(name, module, d_in, d_out, module.bias is not None)
@@ -205,23 +238,102 @@ def find_tracked_modules(model: nn.Module, selection: str = "all") -> list[Track
     ``all``: every linear map inside the transformer blocks (embeddings, unembedding and
     norms are outside or not linear); ``mlp``: those under an ``mlp`` submodule; anything
     else is a regular expression searched in the names of all linear modules.
+
+    A fused mixture-of-experts layer contributes one module per expert and projection,
+    ``...experts.<e>.gate_up_proj`` and ``...experts.<e>.down_proj`` (views installed on the
+    model on the first call, :mod:`attribution.experts`); its router never does (its gradient
+    flows through a discrete top-k choice). A mixture-of-experts layer of any other layout that
+    the selection covers is refused, never left out.
     """
-    linears = [tracked for name, module in model.named_modules() if (tracked := _as_tracked(name, module))]
-    if selection == "all":
-        chosen = [t for t in linears if _BLOCK_COMPONENT.search(t.name)]
-    elif selection == "mlp":
-        chosen = [t for t in linears if _BLOCK_COMPONENT.search(t.name) and ".mlp." in f".{t.name}."]
-    else:
-        try:
-            pattern = re.compile(selection)
-        except re.error as error:
-            raise ModelError(f"model.tracked_modules={selection!r} is not a valid regular expression: {error}") from error
-        chosen = [t for t in linears if pattern.search(t.name)]
+    selected = _selector(selection)
+    for name, module in list(model.named_modules()):
+        if is_fused_experts(module):
+            if module._is_expert_parallel:
+                raise ModelError(f"module {name} is sharded by expert parallelism; its experts can be tracked only whole, "
+                                 "on one device")
+            expert_views(module)
+    routers = _routers(model)
+    linears = [tracked for name, module in model.named_modules()
+               if not _inside(name, routers) and (tracked := _as_tracked(name, module))]
+    _refuse_untrackable_experts(model, selection, selected, routers)
+    chosen = [t for t in linears if selected(t.name)]
     if not chosen:
         names = ", ".join(t.name for t in linears[:8]) or "none: the model has no linear module"
         where = getattr(model, "name_or_path", "") or type(model).__name__
         raise ModelError(f"model.tracked_modules={selection!r} matches no linear module of {where} (some are: {names})")
     return chosen
+
+
+def _selector(selection: str) -> Callable[[str], bool]:
+    """Whether ``model.tracked_modules`` covers a module, by its name."""
+    if selection == "all":
+        return lambda name: bool(_BLOCK_COMPONENT.search(name))
+    if selection == "mlp":
+        return lambda name: bool(_BLOCK_COMPONENT.search(name)) and ".mlp." in f".{name}."
+    try:
+        pattern = re.compile(selection)
+    except re.error as error:
+        raise ModelError(f"model.tracked_modules={selection!r} is not a valid regular expression: {error}") from error
+    return lambda name: bool(pattern.search(name))
+
+
+def _inside(name: str, ancestors: set[str]) -> bool:
+    return any(name == ancestor or name.startswith(f"{ancestor}.") for ancestor in ancestors)
+
+
+def _routers(model: nn.Module) -> set[str]:
+    """Names of the routers: the ``gate``/``router`` (or ``*Router*`` class) beside each fused experts module."""
+    modules = dict(model.named_modules())
+    routers = set()
+    for name, module in modules.items():
+        if is_fused_experts(module) and "." in name:
+            parent = name.rsplit(".", 1)[0]
+            routers.update(f"{parent}.{child_name}" for child_name, child in modules[parent].named_children()
+                           if child_name in _ROUTER_NAMES or "Router" in type(child).__name__)
+    return routers
+
+
+def _refuse_untrackable_experts(model: nn.Module, selection: str, selected: Callable[[str], bool], routers: set[str]) -> None:
+    """ModelError for the first mixture-of-experts layer covered by the selection whose experts cannot be tracked.
+
+    Only the fused experts of the ``use_experts_implementation`` contract are tracked. Others are
+    recognised by name: a module called ``experts`` or ``*expert`` or of an ``*Expert*`` class,
+    that keeps matrices of its own (stacked experts: JetMoE, Llama 4, DBRX, fused shared experts)
+    or, unless it is a shared expert (which sees every token), holds modules with parameters (one
+    module per expert, each seeing only its routed tokens). In a model whose config counts
+    experts, so is any other parameter of three or more dimensions that stacks that many.
+    """
+    modules = dict(model.named_modules())
+    fused = {name for name, module in modules.items() if is_fused_experts(module)}
+    experts = _expert_count(model)
+    for name, module in modules.items():
+        if _inside(name, fused) or _inside(name, routers) or isinstance(module, nn.modules.conv._ConvNd):
+            continue
+        attribute, kind = name.rsplit(".", 1)[-1], type(module).__name__
+        matrices = [(n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+        if attribute.lower().endswith(("experts", "expert")) or "Expert" in kind:
+            shared = "shared" in f"{attribute}{kind}".lower()
+            untrackable = bool(matrices) or (not shared and any(True for _ in module.parameters()))
+        else:
+            matrices = [(n, shape) for n, shape in matrices if len(shape) >= 3 and shape[0] == experts]
+            untrackable = bool(matrices)
+        if untrackable and any(selected(n) for n in modules if _inside(n, {name})):
+            detail = f" ({matrices[0][0]} is one {matrices[0][1]} tensor)" if matrices else ""
+            raise ModelError(
+                f"model.tracked_modules={selection!r} covers {name} ({kind}), mixture-of-experts weights that cannot be "
+                f"tracked{detail}: only the fused experts of transformers' use_experts_implementation can; "
+                "leave them out with a model.tracked_modules regex that does not match them"
+            )
+
+
+def _expert_count(model: nn.Module) -> int | None:
+    """The number of experts a mixture-of-experts config declares, if any."""
+    config = getattr(model, "config", None)
+    for source in (config, getattr(config, "text_config", None)):
+        for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
+            if isinstance(value := getattr(source, key, None), int) and value > 1:
+                return value
+    return None
 
 
 def model_fingerprint(model: PreTrainedModel) -> str:

@@ -8,9 +8,12 @@ from transformers import (
     BloomConfig,
     GPT2Config,
     GPTNeoXConfig,
+    GptOssConfig,
     LlamaConfig,
+    MixtralConfig,
     PretrainedConfig,
     PreTrainedModel,
+    Qwen2MoeConfig,
 )
 
 from attribution.data.batching import TokenBatch
@@ -35,11 +38,36 @@ def tiny_config(architecture: str) -> PretrainedConfig:
 
 
 ARCHITECTURES = ("gpt_neox", "gpt2", "llama", "bloom")
+# Mixture-of-experts LMs (fused experts): Mixtral; Qwen2-MoE adds a shared expert that sees every
+# token; gpt-oss stores its experts transposed, with biases, gate and up interleaved.
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "gpt_oss")
+
+
+def tiny_moe_config(architecture: str = "mixtral", vocab_size: int = VOCAB, hidden_size: int = 16, intermediate_size: int = 12,
+                    num_layers: int = 2, num_experts: int = 4, top_k: int = 2) -> PretrainedConfig:
+    """Every block a mixture of ``num_experts`` experts, ``top_k`` per token (and attention)."""
+    shared = {"vocab_size": vocab_size, "hidden_size": hidden_size, "num_hidden_layers": num_layers, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "num_experts_per_tok": top_k, "max_position_embeddings": 64}
+    if architecture == "mixtral":
+        return MixtralConfig(**shared, intermediate_size=intermediate_size, num_local_experts=num_experts)
+    if architecture == "qwen2_moe":
+        return Qwen2MoeConfig(**shared, moe_intermediate_size=intermediate_size, shared_expert_intermediate_size=intermediate_size,
+                              num_experts=num_experts, decoder_sparse_step=1, mlp_only_layers=[])
+    if architecture == "gpt_oss":
+        return GptOssConfig(**shared, head_dim=hidden_size // 2, intermediate_size=intermediate_size, num_local_experts=num_experts,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    raise ValueError(architecture)
 
 
 def tiny_model(architecture: str = "gpt_neox", seed: int = 0, dtype: torch.dtype = torch.float64) -> PreTrainedModel:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(architecture))
+    return model.to(dtype).eval()
+
+
+def tiny_moe_model(architecture: str = "mixtral", seed: int = 0, dtype: torch.dtype = torch.float64) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_moe_config(architecture))
     return model.to(dtype).eval()
 
 
@@ -88,6 +116,20 @@ def save_tiny_lm(directory, texts: list[str], seed: int = 0):
     config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=16, max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0)
     model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def save_tiny_moe_lm(directory, texts: list[str], seed: int = 0, architecture: str = "mixtral", **sizes: int):
+    """A random mixture-of-experts LM (Mixtral by default: 4 experts, top-2, two blocks of width 16;
+    ``sizes`` are :func:`tiny_moe_config`'s) with a word-level tokenizer over ``texts``, saved like
+    a real model; the directory is returned. The benchmark's MoE rehearsal model is built with it."""
+    from attribution.demo.train import build_tokenizer
+
+    tokenizer = build_tokenizer(texts)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_moe_config(architecture, vocab_size=len(tokenizer), **sizes))
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

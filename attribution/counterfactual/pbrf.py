@@ -33,14 +33,15 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedModel
 
 from attribution.curvature.gauss_newton import only_these_require_grad
+from attribution.curvature.parameters import ParameterLayout
 from attribution.data.batching import TokenBatch, sequence_log_prob
-from attribution.models import TrackedModule
+from attribution.models import ModelError, TrackedModule
 
 LBFGS_HISTORY = 50
 
@@ -65,6 +66,31 @@ class PbrfResponse:
     solve: PbrfSolve
 
 
+def proximal_damping(tracked: Sequence[TrackedModule], damping: Mapping[str, float],
+                     parameters: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """lambda_m over the elements of each of ``parameters``: one number, or one per expert of a fused
+    experts parameter. L-BFGS moves whole parameters, so a fused one must have every expert tracked."""
+    by_slice: dict[int, dict[int | None, float]] = {}
+    names: dict[int, str] = {}
+    for module in tracked:
+        for piece in module.storage:
+            by_slice.setdefault(id(piece.parameter), {})[piece.index] = float(damping[module.name])
+            names.setdefault(id(piece.parameter), module.name)
+    result = []
+    for parameter in parameters:
+        slices = by_slice[id(parameter)]
+        if None in slices:
+            result.append(torch.tensor(slices[None], dtype=parameter.dtype, device=parameter.device))
+            continue
+        missing = sorted(set(range(parameter.shape[0])) - set(slices))
+        if missing:
+            raise ModelError(f"the PBRF moves a fused experts parameter whole, but model.tracked_modules leaves out "
+                             f"experts {missing} of the one {names[id(parameter)]} is part of: track all of its experts or none")
+        per_expert = torch.tensor([slices[e] for e in range(parameter.shape[0])], dtype=parameter.dtype, device=parameter.device)
+        result.append(per_expert.reshape(-1, *[1] * (parameter.dim() - 1)))
+    return result
+
+
 class ProximalObjective:
     """The PBRF objective of the module docstring on a float64 copy of the model."""
 
@@ -76,14 +102,9 @@ class ProximalObjective:
         # objective needs first derivatives only, which SDPA has, in float64 throughout.
         self.model.set_attn_implementation("sdpa")
         own = dict(self.model.named_modules())
-        self.modules = [own[m.name] for m in tracked]
-        self.parameters: list[torch.nn.Parameter] = []
-        self.damping: list[float] = []
-        for module, spec in zip(self.modules, tracked):
-            for parameter in (module.weight, module.bias):
-                if parameter is not None:
-                    self.parameters.append(parameter)
-                    self.damping.append(float(damping[spec.name]))
+        copies = [replace(m, module=own[m.name]) for m in tracked]
+        self.parameters: list[torch.nn.Parameter] = ParameterLayout(copies).parameters
+        self.damping = proximal_damping(copies, damping, self.parameters)
         self.module_damping = {spec.name: float(damping[spec.name]) for spec in tracked}
         self.start = [p.detach().clone() for p in self.parameters]
         self._start_log_prob = torch.zeros((), dtype=torch.float64)
@@ -121,7 +142,7 @@ class ProximalObjective:
         return total / self.num_sequences
 
     def proximity(self) -> torch.Tensor:
-        return sum(0.5 * damping * (parameter - start).square().sum()
+        return sum(0.5 * (damping * (parameter - start).square()).sum()
                    for parameter, start, damping in zip(self.parameters, self.start, self.damping))
 
     def log_prob(self, batch: TokenBatch) -> torch.Tensor:

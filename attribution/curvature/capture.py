@@ -33,7 +33,10 @@ class GradientCapture:
     """Context manager: during backward, ``callback(module, a, ds)`` runs once per tracked module.
 
     ``a`` is (B, T, d_in') with the bias column, ``ds`` is (B, T, d_out), both cast to
-    ``dtype``. Padding positions are not masked here: callers own the mask.
+    ``dtype``. Padding positions are not masked here: callers own the mask. A module that sees
+    the batch's tokens flattened, (B*T, d) (an expert's view, :mod:`attribution.experts`), is
+    reported in the same (B, T, d) layout; one that sees a different number of rows cannot be
+    placed in its sequences and is refused.
     """
 
     def __init__(
@@ -48,6 +51,7 @@ class GradientCapture:
         self.callback = callback
         self.dtype = dtype
         self._inputs: dict[str, torch.Tensor] = {}
+        self._tokens: torch.Size | None = None  # (B, T) of the current forward pass
         self._handles: list[RemovableHandle] = []
         self._requires_grad: dict[nn.Parameter, bool] = {}
 
@@ -75,6 +79,7 @@ class GradientCapture:
         # gradients to reach the tracked modules' outputs. A new forward pass also
         # forgets inputs of a previous pass that never ran backward.
         self._inputs.clear()
+        self._tokens = output.shape[:-1]
         output.requires_grad_(True)
 
     def _forward_hook(self, tracked: TrackedModule) -> Callable:
@@ -83,7 +88,8 @@ class GradientCapture:
                 return
             if tracked.name in self._inputs:
                 raise ModelError(f"module {tracked.name} ran twice in one forward pass; shared modules cannot be tracked")
-            self._inputs[tracked.name] = augment_with_bias(inputs[0].detach().to(self.dtype), tracked.bias)
+            layer_input = self._per_token(tracked, inputs[0].detach())
+            self._inputs[tracked.name] = augment_with_bias(layer_input.to(self.dtype), tracked.bias)
             output.register_hook(self._backward_hook(tracked))
 
         return hook
@@ -91,6 +97,18 @@ class GradientCapture:
     def _backward_hook(self, tracked: TrackedModule) -> Callable:
         def hook(grad_output: torch.Tensor) -> None:
             activations = self._inputs.pop(tracked.name)
-            self.callback(tracked, activations, grad_output.detach().to(self.dtype))
+            self.callback(tracked, activations, self._per_token(tracked, grad_output.detach()).to(self.dtype))
 
         return hook
+
+    def _per_token(self, tracked: TrackedModule, values: torch.Tensor) -> torch.Tensor:
+        """``values`` as (B, T, d): as they are, or unflattened from (B*T, d)."""
+        if self._tokens is None or values.shape[:-1] == self._tokens:
+            return values
+        if values.dim() == 2 and values.shape[0] == self._tokens.numel():
+            return values.unflatten(0, self._tokens)
+        raise ModelError(
+            f"module {tracked.name} saw {tuple(values.shape[:-1])} positions where the batch has {tuple(self._tokens)} tokens: "
+            "it sees only some of them (a routed expert?), so its gradient cannot be split by sequence; "
+            "leave it out with a model.tracked_modules regex"
+        )

@@ -2,7 +2,8 @@
 
 A vector is a (Q, P) tensor: Q columns (one per query), each the concatenation over
 tracked modules, in order, of the row-major (d_out, d_in') matrix
-``[W | b]`` of :meth:`TrackedModule.weight_gradient`. ``P = sum_m d_out d_in'``.
+``[W | b]`` of :meth:`TrackedModule.weight_gradient`. ``P = sum_m d_out d_in'``. The experts of a
+fused mixture-of-experts parameter are separate modules here, each its slice of that parameter.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ class ParameterLayout:
 
     @property
     def parameters(self) -> list[nn.Parameter]:
-        """Weight (and bias) of every tracked module, in layout order."""
-        result = []
+        """Every parameter that stores a tracked weight or bias, once, in layout order (a fused
+        experts parameter, which stores several tracked modules, where its first one is)."""
+        unique: dict[int, nn.Parameter] = {}
         for module in self.tracked:
-            result.append(module.module.weight)
-            if module.bias:
-                result.append(module.module.bias)
-        return result
+            for piece in module.storage:
+                unique.setdefault(id(piece.parameter), piece.parameter)
+        return list(unique.values())
 
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """(Q, P) -> {name: (Q, d_out, d_in')}, views of ``flat``."""
@@ -44,23 +45,29 @@ class ParameterLayout:
 
     def to_parameter_shapes(self, columns: torch.Tensor) -> list[torch.Tensor]:
         """(..., P) vectors as tensors shaped (..., *parameter.shape) like :attr:`parameters`
-        (Conv1D weights transposed back to their stored (d_in, d_out))."""
-        shaped = []
+        (Conv1D weights transposed back to their stored (d_in, d_out); the experts of a fused
+        parameter that are not tracked are zero)."""
+        shaped: dict[int, torch.Tensor] = {}
         for module, matrix in zip(self.tracked, self.split(columns).values()):
-            weight = matrix[..., : module.d_in]
-            shaped.append(weight.mT if module.transposed else weight)
-            if module.bias:
-                shaped.append(matrix[..., module.d_in])
-        return shaped
+            values = (matrix[..., : module.d_in], matrix[..., module.d_in]) if module.bias else (matrix,)
+            for piece, value in zip(module.storage, values):
+                stored = value.mT if piece.transposed else value
+                key = id(piece.parameter)
+                if piece.index is None:
+                    shaped[key] = stored
+                    continue
+                batch = stored.shape[: stored.dim() - piece.parameter.dim() + 1]
+                if key not in shaped:
+                    shaped[key] = stored.new_zeros(*batch, *piece.parameter.shape)
+                shaped[key].select(len(batch), piece.index).copy_(stored)
+        return [shaped[id(parameter)] for parameter in self.parameters]
 
     def from_parameter_shapes(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Tensors shaped (..., *parameter.shape) like :attr:`parameters` -> (..., P) vectors."""
-        pieces = iter(tensors)
+        by_parameter = {id(parameter): tensor for parameter, tensor in zip(self.parameters, tensors)}
         matrices = []
         for module in self.tracked:
-            weight = next(pieces)
-            matrix = weight.mT if module.transposed else weight
-            if module.bias:
-                matrix = torch.cat([matrix, next(pieces).unsqueeze(-1)], dim=-1)
+            weight, *bias = [piece.take(by_parameter[id(piece.parameter)]) for piece in module.storage]
+            matrix = torch.cat([weight, bias[0].unsqueeze(-1)], dim=-1) if bias else weight
             matrices.append(matrix.flatten(-2))
         return torch.cat(matrices, dim=-1)

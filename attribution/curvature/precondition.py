@@ -17,7 +17,7 @@ import torch
 
 from attribution.curvature.factors import ModuleFactors, default_damping
 from attribution.curvature.parameters import ParameterLayout
-from attribution.curvature.store import FactorSet
+from attribution.curvature.store import FactorSet, FactorStoreError
 
 
 class Preconditioner:
@@ -36,8 +36,11 @@ class Preconditioner:
         # The diagonal and identity strategies store identity bases: rotating by them is wasted work.
         self.rotates = self.strategy not in ("diagonal", "identity")
         for name, value in self.damping.items():
-            if self.strategy != "identity" and value <= 0 and bool((self.modules[name].corrected_eigenvalues <= 0).any()):
-                raise ValueError(f"module {name}: damping {value} leaves a zero or negative eigenvalue; use factors.damping > 0")
+            eigenvalues = self.modules[name].corrected_eigenvalues
+            if self.strategy != "identity" and value <= 0 and bool((eigenvalues <= 0).any()):
+                unseen = "" if eigenvalues.any() else " (all are 0: no token of the fit sample reached it, an expert its router never chose?)"
+                raise FactorStoreError(f"module {name}: damping {value} leaves a zero or negative eigenvalue{unseen}; "
+                                       "use factors.damping > 0")
 
     def with_damping_scaled(self, factor: float) -> Preconditioner:
         """The same factors with every module's damping multiplied by ``factor``."""

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,13 +27,14 @@ def run_job(name: str, *overrides: str, env: dict[str, str] | None = None, cwd: 
     return result, time.perf_counter() - started
 
 
-def tiny_inputs(root: Path) -> dict[str, str]:
-    """A saved tiny model, a two-shard corpus and two queries: overrides that keep the demo out."""
+def tiny_inputs(root: Path, save_model: Callable[..., Path] | None = None) -> dict[str, str]:
+    """A saved tiny model (``save_model(directory, texts)``, by default a GPT-NeoX), a two-shard corpus
+    and two queries: overrides that keep the demo out."""
     from tests.tiny import save_tiny_lm
 
     words = "the cat sat on a mat while dogs ran in parks near rivers".split()
     rows = [{"id": f"doc-{i}", "text": " ".join(words[i % 5:i % 5 + 6])} for i in range(10)]
-    model = save_tiny_lm(root / "model", [r["text"] for r in rows] + words)
+    model = (save_model or save_tiny_lm)(root / "model", [r["text"] for r in rows] + words)
     (root / "corpus").mkdir()
     pq.write_table(pa.Table.from_pylist(rows[:5]), root / "corpus" / "shard-0.parquet")
     pq.write_table(pa.Table.from_pylist(rows[5:]), root / "corpus" / "shard-1.parquet")
