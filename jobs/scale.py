@@ -16,7 +16,7 @@ def main(cfg: DictConfig) -> None:
 
     prepare_process()
     values = plain(cfg.scale)
-    settings = ScaleSettings(**{**values, "models": tuple(values["models"])})
+    settings = ScaleSettings(**{**values, "models": tuple(values["models"]), "projections": tuple(values["projections"])})
     run_scale(settings, Path(cfg.output_dir), say)
 
 

@@ -12,6 +12,7 @@ rotated back (see :meth:`Stages.query_factors`).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 
@@ -29,9 +30,11 @@ class Preconditioner:
         damping: float | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float64,
+        reload: Callable[[], FactorSet] | None = None,
     ) -> None:
         self.strategy = factors.manifest.strategy
-        self.modules: dict[str, ModuleFactors] = {name: f.to(device, dtype) for name, f in factors.modules.items()}
+        self._device, self._dtype, self._reload = device, dtype, reload
+        self._modules: dict[str, ModuleFactors] = {name: f.to(device, dtype) for name, f in factors.modules.items()}
         self.damping = {name: default_damping(f, self.strategy, damping) for name, f in self.modules.items()}
         # The diagonal and identity strategies store identity bases: rotating by them is wasted work.
         self.rotates = self.strategy not in ("diagonal", "identity")
@@ -41,6 +44,19 @@ class Preconditioner:
                 unseen = "" if eigenvalues.any() else " (all are 0: no token of the fit sample reached it, an expert its router never chose?)"
                 raise FactorStoreError(f"module {name}: damping {value} leaves a zero or negative eigenvalue{unseen}; "
                                        "use factors.damping > 0")
+
+    @property
+    def modules(self) -> dict[str, ModuleFactors]:
+        """Every module's factors, read again from the store if :meth:`release` let them go."""
+        if not self._modules and self._reload is not None:
+            self._modules.update({name: f.to(self._device, self._dtype) for name, f in self._reload().modules.items()})
+        return self._modules
+
+    def release(self) -> None:
+        """Let the factors go until they are next needed (the candidate pass needs only the queries' factors:
+        at 8B the eigen-form is about 130 GiB). Copies made by :meth:`with_damping_scaled` share them."""
+        if self._reload is not None:
+            self._modules.clear()
 
     def with_damping_scaled(self, factor: float) -> Preconditioner:
         """The same factors with every module's damping multiplied by ``factor``."""

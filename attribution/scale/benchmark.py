@@ -35,6 +35,7 @@ from attribution.scale.memory_model import (
     stage_multiply_adds,
 )
 from attribution.scale.peaks import StagePeaks
+from attribution.scale.projection import REAL_MODELS, format_projection, project, real_shape
 from attribution.scale.rehearsal import REHEARSALS, build_model_directory, rehearsal, write_corpus, write_queries
 from attribution.scoring.candidates import CandidateScorer
 from attribution.scoring.query_files import concatenate
@@ -55,11 +56,19 @@ class ScaleSettings:
     query_tokens: int
     rank: int
     device: str
+    projections: tuple[str, ...] = ()
+    corpus_tokens: float = 1e9
+    efficiency: float = 0.4
 
     def __post_init__(self) -> None:
         for name in self.models:
             if name not in REHEARSALS:
                 raise SettingsError(f"scale.models: unknown rehearsal model {name!r}; known: {', '.join(REHEARSALS)}")
+        for name in self.projections:
+            if name not in REAL_MODELS:
+                raise SettingsError(f"scale.projections: unknown model {name!r}; known: {', '.join(REAL_MODELS)}")
+        if not 0 < self.efficiency <= 1:
+            raise SettingsError(f"scale.efficiency must be in (0, 1], got {self.efficiency}")
         for key in ("documents", "batch_size", "sequence", "queries", "query_batch_size", "query_tokens", "rank"):
             if getattr(self, key) < 1:
                 raise SettingsError(f"scale.{key} must be at least 1, got {getattr(self, key)}")
@@ -183,6 +192,10 @@ def run_scale(settings: ScaleSettings, output_dir: Path, say: Callable[[str], No
             record.write_text(json.dumps({"settings": asdict(settings), "result": asdict(result)}, indent=2) + "\n")
         say(format_rehearsal(result))
         results.append(result)
+    for name in settings.projections:
+        shape = real_shape(name)
+        stages = project(shape, settings.run, settings.corpus_tokens, efficiency=settings.efficiency)
+        say(format_projection(name, shape, settings.run, stages, settings.corpus_tokens))
     return results
 
 

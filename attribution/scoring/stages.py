@@ -14,6 +14,7 @@ closed form or, with ``refine.method``, refined on its own stage's model and dat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,12 @@ class Stages:
     excluded_modules: list[dict[str, str]] = field(default_factory=list)
     # Per refined stage: the sample it was refined on (path, sequences, skips).
     refinement: dict[str, Any] = field(default_factory=dict)
+
+    def release_curvature(self) -> None:
+        """Let every stage's factors go until a query batch needs them again: the candidate pass reads only
+        the queries' rank-r factors."""
+        for inverse in self.inverses:
+            inverse.preconditioner.release()
 
     def query_factors(self, batch: TokenBatch, rank: int | None) -> QueryBatchFactors:
         """Preconditioned, rank-r compressed query gradients of one batch (on the query model's device).
@@ -212,10 +219,12 @@ def stage_inverse(
     sample_key: str,
     sample_path_setting: str | None,
     refinement: dict[str, Any],
+    reload: Callable[[], FactorSet] | None = None,
 ) -> StageInverse:
-    """One stage's inverse, with its refinement sample read when ``refine.method`` asks for one."""
+    """One stage's inverse, with its refinement sample read when ``refine.method`` asks for one; ``reload``
+    reads the factors again after :meth:`Stages.release_curvature`."""
     dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
-    preconditioner = Preconditioner(factors, damping, next(model.parameters()).device, dtype)
+    preconditioner = Preconditioner(factors, damping, next(model.parameters()).device, dtype, reload)
     sample = None
     if refine.enabled:
         if factors.manifest.strategy == "identity":
@@ -239,10 +248,11 @@ def single_stage(model_settings: ModelSettings, factor_settings: FactorSettings,
     model, tokenizer = _load(model_settings.path, model_settings, device)
     tracked = find_tracked_modules(model, model_settings.tracked_modules)
     fingerprint = model_fingerprint(model)
-    factors = load_factor_set(factor_settings, factor_settings.path or output_dir / "factors", tracked, fingerprint)
+    store = factor_settings.path or output_dir / "factors"
+    factors = load_factor_set(factor_settings, store, tracked, fingerprint)
     refinement: dict[str, Any] = {}
     inverse = stage_inverse("model", model, tokenizer, tracked, factors, factor_settings.damping, refine, "refine.data_path",
-                            refine.data_path, refinement)
+                            refine.data_path, refinement, lambda: load_factor_set(factor_settings, store, tracked, fingerprint))
     return Stages(model, tokenizer, model, tokenizer, tracked, tracked, [inverse], factors.manifest.strategy,
                   {"model": fingerprint}, {"model": inverse.preconditioner.damping}, refinement=refinement)
 
@@ -270,14 +280,17 @@ def multi_stage(
     if not tracked:
         raise SettingsError(f"fine-tuned model {finetune_settings.model_path} shares no tracked module with {model_settings.path}")
     fingerprints = {"model": model_fingerprint(pretrained), "finetuned_model": model_fingerprint(finetuned)}
-    pretrained_factors = load_factor_set(factor_settings, factor_settings.path or output_dir / "factors", tracked, fingerprints["model"])
+    pretrained_store = factor_settings.path or output_dir / "factors"
+    pretrained_factors = load_factor_set(factor_settings, pretrained_store, tracked, fingerprints["model"])
     finetuned_factors = load_factor_set(factor_settings, finetune_settings.factors_path, query_tracked, fingerprints["finetuned_model"])
     refinement: dict[str, Any] = {}
-    finetuned_inverse = stage_inverse("finetuned_model", finetuned, finetuned_tokenizer, query_tracked, finetuned_factors,
-                                      finetune_settings.damping, refine, "refine.finetune_data_path",
-                                      refine.finetune_data_path, refinement)
-    pretrained_inverse = stage_inverse("model", pretrained, pretrained_tokenizer, tracked, pretrained_factors,
-                                       factor_settings.damping, refine, "refine.data_path", refine.data_path, refinement)
+    finetuned_inverse = stage_inverse(
+        "finetuned_model", finetuned, finetuned_tokenizer, query_tracked, finetuned_factors, finetune_settings.damping, refine,
+        "refine.finetune_data_path", refine.finetune_data_path, refinement,
+        lambda: load_factor_set(factor_settings, finetune_settings.factors_path, query_tracked, fingerprints["finetuned_model"]))
+    pretrained_inverse = stage_inverse(
+        "model", pretrained, pretrained_tokenizer, tracked, pretrained_factors, factor_settings.damping, refine, "refine.data_path",
+        refine.data_path, refinement, lambda: load_factor_set(factor_settings, pretrained_store, tracked, fingerprints["model"]))
     method = "multi_stage_identity" if factor_settings.strategy == "identity" else "multi_stage"
     damping = {"model": pretrained_inverse.preconditioner.damping, "finetuned_model": finetuned_inverse.preconditioner.damping}
     return Stages(pretrained, pretrained_tokenizer, finetuned, finetuned_tokenizer, tracked, query_tracked,

@@ -91,6 +91,7 @@ class ScoreTasks:
     def _pass_queries(self, store: MarkerStore, group: int, batches: Sequence[int]) -> PassQueries:
         if self._pass is None or self._pass[0] != group:
             self._pass = None  # the previous pass's factors go before the next ones load
+            self.stages.release_curvature()
             parts = [load_query_factors(store.query_batch_path(index)) for index in batches]
             columns, start = [], 0
             for index, part in zip(batches, parts):

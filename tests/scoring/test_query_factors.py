@@ -71,3 +71,23 @@ def test_queries_taken_a_few_rows_at_a_time_give_the_same_factors_and_a_broken_o
     assert result.rejected == [queries.ids[0]] and result.factors.query_ids == list(queries.ids[1:])
     for name, expected in together.items():
         assert torch.allclose(result.factors.modules[name].dense(), expected.dense()[1:], rtol=1e-4, atol=1e-7), name
+
+
+def test_released_factors_are_read_again_when_a_query_batch_needs_them():
+    model, tracked, factors, queries = setup()
+    reads = []
+
+    def reload():
+        reads.append(1)
+        return factors
+
+    preconditioner = Preconditioner(factors, None, "cpu", torch.float32, reload)
+    query_stages = Stages(model, None, model, None, list(tracked), list(tracked),
+                          [StageInverse("model", model, tracked, preconditioner, RefineSettings())], "ekfac", {}, {})
+    before = query_stages.query_factors(queries, 4).factors
+    query_stages.release_curvature()
+    assert preconditioner._modules == {} and reads == []
+    after = query_stages.query_factors(queries, 4).factors
+    assert reads == [1] and set(preconditioner.modules) == {m.name for m in tracked}
+    for name, expected in before.modules.items():
+        assert torch.equal(after.modules[name].dense(), expected.dense()), name
