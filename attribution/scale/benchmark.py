@@ -17,7 +17,7 @@ import torch
 from attribution.benchmark import plain_forward_backward
 from attribution.curvature.fit import FitConfig, fit_factors
 from attribution.curvature.precondition import Preconditioner
-from attribution.curvature.store import load_factors, save_factors
+from attribution.curvature.store import FactorSet, load_factors, save_factors
 from attribution.data.batching import batch_queries
 from attribution.data.queries import read_queries
 from attribution.models import find_tracked_modules, load_model, model_fingerprint
@@ -128,8 +128,10 @@ def rehearse(name: str, root: Path, run: RunShape, documents: int, device: str =
         del factors
         gc.collect()
         peaks.stage("load store")
-        eigen_form = load_factors(store, tracked, fingerprint, covariances=False)
-        preconditioner = Preconditioner(eigen_form, None, device, torch.float32)
+        def eigen_form() -> FactorSet:
+            return load_factors(store, tracked, fingerprint, covariances=False)
+
+        preconditioner = Preconditioner(eigen_form(), None, device, torch.float32, eigen_form)
         stages = Stages(model, tokenizer, model, tokenizer, tracked, tracked,
                         [StageInverse("model", model, tracked, preconditioner, RefineSettings())], "ekfac", {}, {})
         peaks.stage("query gradients")
@@ -137,6 +139,7 @@ def rehearse(name: str, root: Path, run: RunShape, documents: int, device: str =
         query_batches = batch_queries(tokenizer, queries, run.query_batch, run.query_tokens + 1, lambda skip: None)
         query_factors = concatenate([stages.query_factors(batch, run.rank).factors for batch in query_batches])
         peaks.stage("candidate pass")
+        stages.release_curvature()
         scorer = CandidateScorer(model, tracked, query_factors, run.sequence, torch.float32, dense_budget_mib=2048)
         started = time.perf_counter()
         for batch in batches:

@@ -18,10 +18,10 @@ else is counted from the code:
 - eigendecomposition ``W + 2 sum_m (i_m^2 + o_m^2) f + max_m 32 d_m^2`` (one float64 copy, LAPACK's
   result and its ``2 d^2`` workspace, ``d_m = max(i_m, o_m)``);
 - eigenvalue pass ``W + F + 2 sum_m (i_m^2 + o_m^2) f + sum_m o_m i_m f + max_m (B T (2 i_m + o_m) + o_m i_m) f``;
-- scoring holds ``E = sum_m (i_m^2 + o_m^2 + o_m i_m) f`` (the eigen-form) and the query factors
-  ``R = Q r sum_m (i_m + o_m) f``; the query stage adds ``F(Q_b, T_q)`` and ``2 rows o_m i_m f``
-  (one chunk of queries in the eigenbasis); the candidate pass ``F(B, T)`` and ``3 B T Q r f`` (the
-  low-rank contraction's projections), token scores ``B T Q f`` more.
+- the query stage holds ``E = sum_m (i_m^2 + o_m^2 + o_m i_m) f`` (the eigen-form) and the query
+  factors ``R = Q r sum_m (i_m + o_m) f``, plus ``F(Q_b, T_q)`` and ``2 rows o_m i_m f`` (one chunk of
+  queries in the eigenbasis); the candidate pass lets ``E`` go and holds ``R``, ``F(B, T)`` and
+  ``3 B T Q r f`` (the low-rank contraction's projections); token scores ``B T Q f`` more.
 
 Multiply-adds count the matrix products; time divides them by a throughput measured on the machine
 (:func:`measured_throughput`), the eigendecompositions by their own (``c d^3``, ``c`` measured).
@@ -184,8 +184,8 @@ def stage_bytes(shape: ModelShape, run: RunShape) -> dict[str, float]:
         + max((tokens * (2 * m.d_in + m.d_out) + m.d_out * m.d_in) * f for m in modules),
         "load store": weights + eigen_form,
         "query gradients": weights + eigen_form + query_pass + query_factors + max(2 * rows * m.d_out * m.d_in * f for m in modules),
-        "candidate pass": weights + eigen_form + query_factors + score_pass + 3 * tokens * run.queries * run.rank * f,
-        "token scores": weights + eigen_form + query_factors + score_pass + 4 * tokens * run.queries * run.rank * f,
+        "candidate pass": weights + query_factors + score_pass + 3 * tokens * run.queries * run.rank * f,
+        "token scores": weights + query_factors + score_pass + 4 * tokens * run.queries * run.rank * f,
     }
 
 
