@@ -40,7 +40,7 @@ from attribution.scale.rehearsal import REHEARSALS, build_model_directory, rehea
 from attribution.scoring.candidates import CandidateScorer
 from attribution.scoring.query_files import concatenate
 from attribution.scoring.stages import Stages
-from attribution.settings import RefineSettings, SettingsError
+from attribution.settings import RefineSettings, SettingsError, torch_dtype
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class ScaleSettings:
     query_tokens: int
     rank: int
     device: str
+    dtype: str = "float32"
     projections: tuple[str, ...] = ()
     corpus_tokens: float = 1e9
     efficiency: float = 0.4
@@ -67,6 +68,8 @@ class ScaleSettings:
         for name in self.projections:
             if name not in REAL_MODELS:
                 raise SettingsError(f"scale.projections: unknown model {name!r}; known: {', '.join(REAL_MODELS)}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise SettingsError(f"scale.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if not 0 < self.efficiency <= 1:
             raise SettingsError(f"scale.efficiency must be in (0, 1], got {self.efficiency}")
         for key in ("documents", "batch_size", "sequence", "queries", "query_batch_size", "query_tokens", "rank"):
@@ -103,10 +106,11 @@ class Rehearsed:
     shape: ModelShape
     candidate_over_floor: float  # throughput of the candidate pass over that of the plain forward+backward
     baseline_gib: float
+    dtype: str = "float32"
 
 
-def rehearse(name: str, root: Path, run: RunShape, documents: int, device: str = "cpu") -> Rehearsed:
-    """Fit and score rehearsal ``name`` in this process, one stage after the other."""
+def rehearse(name: str, root: Path, run: RunShape, documents: int, device: str = "cpu", dtype: str = "float32") -> Rehearsed:
+    """Fit and score rehearsal ``name`` in this process, one stage after the other, the model in ``dtype``."""
     directory = build_model_directory(name, root / name)
     corpus = write_corpus(root / f"corpus-{documents}x{run.sequence}.jsonl", documents, run.sequence)
     query_file = write_queries(root / f"queries-{run.queries}x{run.query_tokens}.jsonl", run.queries, run.query_tokens // 2,
@@ -115,7 +119,7 @@ def rehearse(name: str, root: Path, run: RunShape, documents: int, device: str =
     throughput, eigh_constant = measured_throughput(device=device), measured_eigh_constant()
     with StagePeaks(torch.device(device)) as peaks:
         peaks.stage("load model")
-        model, tokenizer = load_model(directory, device=device)
+        model, tokenizer = load_model(directory, dtype=torch_dtype(dtype), device=device)
         tracked = find_tracked_modules(model)
         peaks.stage("probe and fingerprint")
         shape = model_shape(model)
@@ -162,14 +166,14 @@ def rehearse(name: str, root: Path, run: RunShape, documents: int, device: str =
     rows = [StageRow(name, peak.name, peak.seconds, predicted_seconds.get(peak.name), (peak.peak_bytes - peaks.baseline) / 2**30,
                      None if peak.name not in predicted else predicted[peak.name] / 2**30)
             for peak in peaks.stages]
-    return Rehearsed(name, rows, shape, floor_seconds / candidate_seconds, peaks.baseline / 2**30)
+    return Rehearsed(name, rows, shape, floor_seconds / candidate_seconds, peaks.baseline / 2**30, dtype)
 
 
 def format_rehearsal(result: Rehearsed) -> str:
     """One table per rehearsal: seconds measured and predicted, peak GiB above the baseline measured and
     predicted, and their ratio."""
     spec = rehearsal(result.model)
-    lines = [f"{result.model}: {spec.stands_for}; baseline {result.baseline_gib:.2f} GiB resident before loading",
+    lines = [f"{result.model} ({result.dtype}): {spec.stands_for}; baseline {result.baseline_gib:.2f} GiB resident before loading",
              f"  {'stage':<24} {'seconds':>9} {'predicted':>9} {'peak GiB':>9} {'predicted':>9} {'ratio':>6}"]
     for row in result.rows:
         predicted_seconds = "-" if row.predicted_seconds is None else f"{row.predicted_seconds:.1f}"
@@ -181,17 +185,17 @@ def format_rehearsal(result: Rehearsed) -> str:
 
 
 def run_scale(settings: ScaleSettings, output_dir: Path, say: Callable[[str], None]) -> list[Rehearsed]:
-    """Every rehearsal of ``settings.models``, each kept in ``output_dir/<model>.json`` when it ends: a
+    """Every rehearsal of ``settings.models``, each kept in ``output_dir/<model>-<dtype>.json`` when it ends: a
     rerun with the same settings skips the models already measured."""
     output_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for name in settings.models:
-        record = output_dir / f"{name}.json"
+        record = output_dir / f"{name}-{settings.dtype}.json"
         if record.is_file() and json.loads(record.read_text()).get("settings") == json.loads(json.dumps(asdict(settings))):
             result = _rehearsed_from(json.loads(record.read_text()))
         else:
             say(f"rehearsing {name} ({rehearsal(name).stands_for}) ...")
-            result = rehearse(name, output_dir / "rehearsal", settings.run, settings.documents, settings.device)
+            result = rehearse(name, output_dir / "rehearsal", settings.run, settings.documents, settings.device, settings.dtype)
             record.write_text(json.dumps({"settings": asdict(settings), "result": asdict(result)}, indent=2) + "\n")
         say(format_rehearsal(result))
         results.append(result)
@@ -207,4 +211,4 @@ def _rehearsed_from(raw: dict) -> Rehearsed:
     shape = result["shape"]
     shape["block_modules"] = tuple(ModuleShape(**m) for m in shape["block_modules"])
     return Rehearsed(result["model"], [StageRow(**row) for row in result["rows"]], ModelShape(**shape),
-                     result["candidate_over_floor"], result["baseline_gib"])
+                     result["candidate_over_floor"], result["baseline_gib"], result["dtype"])

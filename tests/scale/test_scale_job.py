@@ -14,7 +14,7 @@ STAGES = ["load model", "probe and fingerprint", "covariance pass", "eigendecomp
 def test_every_stage_is_measured_and_a_rerun_reuses_the_result(tmp_path):
     result, _ = run_job("scale", *SMALL, f"output_dir={tmp_path}")
     assert result.returncode == 0, result.stderr
-    record = json.loads((tmp_path / "tiny-neox.json").read_text())
+    record = json.loads((tmp_path / "tiny-neox-float32.json").read_text())
     rows = record["result"]["rows"]
     assert [row["stage"] for row in rows] == STAGES
     assert all(row["seconds"] >= 0 and row["peak_gib"] >= 0 for row in rows)
