@@ -195,6 +195,8 @@ class ModelSettings:
     trust_remote_code: bool = False
     dtype: str = "float32"
     device: str = "auto"
+    # The memory one worker may use (GiB); the micro-batch is chosen to fit it (attribution.scale.plan).
+    memory_gib: float | None = None
 
     def __post_init__(self) -> None:
         check = Check("model", self)
@@ -205,6 +207,7 @@ class ModelSettings:
         check.boolean("trust_remote_code")
         check.dtype("dtype")
         check.device("device")
+        check.number("memory_gib", positive=True, none="no limit: data.batch_size as set")
         check.done()
 
 

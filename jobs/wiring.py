@@ -47,7 +47,8 @@ def demo_paths(cfg: DictConfig) -> DemoPaths:
 
 
 def model_and_data(cfg: DictConfig) -> tuple[ModelSettings, DataSettings]:
-    """Model and corpus settings; with no model path, the embedded demo model and corpus."""
+    """Model and corpus settings; with no model path, the embedded demo model and corpus. With
+    ``model.memory_gib``, the micro-batch that keeps every stage inside it."""
     model = from_mapping(ModelSettings, plain(cfg.model), "model")
     data = from_mapping(DataSettings, plain(cfg.data), "data")
     if model.path is None:
@@ -55,6 +56,13 @@ def model_and_data(cfg: DictConfig) -> tuple[ModelSettings, DataSettings]:
         model = replace(model, path=str(demo.model_dir))
         if data.path is None:
             data = replace(data, path=str(demo.corpus_dir))
+    if model.memory_gib is not None:
+        from attribution.scale.plan import within_memory
+        from jobs.entry import say
+
+        data, line = within_memory(model, data, score_settings(cfg) if "score" in cfg else ScoreSettings())
+        if line:
+            say(line)
     return model, data
 
 
