@@ -88,18 +88,23 @@ class GradientCapture:
                 return
             if tracked.name in self._inputs:
                 raise ModelError(f"module {tracked.name} ran twice in one forward pass; shared modules cannot be tracked")
-            layer_input = self._per_token(tracked, inputs[0].detach())
-            self._inputs[tracked.name] = augment_with_bias(layer_input.to(self.dtype), tracked.bias)
+            # Kept as the model made it until this module's backward: a bias column or a dtype cast here
+            # would copy every tracked input of the pass at once (40 GiB at 8B in bfloat16, 8 x 2,048 tokens).
+            self._inputs[tracked.name] = self._per_token(tracked, inputs[0].detach())
             output.register_hook(self._backward_hook(tracked))
 
         return hook
 
     def _backward_hook(self, tracked: TrackedModule) -> Callable:
         def hook(grad_output: torch.Tensor) -> None:
-            activations = self._inputs.pop(tracked.name)
+            activations = augment_with_bias(self._inputs.pop(tracked.name).to(self.dtype), tracked.bias)
             self.callback(tracked, activations, self._per_token(tracked, grad_output.detach()).to(self.dtype))
 
         return hook
+
+    def held(self) -> list[torch.Tensor]:
+        """The module inputs kept for the backward pass now (the memory model counts them)."""
+        return list(self._inputs.values())
 
     def _per_token(self, tracked: TrackedModule, values: torch.Tensor) -> torch.Tensor:
         """``values`` as (B, T, d): as they are, or unflattened from (B*T, d)."""

@@ -13,7 +13,8 @@ else is counted from the code:
 - forward+backward ``F(B, T) = L (s_1 B T + s_2 B T^2) + s_1 B T`` (one block's gradients during the
   backward) ``+ 2 B T H f`` (the last hidden state's gradient, accumulated over chunks) ``+ k C V f``
   (a chunk's logits, their softmax and gradient; ``k`` = 5 with sampled labels, 4 with data labels)
-  ``+ B T sum_m i_m f`` where the capture copies inputs (a bias column, or a dtype change);
+  ``+ B T max_m (i_m + o_m) f`` where the capture's backward copies one module's inputs and output
+  gradients (a bias column, or a dtype change); ``s_1`` counts the inputs the capture holds;
 - covariance pass ``W + F + sum_m (i_m^2 + o_m^2) f + max_m B T (i_m + o_m) f`` (the masked copies);
 - eigendecomposition ``W + 2 sum_m (i_m^2 + o_m^2) f + max_m 32 d_m^2`` (one float64 copy, LAPACK's
   result and its ``2 d^2`` workspace, ``d_m = max(i_m, o_m)``);
@@ -64,7 +65,7 @@ class ModelShape:
     element_bytes: int
     saved_per_token: float  # s_1, bytes per token per block
     saved_per_token_pair: float  # s_2
-    capture_copies: bool  # inputs copied by the capture (bias column or dtype change)
+    capture_copies: bool  # the capture copies a module's inputs and output gradients in its backward (bias column or dtype cast)
     block_parameters: int
 
     @property
@@ -93,9 +94,10 @@ class RunShape:
 
 
 def saved_bytes(model: PreTrainedModel, length: int) -> int:
-    """Bytes autograd keeps for the backward of one sequence of ``length`` tokens, as the capture runs it
-    (parameters frozen, the graph starting at the embeddings, the output layer applied apart). Weights and
-    buffers that the backward reads are the model's own, not activations: they are not counted."""
+    """Bytes kept for the backward of one sequence of ``length`` tokens, as the capture runs it (parameters
+    frozen, the graph starting at the embeddings, the output layer applied apart): what autograd saves
+    and the module inputs the capture holds, each storage once. Weights and buffers that the backward
+    reads are the model's own, not activations: they are not counted."""
     storages: dict[int, int] = {}
     owned = {tensor.untyped_storage().data_ptr() for tensor in (*model.parameters(), *model.buffers())}
 
@@ -108,9 +110,11 @@ def saved_bytes(model: PreTrainedModel, length: int) -> int:
     device = next(model.parameters()).device
     ids = torch.arange(1, length + 1, device=device).remainder(model.get_input_embeddings().num_embeddings).unsqueeze(0)
     tracked = find_tracked_modules(model)
-    with GradientCapture(model, tracked, lambda *args: None), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+    with GradientCapture(model, tracked, lambda *args: None) as capture, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         with identity_output_layer(model):
             model(input_ids=ids)
+        for tensor in capture.held():
+            keep(tensor)
     return sum(storages.values())
 
 
@@ -151,13 +155,13 @@ def head_chunk_positions(shape: ModelShape, run: RunShape) -> int:
 
 def forward_backward_bytes(shape: ModelShape, batch: int, sequence: int, run: RunShape, labels: str) -> float:
     """``F(B, T)``: activations kept, one block's gradients, the hidden state's gradient, a head chunk,
-    the capture's copies of module inputs."""
+    the capture's copies of one module's inputs and output gradients."""
     tokens = batch * sequence
     activations = shape.blocks * (shape.saved_per_token * tokens + shape.saved_per_token_pair * batch * sequence**2)
     backward = shape.saved_per_token * tokens
     hidden_gradient = 2 * tokens * shape.hidden * FACTOR_BYTES
     head = HEAD_CHUNK_COPIES[labels] * min(head_chunk_positions(shape, run), tokens) * shape.vocabulary * FACTOR_BYTES
-    copies = tokens * sum(m.d_in for m in shape.modules) * FACTOR_BYTES if shape.capture_copies else 0
+    copies = tokens * max(m.d_in + m.d_out for m in shape.modules) * FACTOR_BYTES if shape.capture_copies else 0
     return activations + backward + hidden_gradient + head + copies
 
 
