@@ -160,8 +160,9 @@ def rehearse(name: str, root: Path, run: RunShape, documents: int, device: str =
     predicted = stage_bytes(shape, run)
     multiply_adds = stage_multiply_adds(shape, run)
     passes = len(batches)
-    predicted_seconds = {stage: passes * value / throughput for stage, value in multiply_adds.items() if stage != "query gradients"}
-    predicted_seconds["query gradients"] = multiply_adds["query gradients"] / throughput
+    # The passes' multiply-adds are per micro-batch; the query stage's are for all the queries.
+    predicted_seconds = {stage: (1 if stage == "query gradients" else passes) * value / throughput
+                         for stage, value in multiply_adds.items()}
     predicted_seconds["eigendecomposition"] = eigh_constant * eigendecomposition_cubes(shape)
     rows = [StageRow(name, peak.name, peak.seconds, predicted_seconds.get(peak.name), (peak.peak_bytes - peaks.baseline) / 2**30,
                      None if peak.name not in predicted else predicted[peak.name] / 2**30)
@@ -173,13 +174,15 @@ def format_rehearsal(result: Rehearsed) -> str:
     """One table per rehearsal: seconds measured and predicted, peak GiB above the baseline measured and
     predicted, and their ratio."""
     spec = rehearsal(result.model)
-    lines = [f"{result.model} ({result.dtype}): {spec.stands_for}; baseline {result.baseline_gib:.2f} GiB resident before loading",
+    lines = [f"{result.model} ({result.dtype}): {spec.stands_for}; "
+             f"baseline {result.baseline_gib:.2f} GiB resident before loading",
              f"  {'stage':<24} {'seconds':>9} {'predicted':>9} {'peak GiB':>9} {'predicted':>9} {'ratio':>6}"]
     for row in result.rows:
         predicted_seconds = "-" if row.predicted_seconds is None else f"{row.predicted_seconds:.1f}"
         predicted_gib = "-" if row.predicted_gib is None else f"{row.predicted_gib:.2f}"
         ratio = "-" if row.ratio is None else f"{row.ratio:.2f}"
-        lines.append(f"  {row.stage:<24} {row.seconds:>9.1f} {predicted_seconds:>9} {row.peak_gib:>9.2f} {predicted_gib:>9} {ratio:>6}")
+        lines.append(f"  {row.stage:<24} {row.seconds:>9.1f} {predicted_seconds:>9} "
+                     f"{row.peak_gib:>9.2f} {predicted_gib:>9} {ratio:>6}")
     lines.append(f"  candidate pass throughput / plain forward+backward: {result.candidate_over_floor:.2f}")
     return "\n".join(lines)
 

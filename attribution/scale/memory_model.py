@@ -110,8 +110,8 @@ def saved_bytes(model: PreTrainedModel, length: int) -> int:
     device = next(model.parameters()).device
     ids = torch.arange(1, length + 1, device=device).remainder(model.get_input_embeddings().num_embeddings).unsqueeze(0)
     tracked = find_tracked_modules(model)
-    with GradientCapture(model, tracked, lambda *args: None) as capture, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        with identity_output_layer(model):
+    with GradientCapture(model, tracked, lambda *args: None) as capture:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), identity_output_layer(model):
             model(input_ids=ids)
         for tensor in capture.held():
             keep(tensor)
@@ -187,7 +187,8 @@ def stage_bytes(shape: ModelShape, run: RunShape) -> dict[str, float]:
         "eigenvalue pass": weights + fit_pass + 2 * covariances + eigenvalues
         + max((tokens * (2 * m.d_in + m.d_out) + m.d_out * m.d_in) * f for m in modules),
         "load store": weights + eigen_form,
-        "query gradients": weights + eigen_form + query_pass + query_factors + max(2 * rows * m.d_out * m.d_in * f for m in modules),
+        "query gradients": weights + eigen_form + query_pass + query_factors
+        + max(2 * rows * m.d_out * m.d_in * f for m in modules),
         "candidate pass": weights + query_factors + score_pass + 3 * tokens * run.queries * run.rank * f,
         "token scores": weights + query_factors + score_pass + 4 * tokens * run.queries * run.rank * f,
     }

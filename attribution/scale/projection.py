@@ -91,7 +91,8 @@ def project(shape: ModelShape, run: RunShape, corpus_tokens: float, device: Devi
 def format_projection(name: str, shape: ModelShape, run: RunShape, stages: list[ProjectedStage], corpus_tokens: float,
                       device: Device = H200) -> str:
     lines = [f"{name} on one {device.name} ({device.memory_bytes / 2**30:.0f} GiB), batch {run.batch} x {run.sequence} tokens, "
-             f"Q = {run.queries}, r = {run.rank}; weights {shape.weight_bytes / 2**30:.1f} GiB; hours per {corpus_tokens:.0e} tokens",
+             f"Q = {run.queries}, r = {run.rank}; weights {shape.weight_bytes / 2**30:.1f} GiB; "
+             f"hours per {corpus_tokens:.0e} tokens (query gradients: one batch of queries)",
              f"  {'stage':<22} {'peak GiB':>9} {'hours':>8}  bound"]
     for stage in stages:
         hours = "-" if stage.hours is None else f"{stage.hours:.2f}"

@@ -30,10 +30,12 @@ def test_the_largest_batch_within_the_budget_is_chosen(tmp_path):
 
 def test_a_job_says_what_it_chose_and_a_budget_too_small_is_one_line(tmp_path):
     inputs = tiny_inputs(tmp_path)
-    result, _ = run_job("fit_factors", *overrides(inputs, f"output_dir={tmp_path / 'out'}", "model.memory_gib=100", job="fit_factors"))
+    result, _ = run_job("fit_factors", *overrides(inputs, f"output_dir={tmp_path / 'out'}", "model.memory_gib=100",
+                                                   job="fit_factors"))
     assert result.returncode == 0, result.stderr
     assert "model.memory_gib=100: data.batch_size 8 kept (predicted peak" in result.stdout
-    small, _ = run_job("fit_factors", *overrides(inputs, f"output_dir={tmp_path / 'small'}", "model.memory_gib=0.5", job="fit_factors"))
+    small, _ = run_job("fit_factors", *overrides(inputs, f"output_dir={tmp_path / 'small'}", "model.memory_gib=0.5",
+                                                  job="fit_factors"))
     assert small.returncode == 2
     assert len(small.stderr.strip().splitlines()) == 1
     assert small.stderr.startswith("ERROR: model.memory_gib=0.5: even one sequence")
