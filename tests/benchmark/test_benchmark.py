@@ -74,3 +74,6 @@ def test_the_gpu_script_dry_run(tmp_path):
     result = json.loads((Path(tmp_path) / "gpu.json").read_text())
     assert {r["dtype"] for r in result["throughput"]} == {"float32", "bfloat16"}
     assert [run["dtype"] for run in result["end_to_end"]] == ["float32", "bfloat16"]
+    for dtype in ("bfloat16", "float32"):
+        rows = json.loads((Path(tmp_path) / "scale" / f"tiny-neox-{dtype}.json").read_text())["result"]["rows"]
+        assert {"covariance pass", "candidate pass"} <= {row["stage"] for row in rows}
