@@ -144,7 +144,9 @@ def rehearse(name: str, root: Path, run: RunShape, documents: int, device: str =
         query_factors = concatenate([stages.query_factors(batch, run.rank).factors for batch in query_batches])
         peaks.stage("candidate pass")
         stages.release_curvature()
-        scorer = CandidateScorer(model, tracked, query_factors, run.sequence, torch.float32, dense_budget_mib=2048)
+        scorer = CandidateScorer(model, tracked, query_factors, run.sequence, torch.float32,
+                                 dense_budget_mib=run.dense_factors_mib)
+        del query_factors  # the scorer keeps its own layout of them, as a score run's worker does
         started = time.perf_counter()
         for batch in batches:
             scorer.layer_scores(batch)

@@ -21,8 +21,11 @@ else is counted from the code:
 - eigenvalue pass ``W + F + 2 sum_m (i_m^2 + o_m^2) f + sum_m o_m i_m f + max_m (B T (2 i_m + o_m) + o_m i_m) f``;
 - the query stage holds ``E = sum_m (i_m^2 + o_m^2 + o_m i_m) f`` (the eigen-form) and the query
   factors ``R = Q r sum_m (i_m + o_m) f``, plus ``F(Q_b, T_q)`` and ``2 rows o_m i_m f`` (one chunk of
-  queries in the eigenbasis); the candidate pass lets ``E`` go and holds ``R``, ``F(B, T)`` and
-  ``3 B T Q r f`` (the low-rank contraction's projections); token scores ``B T Q f`` more.
+  queries in the eigenbasis); the candidate pass lets ``E`` go and holds ``R``, the dense factors
+  ``Q o_m i_m f`` of the modules scoring's plan gives the per-document contraction (within
+  ``score.dense_factors_mib``), and the larger of ``R`` (the scorer's own layout of the factors,
+  while it is built) and ``F(B, T)`` plus one module's contraction temporaries (``3 B T Q r f``
+  low-rank, ``B o_m i_m f`` per-document); token scores ``B T Q f`` more.
 
 Multiply-adds count the matrix products; time divides them by a throughput measured on the machine
 (:func:`measured_throughput`), the eigendecompositions by their own (``c d^3``, ``c`` measured).
@@ -39,6 +42,7 @@ from transformers import PreTrainedModel
 from attribution.curvature.capture import GradientCapture
 from attribution.log_prob import DEFAULT_CHUNK_BYTES, identity_output_layer
 from attribution.models import find_tracked_modules, in_block
+from attribution.scoring.contraction import plan_contractions
 from attribution.scoring.stages import QUERY_CHUNK_BYTES
 
 FACTOR_BYTES = 4
@@ -91,6 +95,7 @@ class RunShape:
     rank: int = 32
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     query_chunk_bytes: int = QUERY_CHUNK_BYTES
+    dense_factors_mib: float = 2048
 
 
 def saved_bytes(model: PreTrainedModel, length: int) -> int:
@@ -180,6 +185,14 @@ def stage_bytes(shape: ModelShape, run: RunShape) -> dict[str, float]:
     query_factors = run.queries * run.rank * sum(m.d_in + m.d_out for m in modules) * f
     rows = max(1, run.query_chunk_bytes // (max(m.d_out * m.d_in for m in modules) * f))
     rows = min(rows, run.queries, run.query_batch)
+    # The candidate pass: the contraction each module gets (scoring's own plan), the dense query factors
+    # of the per-document ones, and the larger of one module's temporaries; the scorer lays the query
+    # factors out anew, so while it is built they are held twice.
+    plan = plan_contractions({str(i): (m.d_in, m.d_out, run.rank) for i, m in enumerate(modules)}, run.queries, run.sequence,
+                             f, run.dense_factors_mib * 2**20)
+    per_document = [m for i, m in enumerate(modules) if plan[str(i)] == "per_document"]
+    dense = sum(run.queries * m.d_out * m.d_in for m in per_document) * f
+    contraction = max([3 * tokens * run.queries * run.rank * f, *(run.batch * m.d_out * m.d_in * f for m in per_document)])
     return {
         "load model": weights,
         "covariance pass": weights + fit_pass + covariances + max(tokens * (m.d_in + m.d_out) for m in modules) * f,
@@ -189,8 +202,8 @@ def stage_bytes(shape: ModelShape, run: RunShape) -> dict[str, float]:
         "load store": weights + eigen_form,
         "query gradients": weights + eigen_form + query_pass + query_factors
         + max(2 * rows * m.d_out * m.d_in * f for m in modules),
-        "candidate pass": weights + query_factors + score_pass + 3 * tokens * run.queries * run.rank * f,
-        "token scores": weights + query_factors + score_pass + 4 * tokens * run.queries * run.rank * f,
+        "candidate pass": weights + query_factors + dense + max(query_factors, score_pass + contraction),
+        "token scores": weights + query_factors + dense + max(query_factors, score_pass + contraction + tokens * run.queries * f),
     }
 
 
