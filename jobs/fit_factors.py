@@ -13,7 +13,7 @@ def main(cfg: DictConfig) -> None:
     from jobs.wiring import cluster_settings, factor_settings, model_and_data, plain, prepare_process
 
     prepare_process()
-    model, data = model_and_data(cfg)
+    model, data = model_and_data(cfg, stages="fit")
     summary = run_fit(model, data, factor_settings(cfg), cfg.output_dir, plain(cfg), cfg.progress, cluster_settings(cfg))
     say(summary.line())
 

@@ -24,7 +24,7 @@ def main(cfg: DictConfig) -> None:
     )
 
     prepare_process()
-    model, data = model_and_data(cfg)
+    model, data = model_and_data(cfg, stages="score")
     queries, score, refine, cluster = query_settings(cfg), score_settings(cfg), refine_settings(cfg), cluster_settings(cfg)
     # Then what earlier jobs must have written: the stores and the prefilter index.
     factors, finetune, prefilter = stored_factor_settings(cfg), finetune_settings(cfg), built_prefilter_settings(cfg)

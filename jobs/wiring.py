@@ -46,9 +46,10 @@ def demo_paths(cfg: DictConfig) -> DemoPaths:
     return ensure_demo(config=DemoConfig.from_dict(plain(cfg.demo)))
 
 
-def model_and_data(cfg: DictConfig) -> tuple[ModelSettings, DataSettings]:
+def model_and_data(cfg: DictConfig, stages: str = "fit and score") -> tuple[ModelSettings, DataSettings]:
     """Model and corpus settings; with no model path, the embedded demo model and corpus. With
-    ``model.memory_gib``, the micro-batch that keeps every stage inside it."""
+    ``model.memory_gib``, the micro-batch that keeps the job's ``stages`` (``fit``, ``score`` or
+    ``fit and score``) inside it."""
     model = from_mapping(ModelSettings, plain(cfg.model), "model")
     data = from_mapping(DataSettings, plain(cfg.data), "data")
     if model.path is None:
@@ -57,10 +58,11 @@ def model_and_data(cfg: DictConfig) -> tuple[ModelSettings, DataSettings]:
         if data.path is None:
             data = replace(data, path=str(demo.corpus_dir))
     if model.memory_gib is not None:
-        from attribution.scale.plan import within_memory
+        from attribution.scale.plan import FIT_STAGES, SCORE_STAGES, within_memory
         from jobs.entry import say
 
-        data, line = within_memory(model, data, score_settings(cfg) if "score" in cfg else ScoreSettings())
+        planned = {"fit": FIT_STAGES, "score": SCORE_STAGES, "fit and score": FIT_STAGES + SCORE_STAGES}[stages]
+        data, line = within_memory(model, data, score_settings(cfg) if "score" in cfg else ScoreSettings(), planned)
         if line:
             say(line)
     return model, data

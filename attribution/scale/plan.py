@@ -48,28 +48,37 @@ def probed_shape(settings: ModelSettings) -> ModelShape:
     return model_shape(block, probe=(16, 32, 64)).with_blocks(layers)
 
 
-def plan_memory(shape: ModelShape, data: DataSettings, score: ScoreSettings, budget_gib: float) -> MemoryPlan:
-    """The largest micro-batch up to ``data.batch_size`` whose every stage fits ``budget_gib``."""
+FIT_STAGES = ("covariance pass", "eigendecomposition", "eigenvalue pass")
+SCORE_STAGES = ("query gradients", "candidate pass", "token scores")
+
+
+def plan_memory(shape: ModelShape, data: DataSettings, score: ScoreSettings, budget_gib: float,
+                stages: tuple[str, ...] = FIT_STAGES + SCORE_STAGES) -> MemoryPlan:
+    """The largest micro-batch up to ``data.batch_size`` whose ``stages`` all fit ``budget_gib``."""
     budget = (budget_gib - RUNTIME_GIB) * 2**30
     rank = score.rank or max(max(m.d_in, m.d_out) for m in shape.modules)
     for batch in range(data.batch_size, 0, -1):
         run = RunShape(batch=batch, sequence=data.max_length, queries=score.query_batch_size * score.query_batches_per_pass,
-                       query_batch=score.query_batch_size, query_tokens=data.max_length, rank=rank)
-        stage, peak = max(stage_bytes(shape, run).items(), key=lambda item: item[1])
+                       query_batch=score.query_batch_size, query_tokens=data.max_length, rank=rank,
+                       dense_factors_mib=score.dense_factors_mib)
+        stage, peak = max(((name, value) for name, value in stage_bytes(shape, run).items() if name in stages),
+                          key=lambda item: item[1])
         if peak <= budget:
             return MemoryPlan(batch, peak / 2**30 + RUNTIME_GIB, stage)
     raise MemoryBudgetError(
-        f"model.memory_gib={budget_gib:g}: even one sequence of data.max_length={data.max_length} tokens needs "
-        f"{peak / 2**30 + RUNTIME_GIB:.1f} GiB at the {stage} (weights {shape.weight_bytes / 2**30:.1f} GiB); "
-        "raise model.memory_gib, lower data.max_length, or track fewer modules (model.tracked_modules)"
+        f"model.memory_gib={budget_gib:g}: the {stage} needs {peak / 2**30 + RUNTIME_GIB:.1f} GiB even with data.batch_size=1 "
+        f"and data.max_length={data.max_length} (weights {shape.weight_bytes / 2**30:.1f} GiB); raise model.memory_gib, "
+        "lower data.max_length, or track fewer modules (model.tracked_modules)"
     )
 
 
-def within_memory(model: ModelSettings, data: DataSettings, score: ScoreSettings) -> tuple[DataSettings, str | None]:
-    """``data`` with the micro-batch that fits ``model.memory_gib``, and a line saying what was chosen."""
+def within_memory(model: ModelSettings, data: DataSettings, score: ScoreSettings,
+                  stages: tuple[str, ...] = FIT_STAGES + SCORE_STAGES) -> tuple[DataSettings, str | None]:
+    """``data`` with the micro-batch that keeps ``stages`` within ``model.memory_gib``, and a line saying
+    what was chosen."""
     if model.memory_gib is None or model.path is None or not Path(model.path, "config.json").is_file():
         return data, None
     with torch.random.fork_rng(devices=[]):
         shape = probed_shape(model)
-    plan = plan_memory(shape, data, score, model.memory_gib)
+    plan = plan_memory(shape, data, score, model.memory_gib, stages)
     return replace(data, batch_size=plan.batch_size), plan.line(data.batch_size, model.memory_gib)
