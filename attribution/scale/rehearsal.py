@@ -54,7 +54,7 @@ REHEARSALS: dict[str, Rehearsal] = {
                                 _llama(1, 2048, 8192, 32, 8)),
     "llama-8b-blocks": Rehearsal("llama-8b-blocks", "Llama-3-8B widths (4,096 / 14,336, 32/8 heads), 2 of 32 blocks", 32,
                                  _llama(2, 4096, 14336, 32, 8)),
-    "tiny-neox": Rehearsal("tiny-neox", "nothing: a 2-block GPT-NeoX at 64 / 256 for the tests", 2, GPTNeoXConfig(
+    "tiny-neox": Rehearsal("tiny-neox", "no real model: a 2-block GPT-NeoX at 64 / 256, for tests", 2, GPTNeoXConfig(
         vocab_size=WORDS + 2, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=512, tie_word_embeddings=False, hidden_dropout=0.0, attention_dropout=0.0)),
     "mixtral-small": Rehearsal("mixtral-small", "a Mixtral-style MoE (8 experts, top-2) at 1,024 / 3,584, 2 blocks", 2,
