@@ -85,15 +85,22 @@ class OutputLock:
             return None
 
     def _create(self) -> bool:
+        """Take the lock with its owner already written: the owner goes to a private file first, which is
+        then hard-linked as the lock (atomic, and fails if the lock exists), so another job never reads
+        a lock that is there but still empty."""
+        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
         try:
-            handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(handle, "w") as file:
-            json.dump(asdict(self.owner), file)
-            file.flush()
-            os.fsync(file.fileno())
-        return True
+            with open(staging, "w") as file:
+                json.dump(asdict(self.owner), file)
+                file.flush()
+                os.fsync(file.fileno())
+            try:
+                os.link(staging, self.path)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            staging.unlink(missing_ok=True)
 
     def _remove_if(self, expected: LockOwner | None) -> None:
         """Delete the lock only if it still records ``expected`` (another owner may have just taken it over)."""

@@ -54,11 +54,15 @@ def scores(fitted, corpus: Path, output: str) -> list[tuple]:
 
 
 def test_every_form_scores_like_plain_json_lines(fitted):
+    """The same rows, ranks and scores; the scores to float32 rounding, as a form that splits the corpus
+    into other shards batches the documents with other neighbours (padding, matrix shapes)."""
     root, rows = fitted[0], fitted[1]
     expected = scores(fitted, Path(fitted[3].path), "reference")
     assert len(expected) == 2 * 5
     for form in SCORED_FORMATS:
-        assert scores(fitted, FORMATS[form](root / form, rows), f"scored-{form}") == expected, form
+        got = scores(fitted, FORMATS[form](root / form, rows), f"scored-{form}")
+        assert [row[:4] for row in got] == [row[:4] for row in expected], form
+        assert [row[4] for row in got] == pytest.approx([row[4] for row in expected], rel=1e-5), form
 
 
 def test_a_bad_row_stops_the_job_with_file_row_and_line(fitted, tmp_path):
