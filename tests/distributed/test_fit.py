@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attribution.curvature.precondition import Preconditioner
-from attribution.curvature.store import load_factors
+from attribution.curvature.store import FactorSet, load_factors
 from attribution.fitting import run_fit
 from attribution.models import find_tracked_modules, load_model
 from attribution.settings import ClusterSettings, DataSettings, FactorSettings, ModelSettings
@@ -37,19 +37,23 @@ def test_two_workers_equal_one_process(tmp_path, ray_local, strategy):
     tracked = find_tracked_modules(lm)
     one = load_factors(single.factors_path, tracked, None)
     two = load_factors(double.factors_path, tracked, None)
+    assert_same_factors(one, two)
+    assert two.manifest.data["workers"] == 2
+
+
+def assert_same_factors(one: FactorSet, two: FactorSet) -> None:
+    """The same covariances, and the same damped inverse: eigenvectors are defined up to sign (and
+    rotation within a degenerate eigenspace), so what the factors imply is compared on a vector."""
     for name, left in one.modules.items():
         right = two.modules[name]
         for key in ("activation_covariance", "gradient_covariance"):
             torch.testing.assert_close(right.as_dict()[key], left.as_dict()[key], rtol=1e-9, atol=1e-12, msg=f"{name} {key}")
-    # Eigenvectors are defined up to sign (and rotation within a degenerate eigenspace), so
-    # compare what the factors imply: the damped inverse applied to a vector.
     generator = torch.Generator().manual_seed(0)
     for spec in one.manifest.modules:
         vector = torch.randn(spec.d_out, spec.d_in + spec.bias, generator=generator, dtype=torch.float64)
         expected = Preconditioner(one, damping=1e-3).apply(spec.name, vector)
         actual = Preconditioner(two, damping=1e-3).apply(spec.name, vector)
         torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-8 * float(expected.abs().max()))
-    assert two.manifest.data["workers"] == 2
 
 
 def test_sharded_model_gives_the_same_factors(tmp_path, ray_local):

@@ -22,15 +22,14 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from attribution.curvature.precondition import Preconditioner
 from attribution.curvature.store import load_factors
 from attribution.fitting import run_fit
 from attribution.models import find_tracked_modules, load_model
 from attribution.scoring.run import run_score
 from attribution.scoring.shards import FAULT_SWITCH
 from attribution.settings import DataSettings, FactorSettings, ModelSettings, QuerySettings, ScoreSettings
+from tests.distributed.test_fit import assert_same_factors
 from tests.distributed.test_loopback import is_loopback, listeners
 from tests.scoring.test_run import WORDS, corpus_rows, write_shards
 from tests.tiny import save_tiny_lm
@@ -158,18 +157,7 @@ def test_fitting_across_two_nodes_equals_one_process(cluster, fit_inputs, tmp_pa
     two = load_factors(output / "factors", tracked, None)
     assert two.manifest.data["workers"] == 2
     assert (two.manifest.num_sequences, two.manifest.num_tokens) == (one.manifest.num_sequences, one.manifest.num_tokens)
-    for name, left in one.modules.items():
-        for key in ("activation_covariance", "gradient_covariance"):
-            torch.testing.assert_close(two.modules[name].as_dict()[key], left.as_dict()[key], rtol=1e-9, atol=1e-12,
-                                       msg=f"{name} {key}")
-    # Eigenvectors are defined up to sign (and rotation within a degenerate eigenspace), so
-    # compare what the factors imply: the damped inverse applied to a vector.
-    generator = torch.Generator().manual_seed(0)
-    for spec in one.manifest.modules:
-        vector = torch.randn(spec.d_out, spec.d_in + spec.bias, generator=generator, dtype=torch.float64)
-        expected = Preconditioner(one, damping=1e-3).apply(spec.name, vector)
-        actual = Preconditioner(two, damping=1e-3).apply(spec.name, vector)
-        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-8 * float(expected.abs().max()))
+    assert_same_factors(one, two)
 
 
 @pytest.fixture(scope="module")
