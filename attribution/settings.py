@@ -436,6 +436,7 @@ class PrefilterSettings:
 
 
 LOOPBACK = "127.0.0.1"
+SHARDING_ENGINES = ("none", "fsdp", "deepspeed")
 
 
 @dataclass(frozen=True)
@@ -450,8 +451,9 @@ class ClusterSettings:
     allow_failed_shards: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    # Shard the model's parameters over the fit workers (FSDP2) for models too big for one worker.
-    shard_model: bool = False
+    # Shard the model's parameters over the workers for models too big for one worker:
+    # none, fsdp (FSDP2) or deepspeed (ZeRO-3); fitting and scoring.
+    sharding: str = "none"
     # The address of the local Ray this job starts (no address): 127.0.0.1 keeps every Ray port
     # on loopback; another address (or auto: Ray's pick) makes Ray listen on all interfaces.
     node_ip: str = LOOPBACK
@@ -467,10 +469,17 @@ class ClusterSettings:
         check.boolean("allow_failed_shards")
         check.number("cpus_per_worker", minimum=0)
         check.number("gpus_per_worker", minimum=0)
-        check.boolean("shard_model")
+        check.choice("sharding", SHARDING_ENGINES)
+        if self.sharding != "none" and self.num_workers == 0:
+            check.fail("sharding", "none when cluster.num_workers=0 (the model is sharded over the Ray workers; "
+                                   "set cluster.num_workers to the number of shards)")
         check.address("node_ip", also=("auto",))
         check.address("listen", also=("node",))
 
     @property
     def uses_ray(self) -> bool:
         return self.num_workers > 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.sharding != "none"

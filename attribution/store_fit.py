@@ -10,14 +10,13 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
-
 from attribution.curvature.finite import check_parameters
 from attribution.curvature.fit import Collective, FitConfig, SingleProcess, fit_factors
 from attribution.curvature.store import FactorSet
 from attribution.data.batching import TokenBatch
 from attribution.data.corpus import Skip, list_shards
 from attribution.data.stream import is_prompt_completion, training_batches
+from attribution.distributed.sharding import parameters_held
 from attribution.models import find_tracked_modules, load_model, model_fingerprint
 from attribution.settings import DataSettings, FactorSettings, ModelSettings, SettingsError, resolve_device, torch_dtype
 
@@ -37,11 +36,11 @@ def fit_store(
     factor_settings: FactorSettings,
     collective: Collective = SingleProcess(),
     progress: bool = True,
-    shard_model: bool = False,
+    sharding: str = "none",
 ) -> StoreFit:
     """This worker's part of a fit: its share of the sample, all-reduced with the others.
 
-    ``shard_model`` shards the parameters over the collective's process group (FSDP2).
+    ``sharding`` (``fsdp`` or ``deepspeed``) shards the parameters over the collective's process group.
     """
     if model_settings.path is None or data_settings.path is None:
         raise SettingsError("model.path and data.path must be set (the jobs fill them in with the demo)")
@@ -52,10 +51,10 @@ def fit_store(
     # weights, so a broken one stops all of them here, before any collective.
     check_parameters(model, f"model.path={model_settings.path}")
     fingerprint = model_fingerprint(model)
-    if shard_model:
-        from attribution.distributed.sharding import shard_model as shard
+    if sharding != "none":
+        from attribution.distributed.sharding import shard_model
 
-        shard(model)
+        shard_model(model, sharding)
     shards = list_shards(data_settings.path)
     skips: list[Skip] = []
     passes = itertools.count()
@@ -72,7 +71,7 @@ def fit_store(
         seed=factor_settings.seed,
         dtype=torch_dtype(factor_settings.dtype),
         progress=progress,
-        lockstep=shard_model,
+        lockstep=sharding != "none",
     )
     description = {
         "path": str(data_settings.path),
@@ -85,11 +84,6 @@ def fit_store(
     }
     factors = fit_factors(model, tracked, batches, fit_config, fingerprint, description, collective)
     return StoreFit(factors, skips, parameters_held(model))
-
-
-def parameters_held(model: torch.nn.Module) -> int:
-    """Parameter elements in this process: all of them, or this worker's shards under FSDP."""
-    return sum(getattr(parameter, "to_local", lambda: parameter)().numel() for parameter in model.parameters())
 
 
 def _ignore(skip: Skip) -> None:

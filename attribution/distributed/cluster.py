@@ -19,10 +19,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 
 from attribution.settings import LOOPBACK, ClusterSettings, SettingsError
+
+if TYPE_CHECKING:
+    import torch
 
 AUTH_MODE = "RAY_AUTH_MODE"
 
@@ -249,6 +253,29 @@ def init_process_group(rank: int, world_size: int, host: str, port: int, listene
     store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=STORE_TIMEOUT,
                           wait_for_workers=False, master_listen_fd=fd)
     dist.init_process_group("nccl" if use_gpu else "gloo", store=store, rank=rank, world_size=world_size)
+
+
+class TorchCollective:
+    """The process group of this worker: sums in place across all workers."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def all_reduce(self, tensors: list[torch.Tensor]) -> None:
+        import torch.distributed as dist
+
+        for tensor in tensors:
+            if tensor.is_contiguous():
+                dist.all_reduce(tensor)
+            else:
+                # The backends reduce raw memory: a strided tensor (eigh returns column-major
+                # eigenvectors) would be summed against another rank's row-major copy.
+                reduced = tensor.contiguous()
+                dist.all_reduce(reduced)
+                tensor.copy_(reduced)
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from attribution.curvature.store import FactorSet
 from attribution.data.corpus import Skip
 from attribution.distributed.cluster import (
+    TorchCollective,
     check_rendezvous_reach,
     init_process_group,
     listening_socket,
@@ -28,25 +29,6 @@ from attribution.distributed.cluster import (
 from attribution.progress import worker_progress
 from attribution.settings import ClusterSettings, DataSettings, FactorSettings, ModelSettings
 from attribution.store_fit import fit_store
-
-
-class TorchCollective:
-    """The process group of this worker: sums in place across all workers."""
-
-    def __init__(self) -> None:
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
-
-    def all_reduce(self, tensors: list[torch.Tensor]) -> None:
-        for tensor in tensors:
-            if tensor.is_contiguous():
-                dist.all_reduce(tensor)
-            else:
-                # The backends reduce raw memory: a strided tensor (eigh returns column-major
-                # eigenvectors) would be summed against another rank's row-major copy.
-                reduced = tensor.contiguous()
-                dist.all_reduce(reduced)
-                tensor.copy_(reduced)
 
 
 @dataclass
@@ -84,14 +66,14 @@ class FitWorker:
         model_settings: ModelSettings,
         data_settings: DataSettings,
         factor_settings: FactorSettings,
-        shard_model: bool,
+        sharding: str,
     ) -> WorkerFit:
         use_gpu = torch.cuda.is_available() and model_settings.device != "cpu"
         init_process_group(rank, world_size, address, port, self.listener if rank == 0 else None, use_gpu,
                            own_host=worker_host(address, rank))
         try:
             fit = fit_store(model_settings, data_settings, factor_settings, TorchCollective(),
-                            progress=rank == 0, shard_model=shard_model)
+                            progress=rank == 0, sharding=sharding)
         finally:
             dist.destroy_process_group()
         peak, node = peak_memory_mib(), ray.get_runtime_context().get_node_id()
@@ -117,7 +99,7 @@ def fit_on_ray(
             with worker_progress():
                 results = ray.get([
                     worker.fit.remote(rank, len(workers), address, port, model_settings, data_settings, factor_settings,
-                                      cluster.shard_model)
+                                      cluster.sharding)
                     for rank, worker in enumerate(workers)
                 ])
         finally:

@@ -1,12 +1,22 @@
-"""The long-lived Ray actor of the scoring pool: :class:`~attribution.scoring.tasks.ScoreTasks` in a worker."""
+"""The long-lived Ray actors of a score run: :class:`~attribution.scoring.tasks.ScoreTasks` in a worker of the
+pool, or in one of the workers that shard the models between them."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import ray
+import torch
 
-from attribution.distributed.cluster import peak_memory_mib, prepare_worker_process
+from attribution.distributed.cluster import (
+    init_process_group,
+    listening_socket,
+    peak_memory_mib,
+    prepare_worker_process,
+    rendezvous_host,
+    worker_host,
+)
+from attribution.distributed.fit import TorchCollective
 from attribution.prefilter.candidates import Candidates
 from attribution.scoring.inputs import ScoreInputs, StageIdentity
 from attribution.scoring.markers import MarkerStore, WorkUnit
@@ -38,3 +48,58 @@ class ScoreWorker:
 
     def peak_memory_mib(self) -> float:
         return peak_memory_mib()
+
+
+@ray.remote
+class ShardedScoreWorker:
+    """One of the ``cluster.num_workers`` workers that hold the models sharded between them (``cluster.sharding``).
+
+    They join one torch.distributed process group, load and shard the stages together, and then run
+    every task in lockstep (:class:`~attribution.scoring.sharded_execution.ShardedExecutor`).
+    """
+
+    def __init__(self) -> None:
+        prepare_worker_process()
+        self.listener = None
+        self.tasks: ScoreTasks | None = None
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def node_address(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    def rendezvous(self, listen: str) -> tuple[str, int]:
+        """Rank 0: open the group's store on ``cluster.listen`` and say where it is."""
+        host = rendezvous_host(listen)
+        self.listener = listening_socket(host)
+        return host, self.listener.getsockname()[1]
+
+    def join(self, rank: int, world_size: int, address: str, port: int, inputs: ScoreInputs, output_dir: str,
+             candidates: Candidates | None) -> None:
+        """Join the group, then load the stages with every model sharded over it."""
+        use_gpu = torch.cuda.is_available() and inputs.model.device != "cpu"
+        init_process_group(rank, world_size, address, port, self.listener if rank == 0 else None, use_gpu,
+                           own_host=worker_host(address, rank))
+        self.tasks = ScoreTasks(inputs, output_dir, candidates, TorchCollective())
+
+    def identity(self) -> StageIdentity:
+        return self._tasks.identity()
+
+    def query_plan(self) -> QueryPlan:
+        return self._tasks.query_plan()
+
+    def compute_query_batch(self, store: MarkerStore, index: int) -> None:
+        self._tasks.compute_query_batch(store, index)
+
+    def score_unit(self, store: MarkerStore, unit: WorkUnit | None, batches: Sequence[int]) -> None:
+        self._tasks.score_unit(store, unit, batches)
+
+    def footprint(self) -> dict[str, float]:
+        """Peak resident memory and the parameter elements this worker holds."""
+        return {"peak_memory_mib": round(peak_memory_mib(), 1), "parameters_held": self._tasks.parameters_held()}
+
+    @property
+    def _tasks(self) -> ScoreTasks:
+        assert self.tasks is not None, "join the group first"
+        return self.tasks

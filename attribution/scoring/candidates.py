@@ -74,3 +74,14 @@ class CandidateScorer:
     def _backward(self, batch: TokenBatch, contract) -> None:
         with GradientCapture(self.model, self.tracked, contract, dtype=self.dtype):
             backward_log_prob(self.model, batch, tracked=self.tracked)
+
+
+def ghost_pass(model: PreTrainedModel, tracked: Sequence[TrackedModule], batch: TokenBatch) -> None:
+    """One forward and backward of ``batch`` through the same capture as a scoring pass, its result
+    discarded: a worker of a sharded model with nothing to score takes part in the others' gathers."""
+    with GradientCapture(model, tracked, _discard):
+        backward_log_prob(model, batch, tracked=tracked)
+
+
+def _discard(module: TrackedModule, activations: torch.Tensor, output_gradients: torch.Tensor) -> None:
+    """A ghost pass's module inputs and output gradients are not needed."""

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -272,19 +271,3 @@ class RayExecutor:
     def close(self) -> None:
         for worker in self.workers:
             self._ray.kill(worker)
-
-
-@contextmanager
-def executor(inputs: ScoreInputs, output_dir: Path, candidates: Candidates | None) -> Iterator[LocalExecutor | RayExecutor]:
-    """This process (``cluster.num_workers=0``) or a Ray pool, for the length of a run."""
-    if not inputs.cluster.uses_ray:
-        yield LocalExecutor(inputs, output_dir, candidates)
-        return
-    from attribution.distributed.cluster import ray_session
-
-    with ray_session(inputs.cluster):
-        pool = RayExecutor(inputs, output_dir, candidates)
-        try:
-            yield pool
-        finally:
-            pool.close()

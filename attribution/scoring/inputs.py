@@ -16,6 +16,7 @@ from attribution.settings import (
     QuerySettings,
     RefineSettings,
     ScoreSettings,
+    SettingsError,
 )
 
 
@@ -32,6 +33,13 @@ class ScoreInputs:
     prefilter: PrefilterSettings = PrefilterSettings()
     cluster: ClusterSettings = ClusterSettings(num_workers=0)
     refine: RefineSettings = RefineSettings()
+
+    def __post_init__(self) -> None:
+        if self.cluster.sharded and self.refine.enabled:
+            # The refinement's Gauss-Newton products differentiate with respect to the parameters
+            # themselves, which a sharded worker holds only in part.
+            raise SettingsError(f"refine.method={self.refine.method} with cluster.sharding={self.cluster.sharding}: the "
+                                "refinement needs the whole model in each worker; set cluster.sharding=none or refine.method=none")
 
     def resolved(self) -> dict[str, Any]:
         """The settings as the run record keeps them."""

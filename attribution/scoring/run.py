@@ -29,7 +29,8 @@ from attribution.prefilter.candidates import Candidates, retrieve_candidates
 from attribution.prefilter.manifest import IndexManifest
 from attribution.prefilter.scores import run_prefilter_scores
 from attribution.runs import RunRecord
-from attribution.scoring.execution import Failures, QueryTask, Schedule, Task, executor
+from attribution.scoring.execution import Failures, QueryTask, Schedule, Task
+from attribution.scoring.executors import executor
 from attribution.scoring.inputs import ScoreInputs, StageIdentity
 from attribution.scoring.markers import MarkerStore, UnitOutcome, WorkUnit, file_fingerprint, run_key
 from attribution.scoring.merge import PassUnits, merge_top_tables, publish_pairs, remove_work

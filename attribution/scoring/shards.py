@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ import pyarrow as pa
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from attribution.curvature.fit import Collective, in_lockstep
 from attribution.data.batching import TokenBatch, batch_documents
 from attribution.data.corpus import Document, Skip, SkipHandler, iter_documents
 from attribution.prefilter.candidates import Candidates
@@ -48,6 +49,15 @@ NON_FINITE_DOCUMENT = "non-finite influence score (NaN or Inf in the document's 
 FAULT_SWITCH = "ATTRIBUTION_TEST_FAULT"
 
 
+@dataclass(frozen=True)
+class Lockstep:
+    """A worker of a sharded model: the run's collective, and a pass of the model that contributes
+    nothing (the same gathers as a scoring pass), for the steps where this worker has no batch."""
+
+    collective: Collective
+    ghost: Callable[[TokenBatch], None]
+
+
 @dataclass
 class PassQueries:
     """The queries of one pass: their scorer, and the query batch each column range belongs to."""
@@ -70,13 +80,31 @@ class ShardScorer:
         data: DataSettings,
         score: ScoreSettings,
         candidates: Candidates | None,
+        lockstep: Lockstep | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.data = data
         self.score = score
         self.candidates = candidates
+        self.lockstep = lockstep
         self.device = next(model.parameters()).device
+
+    def _steps(self, batches: Iterable[TokenBatch]) -> Iterator[tuple[TokenBatch, bool]]:
+        """``(batch, counts)``: every batch once, then, when the model is sharded, ghost batches that
+        count for nothing until every worker of the run is done (their passes gather from this one)."""
+        if self.lockstep is None:
+            return ((batch, True) for batch in batches)
+        return in_lockstep(batches, self.lockstep.collective, self.device)
+
+    def keep_step(self) -> None:
+        """A sharded worker with no unit this round: ghost passes until the others are done, in each phase they run."""
+        assert self.lockstep is not None, "only a sharded worker keeps step"
+        for batch, _ in self._steps(()):
+            self.lockstep.ghost(batch.to(self.device))
+        if not self.score.all_pairs and self.score.token_scores:
+            for batch, _ in self._steps(()):
+                self.lockstep.ghost(batch.to(self.device))
 
     def run(self, unit: WorkUnit, queries: PassQueries, store: MarkerStore) -> None:
         """Score the shard against every query of the pass and write the unit's files, the marker last."""
@@ -98,7 +126,10 @@ class ShardScorer:
             else:
                 top = TopK(len(query_ids), int(self.score.top_k), True, modules, self.device, keep_layers)
                 bottom = TopK(len(query_ids), self.score.bottom_k, False, modules, self.device, keep_layers)
-            for index, batch in enumerate(self._batches(documents, outcome.skips.append)):
+            for index, (batch, counts) in enumerate(self._steps(self._batches(documents, outcome.skips.append))):
+                if not counts:
+                    queries.scorer.layer_scores(batch.to(self.device))
+                    continue
                 inject_fault_for_tests(Path(unit.shard).name, index)
                 rows = np.array([documents.row_of(doc_id) for doc_id in batch.ids], dtype=np.int64)
                 clock = time.perf_counter()
@@ -188,8 +219,10 @@ class ShardScorer:
             columns_of.setdefault(doc_id, []).append(column)
         result: dict[str, list] = {name: [] for name in UNIT_TOKENS_SCHEMA.names}
         documents = _Rows(self._documents(unit, set(columns_of), _already_recorded))
-        for batch in self._batches(documents, _already_recorded):
+        for batch, counts in self._steps(self._batches(documents, _already_recorded)):
             contributions = queries.scorer.token_scores(batch.to(self.device)).detach().to("cpu", torch.float32).numpy()
+            if not counts:
+                continue
             for b, doc_id in enumerate(batch.ids):
                 length = int(batch.attention_mask[b].sum())
                 tokens = self.tokenizer.convert_ids_to_tokens(batch.input_ids[b, :length].tolist())

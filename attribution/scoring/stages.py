@@ -48,7 +48,6 @@ from attribution.settings import (
     torch_dtype,
 )
 
-
 # Query-side memory: the rows of one module's (rows, d_out, d_in') gradients in the eigenbasis taken
 # together; 512 MiB is 2 queries of a 14,336 x 4,096 map in float32, 16 of an 8,192 x 2,048 one.
 QUERY_CHUNK_BYTES = 512 * 2**20
@@ -185,11 +184,13 @@ def build_stages(
     refine_settings: RefineSettings,
     output_dir: Path,
     device: torch.device,
+    sharding: str = "none",
 ) -> Stages:
-    """Models, stores and query-side inverses of a score run: single- or multi-stage."""
+    """Models, stores and query-side inverses of a score run: single- or multi-stage; ``sharding``
+    (``cluster.sharding``) shards every model over the process group of this run's workers."""
     if finetune_settings.enabled:
-        return multi_stage(model_settings, finetune_settings, factor_settings, refine_settings, output_dir, device)
-    return single_stage(model_settings, factor_settings, refine_settings, output_dir, device)
+        return multi_stage(model_settings, finetune_settings, factor_settings, refine_settings, output_dir, device, sharding)
+    return single_stage(model_settings, factor_settings, refine_settings, output_dir, device, sharding)
 
 
 def identity_factor_set(tracked: list[TrackedModule], fingerprint: str) -> FactorSet:
@@ -244,10 +245,8 @@ def stage_inverse(
 
 
 def single_stage(model_settings: ModelSettings, factor_settings: FactorSettings, refine: RefineSettings, output_dir: Path,
-                 device: torch.device) -> Stages:
-    model, tokenizer = _load(model_settings.path, model_settings, device)
-    tracked = find_tracked_modules(model, model_settings.tracked_modules)
-    fingerprint = model_fingerprint(model)
+                 device: torch.device, sharding: str = "none") -> Stages:
+    model, tokenizer, fingerprint, tracked = _load(model_settings.path, model_settings, device, sharding)
     store = factor_settings.path or output_dir / "factors"
     factors = load_factor_set(factor_settings, store, tracked, fingerprint)
     refinement: dict[str, Any] = {}
@@ -264,22 +263,22 @@ def multi_stage(
     refine: RefineSettings,
     output_dir: Path,
     device: torch.device,
+    sharding: str = "none",
 ) -> Stages:
     """Query side on the fine-tuned model, candidates on the pretrained one, over the modules both share."""
-    pretrained, pretrained_tokenizer = _load(model_settings.path, model_settings, device)
-    finetuned, finetuned_tokenizer = _load(finetune_settings.model_path, model_settings, device)
+    pretrained, pretrained_tokenizer, pretrained_fingerprint, pretrained_tracked = _load(model_settings.path, model_settings,
+                                                                                        device, sharding)
+    finetuned, finetuned_tokenizer, finetuned_fingerprint, finetuned_tracked = _load(finetune_settings.model_path,
+                                                                                    model_settings, device, sharding)
     if pretrained.config.model_type != finetuned.config.model_type:
         raise SettingsError(
             f"fine-tuned model {finetune_settings.model_path} ({finetuned.config.model_type}) is not a descendant of "
             f"pretrained model {model_settings.path} ({pretrained.config.model_type})"
         )
-    tracked, query_tracked, excluded = shared_modules(
-        find_tracked_modules(pretrained, model_settings.tracked_modules),
-        find_tracked_modules(finetuned, model_settings.tracked_modules),
-    )
+    tracked, query_tracked, excluded = shared_modules(pretrained_tracked, finetuned_tracked)
     if not tracked:
         raise SettingsError(f"fine-tuned model {finetune_settings.model_path} shares no tracked module with {model_settings.path}")
-    fingerprints = {"model": model_fingerprint(pretrained), "finetuned_model": model_fingerprint(finetuned)}
+    fingerprints = {"model": pretrained_fingerprint, "finetuned_model": finetuned_fingerprint}
     pretrained_store = factor_settings.path or output_dir / "factors"
     pretrained_factors = load_factor_set(factor_settings, pretrained_store, tracked, fingerprints["model"])
     finetuned_factors = load_factor_set(factor_settings, finetune_settings.factors_path, query_tracked, fingerprints["finetuned_model"])
@@ -316,7 +315,17 @@ def shared_modules(
     return kept_pretrained, kept_finetuned, excluded
 
 
-def _load(path: str | None, settings: ModelSettings, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load(path: str | None, settings: ModelSettings, device: torch.device,
+          sharding: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str, list[TrackedModule]]:
+    """The model, its tokenizer, fingerprint and tracked modules; the fingerprint and the modules' shapes
+    are taken from the whole weights, before they are sharded."""
     if path is None:
         raise SettingsError("a model path is required")
-    return load_model(path, settings.trust_remote_code, torch_dtype(settings.dtype), device)
+    model, tokenizer = load_model(path, settings.trust_remote_code, torch_dtype(settings.dtype), device)
+    tracked = find_tracked_modules(model, settings.tracked_modules)
+    fingerprint = model_fingerprint(model)
+    if sharding != "none":
+        from attribution.distributed.sharding import shard_model
+
+        shard_model(model, sharding)
+    return model, tokenizer, fingerprint, tracked

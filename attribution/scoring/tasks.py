@@ -18,15 +18,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from attribution.curvature.fit import Collective
 from attribution.data.batching import TokenBatch, batch_queries
 from attribution.data.corpus import Skip
 from attribution.data.queries import read_queries
+from attribution.distributed.sharding import parameters_held
 from attribution.prefilter.candidates import Candidates
-from attribution.scoring.candidates import CandidateScorer
+from attribution.scoring.candidates import CandidateScorer, ghost_pass
 from attribution.scoring.inputs import ScoreInputs, StageIdentity
 from attribution.scoring.markers import MarkerStore, WorkUnit
 from attribution.scoring.query_files import concatenate, load_query_factors, save_query_batch
-from attribution.scoring.shards import PassQueries, ShardScorer, inject_fault_for_tests
+from attribution.scoring.shards import Lockstep, PassQueries, ShardScorer, inject_fault_for_tests
 from attribution.scoring.stages import build_stages
 from attribution.settings import resolve_device, torch_dtype
 
@@ -48,13 +50,22 @@ def pass_batches(group: int, per_pass: int, num_batches: int) -> range:
 class ScoreTasks:
     """A process's models, stores and caches for the tasks of one score run."""
 
-    def __init__(self, inputs: ScoreInputs, output_dir: str | Path, candidates: Candidates | None) -> None:
+    def __init__(self, inputs: ScoreInputs, output_dir: str | Path, candidates: Candidates | None,
+                 collective: Collective | None = None) -> None:
+        """``collective``: the workers this one shards the models with (``cluster.sharding``), or None."""
         self.inputs = inputs
         self.output_dir = Path(output_dir)
+        self.collective = collective
         device = resolve_device(inputs.model.device)
-        self.stages = build_stages(inputs.model, inputs.factors, inputs.finetune, inputs.refine, self.output_dir, device)
+        sharding = inputs.cluster.sharding if collective is not None else "none"
+        self.stages = build_stages(inputs.model, inputs.factors, inputs.finetune, inputs.refine, self.output_dir, device,
+                                   sharding)
+        lockstep = None
+        if collective is not None:
+            model, tracked = self.stages.candidate_model, self.stages.tracked
+            lockstep = Lockstep(collective, lambda batch: ghost_pass(model, tracked, batch))
         self.shards = ShardScorer(self.stages.candidate_model, self.stages.candidate_tokenizer, inputs.data,
-                                  inputs.score, candidates)
+                                  inputs.score, candidates, lockstep)
         self._query_batches: list[TokenBatch] | None = None
         self._num_queries = 0
         self._skips: list[Skip] = []
@@ -82,11 +93,22 @@ class ScoreTasks:
         started = time.perf_counter()
         batch = self._batches()[index]
         prepared = self.stages.query_factors(batch, self.inputs.score.rank)
-        save_query_batch(store.query_batch_path(index), prepared, batch.ids, time.perf_counter() - started)
+        # Every worker of a sharded model computes the same batch (its passes gather from all of them); one writes it.
+        if self.collective is None or self.collective.rank == 0:
+            save_query_batch(store.query_batch_path(index), prepared, batch.ids, time.perf_counter() - started)
 
-    def score_unit(self, store: MarkerStore, unit: WorkUnit, batches: Sequence[int]) -> None:
-        """Score ``unit`` against the kept queries of ``batches`` (its pass) and write its files."""
+    def score_unit(self, store: MarkerStore, unit: WorkUnit | None, batches: Sequence[int]) -> None:
+        """Score ``unit`` against the kept queries of ``batches`` (its pass) and write its files; no unit:
+        keep step with the other workers of a sharded model."""
+        if unit is None:
+            self.shards.keep_step()
+            return
         self.shards.run(unit, self._pass_queries(store, unit.group, batches), store)
+
+    def parameters_held(self) -> int:
+        """Parameter elements this process holds (a sharded worker: its shards)."""
+        models = {id(model): model for model in (self.stages.candidate_model, self.stages.query_model)}
+        return sum(parameters_held(model) for model in models.values())
 
     def _pass_queries(self, store: MarkerStore, group: int, batches: Sequence[int]) -> PassQueries:
         if self._pass is None or self._pass[0] != group:

@@ -68,7 +68,7 @@ def test_sharded_model_gives_the_same_factors(tmp_path, ray_local):
     data = DataSettings(path=corpus, batch_size=3, max_length=16)
     single = run_fit(model, data, FactorSettings(dtype="float64", path=str(tmp_path / "one")), tmp_path / "a", {}, progress=False)
     sharded = run_fit(model, data, FactorSettings(dtype="float64", path=str(tmp_path / "two")), tmp_path / "b", {},
-                      progress=False, cluster=ClusterSettings(num_workers=2, shard_model=True))
+                      progress=False, cluster=ClusterSettings(num_workers=2, sharding="fsdp"))
     lm, _ = load_model(model_dir)
     tracked = find_tracked_modules(lm)
     one = load_factors(single.factors_path, tracked, None)
