@@ -77,8 +77,10 @@ def zero3_config(dtype: torch.dtype = torch.float32, persistence_threshold: int 
         "zero_optimization": {
             "stage": 3,
             "stage3_param_persistence_threshold": persistence_threshold,
-            "stage3_model_persistence_threshold": 0 if persistence_threshold == 0 else 2**62,
             "stage3_prefetch_bucket_size": 0,
+            # A module's parameters are freed as soon as it has run: with DeepSpeed's default (1e9 elements)
+            # those used again within that distance (in backward) stay gathered, all of them in a small model.
+            "stage3_max_reuse_distance": 0,
         },
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
