@@ -71,18 +71,11 @@ def _run(rank: int, world_size: int, port: int, engine: str, arguments: argparse
     model = _build_model(arguments)
     tracked = find_tracked_modules(model)
     total = sum(parameter.numel() for parameter in model.parameters())
-    if engine == "fsdp":
-        from attribution.distributed.sharding import shard_model
-        from attribution.store_fit import parameters_held
+    if engine != "none":
+        from attribution.distributed.sharding import parameters_held, shard_model
 
-        shard_model(model)
-        held = parameters_held(model)
-    elif engine == "deepspeed":
-        from attribution.distributed.zero3 import shard_with_zero3
-
-        held = shard_with_zero3(model).parameters_held()
-    else:
-        held = total
+        shard_model(model, engine)
+    held = parameters_held(model) if engine != "none" else total
     gc.collect()
     resident = _memory_mib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size

@@ -18,6 +18,17 @@ Each product costs one Jacobian-vector product and one vector-Jacobian product. 
 JVP differentiates the linear map ``u -> J^T u`` (built once with ``create_graph``)
 with respect to ``u``; both graphs are kept per batch, so repeated products (conjugate
 gradient) never re-run the forward pass.
+
+The logits are never held whole. When they are the output layer ``W`` applied to the last
+hidden states ``h`` (and ``W`` is not tracked), ``J = W J_h`` and the product is taken in
+hidden space,
+
+    J^T H J v = J_h^T [W^T H (W (J_h v))],
+
+the bracket a chunk of target positions at a time, so the largest tensor is (C, positions,
+V) for one chunk (:data:`attribution.log_prob.DEFAULT_CHUNK_BYTES`). Other models (a soft-capped
+or tracked output layer) are linearised at their logits, as :func:`attribution.log_prob.backward_log_prob`
+falls back too.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from transformers import PreTrainedModel
 
 from attribution.curvature.parameters import ParameterLayout
 from attribution.data.batching import TokenBatch
+from attribution.log_prob import DEFAULT_CHUNK_BYTES, chunk_positions, head_is_last, identity_output_layer
 from attribution.models import TrackedModule
 
 
@@ -59,13 +71,15 @@ def only_these_require_grad(model: nn.Module, parameters: Sequence[nn.Parameter]
 
 @dataclass
 class _Linearisation:
-    """One batch's forward graph and the graph of ``u -> J^T u``."""
+    """One batch's forward graph and the graph of ``u -> J^T u``, at the outputs ``o``: the hidden
+    states that the output layer ``head`` maps to logits, or (``head`` None) the logits themselves."""
 
-    logits: torch.Tensor  # (B, T-1, V), the logits that predict positions 1..T-1
-    dual: torch.Tensor  # u, shaped like logits
-    transpose: tuple[torch.Tensor, ...]  # J^T u, one tensor per parameter
-    probabilities: torch.Tensor  # p, detached
-    mask: torch.Tensor  # (B, T-1, 1), 1 on target positions
+    outputs: torch.Tensor  # (B, T-1, H or V), predicting positions 1..T-1
+    dual: torch.Tensor  # u, shaped like outputs
+    transpose: tuple[torch.Tensor, ...]  # J_o^T u, one tensor per parameter
+    rows: torch.Tensor  # (n,) sequence of each target position
+    columns: torch.Tensor  # (n,) its place in outputs
+    head: nn.Linear | None
 
 
 class GaussNewton:
@@ -84,10 +98,15 @@ class GaussNewton:
         batches: Iterable[TokenBatch],
         cache: bool = True,
         columns_per_product: int = 8,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         use_eager_attention(model)
         self.model = model
         self.layout = ParameterLayout(tracked)
+        self.chunk_bytes = chunk_bytes
+        head = model.get_output_embeddings()
+        # In hidden space when the logits are the output layer's map of the hidden states.
+        self._head = head if head_is_last(model) and not any(m.module is head for m in tracked) else None
         self.device = next(model.parameters()).device
         self.batches = [batch.to(self.device) for batch in batches]
         self.num_sequences = sum(len(batch.ids) for batch in self.batches)
@@ -104,13 +123,17 @@ class GaussNewton:
 
     def _linearise(self, batch: TokenBatch) -> _Linearisation:
         parameters = self.layout.parameters
+        head = self._head
         with only_these_require_grad(self.model, parameters), torch.enable_grad():
-            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-            dual = torch.zeros_like(logits, requires_grad=True)
-            transpose = torch.autograd.grad(logits, parameters, dual, create_graph=True)
-        probabilities = torch.softmax(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-        mask = batch.target_mask[:, 1:].unsqueeze(-1).to(probabilities.dtype)
-        return _Linearisation(logits, dual, transpose, probabilities, mask)
+            if head is not None:
+                with identity_output_layer(self.model):
+                    outputs = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+            else:
+                outputs = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+            dual = torch.zeros_like(outputs, requires_grad=True)
+            transpose = torch.autograd.grad(outputs, parameters, dual, create_graph=True)
+        rows, columns = batch.target_mask[:, 1:].nonzero(as_tuple=True)
+        return _Linearisation(outputs, dual, transpose, rows.to(self.device), columns.to(self.device), head)
 
     def _linearisations(self) -> Iterator[_Linearisation]:
         if self._cached is not None:
@@ -134,19 +157,41 @@ class GaussNewton:
     def _product(self, lin: _Linearisation, chunk: torch.Tensor) -> torch.Tensor:
         """``sum_t J_t^T H_t J_t v`` of one batch for the (C, P) columns of ``chunk``, float64.
 
-        ``J v`` is the derivative of ``u -> (J^T u) . v`` in ``u``; ``H_t w = p * (w - p . w)``.
-        Columns go through autograd together (``is_grads_batched``, a vmap over the backward
-        graph): one traversal of the graph instead of C.
+        ``J_o v`` is the derivative of ``u -> (J_o^T u) . v`` in ``u``; the curvature at the outputs
+        (:meth:`_output_curvature`) goes back through ``J_o^T``. Columns go through autograd together
+        (``is_grads_batched``, a vmap over the backward graph): one traversal of the graph instead of C.
         """
         parameters = self.layout.parameters
         tangents = self.layout.to_parameter_shapes(chunk)
-        jvp = torch.autograd.grad(lin.transpose, lin.dual, tangents, retain_graph=True, is_grads_batched=True)[0]
-        p = lin.probabilities
-        jvp = jvp.to(p.dtype)
-        curvature = lin.mask * p * (jvp - (p * jvp).sum(-1, keepdim=True))
-        back = torch.autograd.grad(lin.logits, parameters, curvature.to(lin.logits.dtype), retain_graph=True,
+        forward = torch.autograd.grad(lin.transpose, lin.dual, tangents, retain_graph=True, is_grads_batched=True)[0]
+        curvature = self._output_curvature(lin, forward)
+        back = torch.autograd.grad(lin.outputs, parameters, curvature.to(lin.outputs.dtype), retain_graph=True,
                                    is_grads_batched=True)
         return self.layout.from_parameter_shapes(back).to(torch.float64)
+
+    def _output_curvature(self, lin: _Linearisation, forward: torch.Tensor) -> torch.Tensor:
+        """(C, B, T-1, H or V): ``W^T H_t W w_t`` (hidden space) or ``H_t w_t`` (logits) at every target position
+        ``t`` of the (C, B, T-1, ·) directions ``w = J_o v``, zero elsewhere, with
+        ``H_t x = p_t * (x - p_t . x)``; target positions a chunk at a time."""
+        curvature = torch.zeros_like(forward)
+        wide = torch.promote_types(lin.outputs.dtype, torch.float32)
+        vocabulary = lin.outputs.shape[-1] if lin.head is None else lin.head.out_features
+        step = chunk_positions(vocabulary * forward.shape[0], self.chunk_bytes)
+        for start in range(0, len(lin.rows), step):
+            rows, columns = lin.rows[start:start + step], lin.columns[start:start + step]
+            outputs, directions = lin.outputs.detach()[rows, columns], forward[:, rows, columns]
+            if lin.head is not None:
+                weight = lin.head.weight
+                logits, directions = lin.head(outputs), directions @ weight.T
+            else:
+                logits = outputs
+            p = torch.softmax(logits.to(wide), dim=-1)
+            directions = directions.to(wide)
+            hessian_times = p * (directions - (p * directions).sum(-1, keepdim=True))
+            if lin.head is not None:
+                hessian_times = hessian_times.to(weight.dtype) @ weight
+            curvature[:, rows, columns] = hessian_times.to(curvature.dtype)
+        return curvature
 
 
 def dense_gauss_newton(operator: GaussNewton, chunk: int = 64) -> torch.Tensor:

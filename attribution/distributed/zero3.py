@@ -21,6 +21,7 @@ not on the parameters' own gradients.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,10 +49,6 @@ class Zero3Model:
     model: PreTrainedModel
     engine: Any
     release_hook: RemovableHandle
-
-    def parameters_held(self) -> int:
-        """Parameter elements this process holds now: its partitions, plus any parameter gathered whole."""
-        return parameters_held(self.model)
 
     def close(self) -> None:
         """Remove DeepSpeed's hooks and ours; the parameters stay partitioned (call before the process group is destroyed)."""
@@ -107,6 +104,10 @@ def shard_with_zero3(model: PreTrainedModel, persistence_threshold: int = 0) -> 
         raise Zero3Error(f"cluster.sharding=deepspeed: DeepSpeed ZeRO-3 keeps parameters in float32, bfloat16 or float16 only, "
                          f"not {model.dtype}; set model.dtype to one of those or use cluster.sharding=fsdp")
     deepspeed = _import_deepspeed()
+    # DeepSpeed reads these from a launcher's environment even when the group exists. A Ray worker sees
+    # only its own device (if any), as index 0.
+    for name, value in (("RANK", dist.get_rank()), ("WORLD_SIZE", dist.get_world_size()), ("LOCAL_RANK", 0)):
+        os.environ.setdefault(name, str(value))
     # DeepSpeed takes the group that is already there; on CPU it would otherwise first compile its
     # shared-memory all-reduce with g++ (~45 s), where gloo does the gathers.
     deepspeed.init_distributed(dist_backend=dist.get_backend())
@@ -139,13 +140,3 @@ def _import_deepspeed() -> Any:
                          "install it or use cluster.sharding=fsdp") from error
     deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
     return deepspeed
-
-
-def parameters_held(model: nn.Module) -> int:
-    """Parameter elements in this process: a ZeRO-3 parameter's partition (``ds_tensor``, padded to
-    a multiple of the world size) plus its data when gathered or persistent; others whole."""
-    held = 0
-    for parameter in model.parameters():
-        partition: torch.Tensor | None = getattr(parameter, "ds_tensor", None)
-        held += parameter.data.numel() + (partition.numel() if partition is not None else 0)
-    return held

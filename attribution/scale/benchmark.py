@@ -37,10 +37,11 @@ from attribution.scale.memory_model import (
 from attribution.scale.peaks import StagePeaks
 from attribution.scale.projection import REAL_MODELS, format_projection, project, real_shape
 from attribution.scale.rehearsal import REHEARSALS, build_model_directory, rehearsal, write_corpus, write_queries
+from attribution.scale.sharded import run_sharding_comparison
 from attribution.scoring.candidates import CandidateScorer
 from attribution.scoring.query_files import concatenate
 from attribution.scoring.stages import Stages
-from attribution.settings import RefineSettings, SettingsError, torch_dtype
+from attribution.settings import SHARDING_ENGINES, RefineSettings, SettingsError, torch_dtype
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ class ScaleSettings:
     projections: tuple[str, ...] = ()
     corpus_tokens: float = 1e9
     efficiency: float = 0.4
+    # Also score each model sharded over ``workers`` Ray workers and unsharded (:mod:`attribution.scale.sharded`).
+    sharding: str = "none"
+    workers: int = 2
 
     def __post_init__(self) -> None:
         for name in self.models:
@@ -75,8 +79,17 @@ class ScaleSettings:
         for key in ("documents", "batch_size", "sequence", "queries", "query_batch_size", "query_tokens", "rank"):
             if getattr(self, key) < 1:
                 raise SettingsError(f"scale.{key} must be at least 1, got {getattr(self, key)}")
+        if self.sharding not in SHARDING_ENGINES:
+            raise SettingsError(f"scale.sharding must be one of {', '.join(SHARDING_ENGINES)}, got {self.sharding!r}")
+        if self.workers < 1:
+            raise SettingsError(f"scale.workers must be at least 1, got {self.workers}")
         if self.query_tokens < 2:
             raise SettingsError("scale.query_tokens must be at least 2 (a prompt and a completion token)")
+
+    @property
+    def rehearsal_settings(self) -> dict:
+        """What a rehearsal's result depends on (a kept result is reused when these match)."""
+        return {key: value for key, value in asdict(self).items() if key not in ("sharding", "workers")}
 
     @property
     def run(self) -> RunShape:
@@ -196,14 +209,21 @@ def run_scale(settings: ScaleSettings, output_dir: Path, say: Callable[[str], No
     results = []
     for name in settings.models:
         record = output_dir / f"{name}-{settings.dtype}.json"
-        if record.is_file() and json.loads(record.read_text()).get("settings") == json.loads(json.dumps(asdict(settings))):
+        kept = json.loads(json.dumps(settings.rehearsal_settings))
+        if record.is_file() and {k: v for k, v in json.loads(record.read_text()).get("settings", {}).items()
+                                 if k not in ("sharding", "workers")} == kept:
             result = _rehearsed_from(json.loads(record.read_text()))
         else:
             say(f"rehearsing {name} ({rehearsal(name).stands_for}) ...")
             result = rehearse(name, output_dir / "rehearsal", settings.run, settings.documents, settings.device, settings.dtype)
-            record.write_text(json.dumps({"settings": asdict(settings), "result": asdict(result)}, indent=2) + "\n")
+            record.write_text(json.dumps({"settings": settings.rehearsal_settings, "result": asdict(result)}, indent=2) + "\n")
         say(format_rehearsal(result))
         results.append(result)
+        if settings.sharding != "none":
+            run_sharding_comparison(name, output_dir, say, engine=settings.sharding, workers=settings.workers,
+                                    documents=settings.documents, sequence=settings.sequence, batch_size=settings.batch_size,
+                                    queries=settings.queries, query_tokens=settings.query_tokens, rank=settings.rank,
+                                    dtype=settings.dtype)
     for name in settings.projections:
         shape = real_shape(name)
         stages = project(shape, settings.run, settings.corpus_tokens, efficiency=settings.efficiency)

@@ -12,7 +12,7 @@ from attribution.curvature.gauss_newton import (
     use_eager_attention,
 )
 from attribution.curvature.parameters import ParameterLayout
-from attribution.models import find_tracked_modules
+from attribution.models import TrackedModule, find_tracked_modules
 from tests.tiny import VOCAB, make_batch, random_sequences, tiny_model
 
 # Short sequences of different lengths: the batch is padded, so masking is exercised.
@@ -66,6 +66,23 @@ def test_products_equal_the_enumerated_matrix_times_a_vector(explicit):
         # GPT-NeoX's eager attention takes its softmax in float32 even in a float64 model.
         torch.testing.assert_close(products, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
     assert float(matrix.abs().max()) > 0
+
+
+def test_hidden_space_products_equal_the_logit_space_ones(explicit):
+    """The product taken in hidden space, target positions a few at a time, equals the one linearised at the
+    whole logits (the output layer tracked forces that path) on the modules both see."""
+    model, tracked, _ = explicit
+    batches = [make_batch(SEQUENCES[:2]), make_batch(SEQUENCES[2:])]
+    hidden = GaussNewton(model, tracked, batches, chunk_bytes=3 * 8 * VOCAB * 4)  # 3 positions of 8 columns per chunk
+    assert hidden._head is not None
+    head = model.get_output_embeddings()
+    with_head = [*tracked, TrackedModule("embed_out", head, head.in_features, head.out_features, bias=False)]
+    logits = GaussNewton(model, with_head, batches)
+    assert logits._head is None and len(with_head) == len(tracked) + 1
+    vectors = torch.randn(3, hidden.size, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    padded = torch.cat([vectors, torch.zeros(3, logits.size - hidden.size, dtype=torch.float64)], dim=1)
+    expected = logits(padded)[:, :hidden.size]
+    torch.testing.assert_close(hidden(vectors), expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
 
 
 def test_dense_matrix_equals_enumerated_matrix(explicit):

@@ -109,3 +109,25 @@ def test_refinement_is_refused_when_sharded(inputs, tmp_path):
     with pytest.raises(SettingsError, match=r"refine.method=cg with cluster.sharding=fsdp: the refinement needs the whole model"):
         run_score(model, data, factors, queries, score, tmp_path / "refined", {}, cluster=SHARDED,
                   refine_settings=RefineSettings(method="cg"))
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_scores_equal_the_unsharded_run(inputs, ray_local, tmp_path):
+    """ZeRO-3, the other engine, in float32 (DeepSpeed refuses float64 parameters)."""
+    model, data, _, queries, score, _ = inputs
+    single = ModelSettings(path=model.path, device="cpu", dtype="float32")
+    store = run_fit(single, data, FactorSettings(path=str(tmp_path / "factors")), tmp_path / "fit", {}, progress=False)
+    factors = FactorSettings(path=str(store.factors_path))
+    unsharded = run_score(single, data, factors, queries, score, tmp_path / "one", {})
+    sharded = run_score(single, data, factors, queries, score, tmp_path / "two", {},
+                        cluster=ClusterSettings(num_workers=2, sharding="deepspeed"))
+    expected = {(r["query_id"], r["direction"], r["rank"]): (r["doc_id"], r["score"]) for r in
+                pq.read_table(unsharded.scores_path).to_pylist()}
+    actual = {(r["query_id"], r["direction"], r["rank"]): (r["doc_id"], r["score"]) for r in
+              pq.read_table(sharded.scores_path).to_pylist()}
+    assert actual.keys() == expected.keys()
+    for key, (doc_id, value) in expected.items():
+        assert actual[key][0] == doc_id and actual[key][1] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    held = [worker["parameters_held"] for worker in json.loads(sharded.run_record.read_text())["config"]["workers"]]
+    total = sum(parameter.numel() for parameter in load_model(model.path)[0].parameters())
+    assert max(held) <= 0.6 * total, f"each worker should hold about half: {held} of {total}"

@@ -41,7 +41,8 @@ def _capture(model: torch.nn.Module, tracked: list[TrackedModule], seed: int) ->
 def _worker(rank: int, port: int) -> None:
     import torch.distributed as dist
 
-    from attribution.distributed.zero3 import parameters_held, shard_with_zero3
+    from attribution.distributed.sharding import parameters_held
+    from attribution.distributed.zero3 import shard_with_zero3
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD_SIZE))
@@ -57,7 +58,7 @@ def _worker(rank: int, port: int) -> None:
             model = tiny_model(architecture, dtype=torch.float32)
             tracked = find_tracked_modules(model)
             sharded = shard_with_zero3(model)
-            held = sharded.parameters_held()
+            held = parameters_held(model)
             assert held <= 0.6 * total, f"{architecture}: rank {rank} holds {held} of {total} parameter elements"
             sums, log_probs = _capture(model, tracked, rank)
             assert sums.keys() == expected_sums.keys()
@@ -66,7 +67,7 @@ def _worker(rank: int, port: int) -> None:
             for actual, expected in zip(log_probs, expected_log_probs):
                 torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
             # Gathered only while a module runs: after the passes, the partitions again.
-            assert sharded.parameters_held() == held
+            assert parameters_held(model) == held
             sharded.close()
     finally:
         dist.destroy_process_group()
