@@ -1,37 +1,44 @@
 """Load a model straight into its FSDP2 shards: no worker holds the whole model in host memory.
 
-The model is built from ``config.json`` with its parameters on the meta device, sharded
-(:func:`attribution.distributed.sharding.shard_model`), and only then given memory: each
-worker allocates its own shard of every parameter (rows ``[r ceil(n/W), (r+1) ceil(n/W))`` of
-an ``n``-row parameter on rank ``r`` of ``W``) and reads exactly those rows from the
-safetensors file(s). Before that, the file is read once more, one tensor at a time, for the
-model's fingerprint and the check that every weight is finite, so a worker's peak holds its
-shards plus one whole parameter.
+Every worker of the process group builds the model from ``config.json`` with its parameters on
+the meta device (no memory), shards it (:func:`attribution.distributed.sharding.shard_model`),
+and only then allocates its own shard of each parameter: rows ``[r ceil(n/W), (r+1) ceil(n/W))``
+of an ``n``-row parameter on rank ``r`` of ``W``, read from the safetensors file(s) and nothing
+else. Before that, the file is read once, one tensor at a time, for the model's fingerprint and
+the check that every weight is finite. A worker's host memory while loading is its shards plus
+one whole parameter; the load's one forward (the causal-attention check) gathers each FSDP
+unit in turn, as any forward of the sharded model does, the root one (embedding, unembedding,
+final norm) being the largest.
 
-Layouts that cannot be read this way are loaded whole and then sharded, as before (each
-worker holds the whole model once, briefly): a ``pytorch_model.bin`` without safetensors, a
-DeepSpeed ZeRO checkpoint folder, and a safetensors checkpoint whose tensor names or shapes
-are not exactly the model's (older or converted layouts that ``from_pretrained`` renames or
-reshapes on load, such as the per-expert weights of a fused mixture-of-experts model).
+The checkpoint is read as ``from_pretrained`` reads it: tensor names renamed as it renames them
+(the model's registered renamings, such as GPT-NeoX's ``embed_out`` for ``lm_head``, legacy
+names, the base-model prefix added or dropped), names the model does not have ignored,
+a tied unembedding the same parameter as the embedding, non-persistent buffers (rotary
+tables) as the model's constructor computes them, persistent ones from the file when it has them.
+
+Loaded whole by :func:`attribution.models.load_model`, then sharded (each worker holds the whole
+model once, as without this module): a directory whose weights are not safetensors
+(``pytorch_model.bin``, a DeepSpeed ZeRO checkpoint folder); a safetensors checkpoint that
+needs converting on load (the per-expert weights of a fused mixture-of-experts model), that
+holds both weights of a tied pair, that lacks a parameter or holds one in another shape, or
+whose files or index cannot be read (the whole load then says what is wrong with them).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from attribution.curvature.finite import check_parameter_counts, check_parameters, nonfinite_count
 from attribution.distributed.sharding import shard_model
 from attribution.models import (
-    ModelError,
     check_causal,
     check_model_directory,
     check_tokenizer,
@@ -78,18 +85,18 @@ def load_sharded_model(path: str | Path, trust_remote_code: bool, dtype: torch.d
         model = empty_model(config, trust_remote_code, dtype)
         tokenizer = load_tokenizer(directory, trust_remote_code)
     model.eval()
-    with ExitStack() as stack:
-        stored = _stored_entries(model, _open_tensors(files, stack))
-        if stored is None:
-            return _load_whole_then_shard(path, trust_remote_code, dtype, device)
-        digest = _streamed_fingerprint(model, stored, f"model.path={path}")
-        buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
-        shard_model(model)
-        # Allocates each parameter's local shard only (and every buffer, anew: restored below).
-        model.to_empty(device=device)
-        _fill(model, stored, buffers)
-    check_causal(model, directory)
     check_tokenizer(tokenizer, model, directory)
+    tensors = _checkpoint_tensors(files)
+    stored = _stored_entries(model, tensors) if tensors is not None else None
+    if stored is None:
+        return _load_whole_then_shard(path, trust_remote_code, dtype, device)
+    digest = _streamed_fingerprint(model, stored, f"model.path={path}")
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    shard_model(model)
+    # Allocates each parameter's local shard only (and every buffer, anew: restored below).
+    model.to_empty(device=device)
+    _fill(model, stored, buffers)
+    check_causal(model, directory)
     # FSDP2 keeps the root's parameters (embedding, unembedding) gathered after a forward, expecting a
     # backward: the check's forward would leave each worker holding them whole.
     model.reshard()
@@ -108,7 +115,8 @@ def _load_whole_then_shard(path: str | Path, trust_remote_code: bool, dtype: tor
 
 def _safetensors_files(directory: Path) -> list[Path] | None:
     """The safetensors files ``from_pretrained`` would read (one, or those of the sharded index), or
-    None when the weights are in another layout (``pytorch_model.bin``, a DeepSpeed ZeRO checkpoint)."""
+    None when the weights are in another layout (``pytorch_model.bin``, a DeepSpeed ZeRO checkpoint)
+    or the index is not readable."""
     if is_zero_checkpoint(directory):
         return None
     if (directory / SAFE_WEIGHTS_NAME).is_file():
@@ -117,37 +125,44 @@ def _safetensors_files(directory: Path) -> list[Path] | None:
     if not index.is_file():
         return None
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ModelError(f"model directory {directory}: {SAFE_WEIGHTS_INDEX_NAME} is not a readable index ({error})") from error
-    return [directory / name for name in sorted(set(weight_map.values()))]
+        return [directory / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return None
 
 
-def _open_tensors(files: list[Path], stack: ExitStack) -> dict[str, safe_open]:
-    """Each tensor name of the checkpoint and the open file (memory-mapped, nothing read yet) that holds it."""
+def _checkpoint_tensors(files: list[Path]) -> dict[str, _Stored] | None:
+    """Each tensor of the checkpoint by its key (the files' headers only are read); None if a file cannot be read."""
     tensors = {}
     for file in files:
-        handle = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
-        tensors.update(dict.fromkeys(handle.keys(), handle))
+        try:
+            with safe_open(file, framework="pt", device="cpu") as handle:
+                keys = handle.keys()
+                tensors.update({key: _Stored(file, key, tuple(handle.get_slice(key).get_shape())) for key in keys})
+        except (OSError, SafetensorError):
+            return None
     return tensors
 
 
 @dataclass(frozen=True)
 class _Stored:
-    """A state_dict entry's tensor in the checkpoint: ``key`` in the open file ``file``."""
+    """A tensor of the checkpoint: ``key`` in ``file``, of ``shape``."""
 
-    file: safe_open
+    file: Path
     key: str
-
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.file.get_slice(self.key).get_shape())
+    shape: tuple[int, ...]
 
     def read(self, block: tuple[slice, ...] | None = None) -> torch.Tensor:
-        """The whole tensor, or only ``block`` of it (nothing else is read from the file)."""
-        return self.file.get_tensor(self.key) if block is None else self.file.get_slice(self.key)[block]
+        """The whole tensor, or only ``block`` of it, as a tensor of its own.
+
+        The file is opened for this one read: safetensors maps it into memory, and every page read
+        counts in the process's resident memory until it is unmapped, so a handle kept open over
+        the fingerprint pass would hold the whole file resident.
+        """
+        with safe_open(self.file, framework="pt", device="cpu") as handle:
+            return handle.get_tensor(self.key) if block is None else handle.get_slice(self.key)[block]
 
 
-def _stored_entries(model: PreTrainedModel, tensors: dict[str, safe_open]) -> dict[str, _Stored] | None:
+def _stored_entries(model: PreTrainedModel, tensors: dict[str, _Stored]) -> dict[str, _Stored] | None:
     """Where the file holds each state_dict entry, with the model's tied weights tied as ``from_pretrained``
     ties them; None when the file cannot be read tensor by tensor (it is then loaded whole).
 
@@ -166,7 +181,7 @@ def _stored_entries(model: PreTrainedModel, tensors: dict[str, safe_open]) -> di
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     state = model.state_dict(keep_vars=True)
     stored: dict[str, _Stored] = {}
-    for key, file in tensors.items():
+    for key, tensor in tensors.items():
         name, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
         if name not in state and key in state:
             # As from_pretrained: a key that is already the model's name is not renamed away from it.
@@ -174,12 +189,12 @@ def _stored_entries(model: PreTrainedModel, tensors: dict[str, safe_open]) -> di
         if converter is not None or name in stored:
             return None
         if name in state:
-            stored[name] = _Stored(file, key)
+            stored[name] = tensor
     if any(target in stored and source in stored for target, source in model.all_tied_weights_keys.items()):
         return None
     # A tied pair is one parameter, under the name of the weight the file holds (save_pretrained keeps one).
     model.tie_weights(missing_keys=set(state) - set(stored), recompute_mapping=False)
-    whole = all(name in stored and stored[name].shape() == tuple(parameter.shape) for name, parameter in model.named_parameters())
+    whole = all(name in stored and stored[name].shape == tuple(parameter.shape) for name, parameter in model.named_parameters())
     return stored if whole else None
 
 
