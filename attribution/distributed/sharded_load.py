@@ -8,7 +8,8 @@ else. Before that, the file is read once, one tensor at a time, for the model's 
 the check that every weight is finite. A worker's host memory while loading is its shards plus
 one whole parameter; the load's one forward (the causal-attention check) gathers each FSDP
 unit in turn, as any forward of the sharded model does, the root one (embedding, unembedding,
-final norm) being the largest.
+final norm) being the largest: on a GPU into device memory, on the CPU (gloo) into host memory,
+where FSDP2's gather buffers come to a few times the unit's size.
 
 The checkpoint is read as ``from_pretrained`` reads it: tensor names renamed as it renames them
 (the model's registered renamings, such as GPT-NeoX's ``embed_out`` for ``lm_head``, legacy
@@ -18,7 +19,8 @@ tables) as the model's constructor computes them, persistent ones from the file 
 
 Loaded whole by :func:`attribution.models.load_model`, then sharded (each worker holds the whole
 model once, as without this module): a directory whose weights are not safetensors
-(``pytorch_model.bin``, a DeepSpeed ZeRO checkpoint folder); a safetensors checkpoint that
+(``pytorch_model.bin``, a DeepSpeed ZeRO checkpoint folder); a model that ``from_pretrained``
+keeps partly in float32 at the dtype asked (``_keep_in_fp32_modules``); a safetensors checkpoint that
 needs converting on load (the per-expert weights of a fused mixture-of-experts model), that
 holds both weights of a tied pair, that lacks a parameter or holds one in another shape, or
 whose files or index cannot be read (the whole load then says what is wrong with them).
@@ -87,7 +89,9 @@ def load_sharded_model(path: str | Path, trust_remote_code: bool, dtype: torch.d
     model.eval()
     check_tokenizer(tokenizer, model, directory)
     tensors = _checkpoint_tensors(files)
-    stored = _stored_entries(model, tensors) if tensors is not None else None
+    # from_pretrained keeps some modules of some models in float32 at a 16-bit dtype (its dtype plan); from_config does not.
+    keeps_float32 = bool(model._get_dtype_plan(dtype))
+    stored = _stored_entries(model, tensors) if tensors is not None and not keeps_float32 else None
     if stored is None:
         return _load_whole_then_shard(path, trust_remote_code, dtype, device)
     digest = _streamed_fingerprint(model, stored, f"model.path={path}")
