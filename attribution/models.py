@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -116,7 +118,29 @@ def load_model(
     vocabulary that fits the model's embedding; otherwise ModelError naming the directory.
     """
     # Imported here: it imports ModelError from this module.
-    from attribution.zero_checkpoint import has_weight_files, is_zero_checkpoint, load_zero_checkpoint
+    from attribution.zero_checkpoint import is_zero_checkpoint, load_zero_checkpoint
+
+    directory = check_model_directory(path)
+    with loading_errors(directory, trust_remote_code):
+        if is_zero_checkpoint(directory):
+            model = load_zero_checkpoint(directory, trust_remote_code, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                directory, local_files_only=True, trust_remote_code=trust_remote_code, dtype=dtype
+            )
+        tokenizer = load_tokenizer(directory, trust_remote_code)
+    model.to(device)
+    model.eval()
+    check_causal(model, directory)
+    check_tokenizer(tokenizer, model, directory)
+    return model, tokenizer
+
+
+def check_model_directory(path: str | Path) -> Path:
+    """``path`` as a model directory that has a readable config.json and weights (a weights file or a
+    DeepSpeed ZeRO checkpoint); else ModelError naming what is missing."""
+    # Imported here: it imports ModelError from this module.
+    from attribution.zero_checkpoint import has_weight_files, is_zero_checkpoint
 
     directory = Path(path)
     if not directory.is_dir():
@@ -135,14 +159,14 @@ def load_model(
             f"model directory {directory} has no weights: no model.safetensors or pytorch_model.bin (or their sharded index), "
             "and no DeepSpeed ZeRO checkpoint ('latest' and a global_step* folder)"
         )
+    return directory
+
+
+@contextmanager
+def loading_errors(directory: Path, trust_remote_code: bool) -> Iterator[None]:
+    """What transformers raises while reading ``directory`` (config, weights, tokenizer) as one ModelError line."""
     try:
-        if zero:
-            model = load_zero_checkpoint(directory, trust_remote_code, dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(
-                directory, local_files_only=True, trust_remote_code=trust_remote_code, dtype=dtype
-            )
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=trust_remote_code)
+        yield
     except ModelError:
         raise
     except (OSError, ValueError) as error:
@@ -152,11 +176,20 @@ def load_model(
                 "transformers does not have); it runs only with model.trust_remote_code=true: set it if you trust that code"
             ) from error
         raise ModelError(f"cannot load a causal LM and tokenizer from {directory}: {error}") from error
-    model.to(device)
-    model.eval()
-    check_causal(model, directory)
-    check_tokenizer(tokenizer, model, directory)
-    return model, tokenizer
+
+
+def load_tokenizer(directory: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in ``directory`` (inside :func:`loading_errors`)."""
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=trust_remote_code)
+
+
+def empty_model(config: PretrainedConfig, trust_remote_code: bool, dtype: torch.dtype) -> PreTrainedModel:
+    """The causal LM of ``config`` with its parameters on the meta device (no memory, no initialisation);
+    buffers (rotary tables) are real, computed by the constructor."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
 
 
 def _check_config(directory: Path) -> None:
@@ -343,10 +376,16 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     the activations, and a store fitted on all modules must serve a run that tracks a
     subset (``mlp``, or the modules two models share).
     """
-    config = {k: v for k, v in model.config.to_dict().items() if k not in _CONFIG_KEYS_NOT_FINGERPRINTED}
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, parameter in model.named_parameters():
+    return fingerprint(model.config, ((name, parameter.detach()) for name, parameter in model.named_parameters()))
+
+
+def fingerprint(config: PretrainedConfig, parameters: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """:func:`model_fingerprint` of a model with ``config`` whose ``named_parameters()`` are ``parameters``
+    (an iterable, so they can be read one at a time)."""
+    kept = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_KEYS_NOT_FINGERPRINTED}
+    digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode())
+    for name, parameter in parameters:
         digest.update(name.encode())
         # The array itself is hashed (buffer protocol): no copy of a float32 weight on the CPU.
-        digest.update(parameter.detach().to("cpu", torch.float32).contiguous().numpy())
+        digest.update(parameter.to("cpu", torch.float32).contiguous().numpy())
     return digest.hexdigest()[:32]

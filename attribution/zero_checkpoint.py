@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from attribution.errors import one_line
-from attribution.models import ModelError
+from attribution.models import ModelError, empty_model
 
 LATEST = "latest"
 _DEEPSPEED_LOGGER = "DeepSpeed"
@@ -85,7 +85,7 @@ def load_zero_checkpoint(directory: Path, trust_remote_code: bool, dtype: torch.
             for file in files:
                 _check_weights_only(file)
         config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=trust_remote_code)
-        model = _empty_model(config, trust_remote_code, dtype)
+        model = empty_model(config, trust_remote_code, dtype)
         try:
             # Its prints and tqdm bars too (after the import, whose log handler keeps the stdout it finds).
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -174,14 +174,6 @@ def _check_weights_only(file: Path) -> None:
         ) from error
     except _UNREADABLE as error:
         raise ModelError(f"DeepSpeed checkpoint file {file} cannot be read: {one_line(str(error))}") from error
-
-
-def _empty_model(config: PretrainedConfig, trust_remote_code: bool, dtype: torch.dtype) -> PreTrainedModel:
-    """The model of ``config`` with its parameters on the meta device; buffers (rotary tables) are real."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
 
 
 def _assign(model: PreTrainedModel, lazy: dict[str, Any], folder: Path) -> None:

@@ -41,8 +41,14 @@ def check_parameters(model: nn.Module, owner: str) -> None:
 
     ``owner`` names the model in the message (``model.path=...``).
     """
-    broken = [(name, count, parameter.numel()) for name, parameter in model.named_parameters()
-              if (count := _nonfinite_count(parameter.detach()))]
+    check_parameter_counts([(name, nonfinite_count(parameter.detach()), parameter.numel())
+                            for name, parameter in model.named_parameters()], owner)
+
+
+def check_parameter_counts(counts: Sequence[tuple[str, int, int]], owner: str) -> None:
+    """:func:`check_parameters` on (name, non-finite count, size) of every parameter in model order,
+    for a loader that reads the parameters one at a time."""
+    broken = [entry for entry in counts if entry[1]]
     if not broken:
         return
     name, count, size = broken[0]
@@ -90,11 +96,11 @@ def check_factors(modules: Mapping[str, ModuleFactors], what: str) -> None:
     """Every tensor of every module's factors finite, else an error naming the module and tensor."""
     for name, factors in modules.items():
         for tensor_name, tensor in factors.as_dict().items():
-            if count := _nonfinite_count(tensor):
+            if count := nonfinite_count(tensor):
                 raise NonFiniteError(f"{what}: module {name}: {tensor_name} has {count} non-finite values (NaN or Inf)")
 
 
-def _nonfinite_count(tensor: torch.Tensor) -> int:
+def nonfinite_count(tensor: torch.Tensor) -> int:
     """How many entries are NaN or Inf. The minimum and maximum are both finite exactly when every
     entry is, and reducing to them allocates nothing the size of the tensor (a mask of a 128k x 4096
     embedding is 0.5 GB), so the entries are counted only when there is something to count."""
