@@ -16,8 +16,8 @@ from attribution.curvature.store import FactorSet
 from attribution.data.batching import TokenBatch
 from attribution.data.corpus import Skip, list_shards
 from attribution.data.stream import is_prompt_completion, training_batches
+from attribution.distributed.sharded_load import load_worker_model
 from attribution.distributed.sharding import parameters_held
-from attribution.models import find_tracked_modules, load_model, model_fingerprint
 from attribution.settings import DataSettings, FactorSettings, ModelSettings, SettingsError, resolve_device, torch_dtype
 
 
@@ -45,16 +45,11 @@ def fit_store(
     if model_settings.path is None or data_settings.path is None:
         raise SettingsError("model.path and data.path must be set (the jobs fill them in with the demo)")
     device = resolve_device(model_settings.device)
-    model, tokenizer = load_model(model_settings.path, model_settings.trust_remote_code, torch_dtype(model_settings.dtype), device)
-    tracked = find_tracked_modules(model, model_settings.tracked_modules)
-    # Both read the full parameters, so before they are sharded; every worker loads the same
-    # weights, so a broken one stops all of them here, before any collective.
-    check_parameters(model, f"model.path={model_settings.path}")
-    fingerprint = model_fingerprint(model)
-    if sharding != "none":
-        from attribution.distributed.sharding import shard_model
-
-        shard_model(model, sharding)
+    loaded, tracked = load_worker_model(model_settings.path, model_settings.trust_remote_code, torch_dtype(model_settings.dtype),
+                                        device, sharding, model_settings.tracked_modules)
+    model, tokenizer, fingerprint = loaded.model, loaded.tokenizer, loaded.fingerprint
+    if sharding == "none":
+        check_parameters(model, f"model.path={model_settings.path}")
     shards = list_shards(data_settings.path)
     skips: list[Skip] = []
     passes = itertools.count()

@@ -41,10 +41,12 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from attribution.curvature.finite import check_parameter_counts, check_parameters, nonfinite_count
 from attribution.distributed.sharding import shard_model
 from attribution.models import (
+    TrackedModule,
     check_causal,
     check_model_directory,
     check_tokenizer,
     empty_model,
+    find_tracked_modules,
     fingerprint,
     load_model,
     load_tokenizer,
@@ -233,3 +235,24 @@ def _fill(model: PreTrainedModel, stored: dict[str, _Stored], buffers: dict[str,
             local.copy_(stored[name].read(tuple(slice(offset, offset + size) for offset, size in zip(chunk.offsets, chunk.sizes))))
     for name, buffer in model.named_buffers():
         buffer.copy_(stored[name].read() if name in stored else buffers[name])
+
+
+def load_worker_model(path: str | Path, trust_remote_code: bool, dtype: torch.dtype, device: str | torch.device,
+                      sharding: str, tracked_modules: str) -> tuple[ShardedModel, list[TrackedModule]]:
+    """The model as one worker holds it under ``cluster.sharding``, and its tracked modules.
+
+    ``none``: whole. ``fsdp``: streamed into this worker's FSDP2 shards (:func:`load_sharded_model`).
+    ``deepspeed``: loaded whole, then partitioned by ZeRO-3. The tracked modules' shapes, the
+    fingerprint and (when sharded) the finiteness of every weight are taken from the whole weights,
+    before any collective: a broken model stops every worker alike.
+    """
+    if sharding == "fsdp":
+        loaded = load_sharded_model(path, trust_remote_code, dtype, device)
+        return loaded, find_tracked_modules(loaded.model, tracked_modules)
+    model, tokenizer = load_model(path, trust_remote_code, dtype, device)
+    tracked = find_tracked_modules(model, tracked_modules)
+    digest = model_fingerprint(model)
+    if sharding != "none":
+        check_parameters(model, f"model.path={path}")
+        shard_model(model, sharding)
+    return ShardedModel(model, tokenizer, digest, streamed=False), tracked

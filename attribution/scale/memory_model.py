@@ -42,7 +42,7 @@ from transformers import PreTrainedModel
 from attribution.curvature.capture import GradientCapture
 from attribution.log_prob import DEFAULT_CHUNK_BYTES, identity_output_layer
 from attribution.models import find_tracked_modules, in_block
-from attribution.scoring.contraction import plan_contractions
+from attribution.scoring.contraction import contraction_costs, plan_contractions
 from attribution.scoring.stages import QUERY_CHUNK_BYTES
 
 FACTOR_BYTES = 4
@@ -191,8 +191,10 @@ def stage_bytes(shape: ModelShape, run: RunShape) -> dict[str, float]:
     plan = plan_contractions({str(i): (m.d_in, m.d_out, run.rank) for i, m in enumerate(modules)}, run.queries, run.sequence,
                              f, run.dense_factors_mib * 2**20)
     per_document = [m for i, m in enumerate(modules) if plan[str(i)] == "per_document"]
+    document_low_rank = [m for i, m in enumerate(modules) if plan[str(i)] == "document_low_rank"]
     dense = sum(run.queries * m.d_out * m.d_in for m in per_document) * f
-    contraction = max([3 * tokens * run.queries * run.rank * f, *(run.batch * m.d_out * m.d_in * f for m in per_document)])
+    contraction = max([3 * tokens * run.queries * run.rank * f, *(run.batch * m.d_out * m.d_in * f for m in per_document),
+                       *(run.batch * m.d_out * (m.d_in + 2 * run.queries * run.rank) * f for m in document_low_rank)])
     return {
         "load model": weights,
         "covariance pass": weights + fit_pass + covariances + max(tokens * (m.d_in + m.d_out) for m in modules) * f,
@@ -226,9 +228,16 @@ def stage_multiply_adds(shape: ModelShape, run: RunShape) -> dict[str, float]:
         "eigenvalue pass": fit_pass + rotations + tokens * sum(m.d_in * m.d_out for m in modules),
         "query gradients": forward_backward(run.queries, run.query_tokens, query_tokens // 2)
         + query_tokens * sum(m.d_in**2 + m.d_out**2 + m.d_in * m.d_out for m in modules),
-        "candidate pass": fit_pass + tokens * run.queries * run.rank * sum(m.d_in + m.d_out for m in modules),
+        "candidate pass": fit_pass + run.batch * sum(_contraction_cost(m, run) for m in modules),
         "plain forward+backward": 1.5 * fit_pass,
     }
+
+
+def _contraction_cost(module: ModuleShape, run: RunShape) -> int:
+    """Multiply-adds of one sequence's contraction with the queries' factors in ``module``: the contraction scoring
+    picks when no dense factors are kept (the cheaper of projecting every token and forming the document's gradient)."""
+    costs = contraction_costs(module.d_in, module.d_out, run.queries, run.rank, run.sequence)
+    return min(costs["low_rank"], costs["document_low_rank"])
 
 
 def eigendecomposition_cubes(shape: ModelShape) -> float:

@@ -1,13 +1,16 @@
-"""Two ways to contract a document's (a, ds) with Q queries' factors, and a cost model to pick one.
+"""Three ways to contract a document's (a, ds) with Q queries' factors, and a cost model to pick one.
 
-For document z and module m, ``<L R^T, dW(z)> = sum_t (L^T ds_t) . (R^T a_t)``:
+For document z and module m, ``<L R^T, dW(z)> = sum_t (L^T ds_t) . (R^T a_t) = sum_{i,k} L_ik (dW(z) R)_ik``:
 
 - ``low_rank``: project every token's ``ds_t`` and ``a_t`` onto the stacked query
   factors; cost per sequence ``T (d_out + d_in') Q r``, and token-wise scores come free.
-- ``per_document``: form ``dW(z) = sum_t ds_t a_t^T`` and dot it with the dense ``L R^T``;
-  cost per sequence ``(T + Q) d_out d_in'`` and memory ``Q d_out d_in'`` for the dense factors.
+- ``document_low_rank``: form ``dW(z) = sum_t ds_t a_t^T``, multiply it by the stacked ``R`` and
+  dot the result with ``L``; cost per sequence ``(T + Q r) d_out d_in'``, no memory beyond the
+  factors and one (d_out, Q r) product per sequence. Cheaper than ``low_rank`` for long sequences.
+- ``per_document``: form ``dW(z)`` and dot it with the dense ``L R^T``; cost per sequence
+  ``(T + Q) d_out d_in'`` and memory ``Q d_out d_in'`` for the dense factors.
 
-Both compute the same number on the same rank-r factors.
+All compute the same number on the same rank-r factors.
 """
 
 from __future__ import annotations
@@ -18,18 +21,25 @@ import torch
 
 from attribution.scoring.query_factors import ModuleQueryFactors
 
-Contraction = Literal["low_rank", "per_document"]
+Contraction = Literal["low_rank", "document_low_rank", "per_document"]
 
 
 def contraction_costs(d_in: int, d_out: int, num_queries: int, rank: int, tokens: int) -> dict[Contraction, int]:
     """Multiply-adds of each contraction for one sequence of ``tokens`` tokens."""
-    return {"low_rank": tokens * (d_in + d_out) * num_queries * rank, "per_document": (tokens + num_queries) * d_in * d_out}
+    return {"low_rank": tokens * (d_in + d_out) * num_queries * rank,
+            "document_low_rank": (tokens + num_queries * rank) * d_in * d_out,
+            "per_document": (tokens + num_queries) * d_in * d_out}
 
 
 def choose_contraction(d_in: int, d_out: int, num_queries: int, rank: int, tokens: int) -> Contraction:
-    """The cheaper contraction in multiply-adds for sequences of ``tokens`` tokens."""
+    """The cheapest contraction in multiply-adds for sequences of ``tokens`` tokens, memory aside."""
     costs = contraction_costs(d_in, d_out, num_queries, rank, tokens)
-    return "per_document" if costs["per_document"] < costs["low_rank"] else "low_rank"
+    return min(costs, key=lambda name: (costs[name], name != "per_document"))
+
+
+def _factored(costs: dict[Contraction, int]) -> Contraction:
+    """The cheaper of the two contractions that need no dense factors."""
+    return "document_low_rank" if costs["document_low_rank"] < costs["low_rank"] else "low_rank"
 
 
 def plan_contractions(
@@ -37,17 +47,18 @@ def plan_contractions(
 ) -> dict[str, Contraction]:
     """Per module (``name -> (d_in', d_out, rank)``), the contraction to use.
 
-    The per-document contraction holds ``Q d_out d_in'`` dense factor elements per module;
-    within ``budget_bytes`` (None: no limit) the modules where it saves the most multiply-adds
-    per byte get it, the others keep the low-rank one.
+    Every module gets the cheaper of the two factored contractions; the per-document one holds
+    ``Q d_out d_in'`` dense factor elements per module, so within ``budget_bytes`` (None: no
+    limit) the modules where it saves the most multiply-adds per byte get it instead.
     """
-    plan: dict[str, Contraction] = {name: "low_rank" for name in shapes}
+    plan: dict[str, Contraction] = {}
     savings = []
     for name, (d_in, d_out, rank) in shapes.items():
         costs = contraction_costs(d_in, d_out, num_queries, rank, tokens)
-        if costs["per_document"] < costs["low_rank"]:
+        plan[name] = _factored(costs)
+        if costs["per_document"] < costs[plan[name]]:
             size = num_queries * d_in * d_out * element_bytes
-            savings.append(((costs["low_rank"] - costs["per_document"]) / size, size, name))
+            savings.append(((costs[plan[name]] - costs["per_document"]) / size, size, name))
     spent = 0.0
     for _, size, name in sorted(savings, reverse=True):
         if budget_bytes is None or spent + size <= budget_bytes:
@@ -77,8 +88,11 @@ class ModuleContraction:
 
     def scores(self, activations: torch.Tensor, output_gradients: torch.Tensor) -> torch.Tensor:
         """``<L_q R_q^T, dW(z)>`` per document and query: (B, Q)."""
-        if self.dense is None:
+        if self.contraction == "low_rank":
             return self.token_scores(activations, output_gradients).sum(1)
         # Explicit (b)mm: torch.einsum picked a path an order of magnitude slower on CPU here.
         per_document_gradient = output_gradients.mT @ activations
-        return per_document_gradient.flatten(1) @ self.dense
+        if self.dense is not None:
+            return per_document_gradient.flatten(1) @ self.dense
+        projected = (per_document_gradient @ self.right) * self.left  # (B, d_out, Q r)
+        return projected.sum(1).unflatten(-1, (self.num_queries, self.rank)).sum(-1)

@@ -28,7 +28,8 @@ from attribution.curvature.precondition import Preconditioner
 from attribution.curvature.store import FactorSet, Manifest, ModuleSpec, load_factors
 from attribution.data.batching import TokenBatch
 from attribution.data.corpus import Skip
-from attribution.models import TrackedModule, find_tracked_modules, load_model, model_fingerprint
+from attribution.distributed.sharded_load import load_worker_model
+from attribution.models import TrackedModule
 from attribution.refine.inverse import StageInverse, chain
 from attribution.refine.sample import sample_batches, sample_path
 from attribution.scoring.query_factors import (
@@ -317,15 +318,9 @@ def shared_modules(
 
 def _load(path: str | None, settings: ModelSettings, device: torch.device,
           sharding: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str, list[TrackedModule]]:
-    """The model, its tokenizer, fingerprint and tracked modules; the fingerprint and the modules' shapes
-    are taken from the whole weights, before they are sharded."""
+    """The model as this worker holds it (``cluster.sharding``), its tokenizer, fingerprint and tracked modules."""
     if path is None:
         raise SettingsError("a model path is required")
-    model, tokenizer = load_model(path, settings.trust_remote_code, torch_dtype(settings.dtype), device)
-    tracked = find_tracked_modules(model, settings.tracked_modules)
-    fingerprint = model_fingerprint(model)
-    if sharding != "none":
-        from attribution.distributed.sharding import shard_model
-
-        shard_model(model, sharding)
-    return model, tokenizer, fingerprint, tracked
+    loaded, tracked = load_worker_model(path, settings.trust_remote_code, torch_dtype(settings.dtype), device, sharding,
+                                        settings.tracked_modules)
+    return loaded.model, loaded.tokenizer, loaded.fingerprint, tracked

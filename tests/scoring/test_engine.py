@@ -9,7 +9,7 @@ from attribution.curvature.precondition import Preconditioner
 from attribution.data.batching import sequence_log_prob
 from attribution.models import find_tracked_modules
 from attribution.scoring.candidates import CandidateScorer
-from attribution.scoring.contraction import ModuleContraction, choose_contraction
+from attribution.scoring.contraction import ModuleContraction, choose_contraction, plan_contractions
 from attribution.scoring.query_factors import ModuleQueryFactors, compress, query_factors
 from attribution.scoring.stages import identity_factor_set
 from tests.curvature.test_fit import fit
@@ -106,13 +106,25 @@ def test_both_contractions_compute_the_same_number():
     a = torch.randn(2, 4, 7, generator=generator, dtype=torch.float64)
     ds = torch.randn(2, 4, 6, generator=generator, dtype=torch.float64)
     expected = torch.einsum("qoi,bto,bti->bq", factors.dense(), ds, a)
-    for contraction in ("low_rank", "per_document"):
+    for contraction in ("low_rank", "document_low_rank", "per_document"):
         torch.testing.assert_close(ModuleContraction(factors, contraction).scores(a, ds), expected)
 
 
 def test_cost_model_prefers_per_document_gradients_for_many_queries():
     assert choose_contraction(d_in=257, d_out=1024, num_queries=64, rank=32, tokens=128) == "per_document"
     assert choose_contraction(d_in=257, d_out=1024, num_queries=1, rank=8, tokens=128) == "low_rank"
+
+
+def test_long_documents_without_a_dense_budget_form_their_gradient():
+    """At 2,048 tokens and Q r = 2,048 the document's gradient times the stacked factors takes about half the
+    multiply-adds of projecting every token; with no budget for dense factors that is what the plan picks."""
+    shapes = {"mlp": (768, 3072, 32), "attention": (768, 768, 32)}
+    assert plan_contractions(shapes, num_queries=64, tokens=2048, element_bytes=4, budget_bytes=0) == {
+        "mlp": "document_low_rank", "attention": "document_low_rank"}
+    assert plan_contractions(shapes, num_queries=4, tokens=128, element_bytes=4, budget_bytes=0) == {
+        "mlp": "low_rank", "attention": "low_rank"}
+    assert plan_contractions(shapes, num_queries=64, tokens=2048, element_bytes=4, budget_bytes=None) == {
+        "mlp": "per_document", "attention": "per_document"}
 
 
 def test_compress_exact_and_randomized():
