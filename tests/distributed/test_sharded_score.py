@@ -71,8 +71,9 @@ def test_sharded_scores_equal_the_unsharded_run(inputs, ray_local, tmp_path):
     assert len(held) == 2 and sum(held) == total and max(held) <= 0.6 * total, f"each worker should hold about half: {held}"
 
 
+@pytest.mark.slow
 def test_all_pairs_sharded(inputs, ray_local, tmp_path):
-    model, data, factors, queries, score, _ = inputs
+    model, data, factors, queries, _, _ = inputs
     every = ScoreSettings(rank=4, top_k="all", query_batch_size=2, progress=False, token_scores=False)
     unsharded = run_score(model, data, factors, queries, every, tmp_path / "one", {})
     sharded = run_score(model, data, factors, queries, every, tmp_path / "two", {}, cluster=SHARDED)

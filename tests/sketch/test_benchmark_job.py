@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.jobs.helpers import run_job
 
 SMALL = ("sketch_benchmark.documents=850", "sketch_benchmark.shards=2", "sketch_benchmark.sketch_dims=[4]",
@@ -11,6 +13,7 @@ SMALL = ("sketch_benchmark.documents=850", "sketch_benchmark.shards=2", "sketch_
          "sketch_benchmark.top=10", "sketch_benchmark.dense_max_documents=0")
 
 
+@pytest.mark.slow
 def test_the_sketch_benchmark_reports_recall_and_cost_and_resumes(tmp_path):
     first, _ = run_job("sketch_benchmark", *SMALL, f"output_dir={tmp_path}")
     assert first.returncode == 0, first.stderr[-3000:]
