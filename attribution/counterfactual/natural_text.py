@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attribution.errors import UserError
+from attribution.settings import SettingsError
 
 PACKAGE = "fortunes"
 INSTALL = "apt-get install -y fortunes"
@@ -65,6 +66,8 @@ class NaturalTextCorpusConfig:
             raise ValueError("natural_text.corpus: min_prompt_words + completion_words must not exceed max_words")
         if self.num_queries < 1 or self.completion_words < 1 or self.min_prompt_words < 1 or self.num_shards < 1:
             raise ValueError("natural_text.corpus: num_queries, completion_words, min_prompt_words and num_shards must be positive")
+        if not 0.0 <= self.min_letters <= 1.0:
+            raise ValueError(f"natural_text.corpus.min_letters={self.min_letters}: expected a share between 0 and 1")
         if self.max_documents is not None and self.max_documents < 2:
             raise ValueError("natural_text.corpus.max_documents: expected at least 2 or null (every passage)")
 
@@ -127,7 +130,7 @@ def split(passages: list[str], config: NaturalTextCorpusConfig) -> NaturalTextDa
         elif config.max_documents is None or len(corpus) < config.max_documents:
             corpus.append({"id": f"doc-{len(corpus):05d}", "text": text})
     if len(queries) < config.num_queries or len(corpus) < 2:
-        raise ValueError(f"natural_text.corpus: {len(passages)} passages give {len(queries)} of {config.num_queries} queries "
+        raise SettingsError(f"natural_text.corpus: {len(passages)} passages give {len(queries)} of {config.num_queries} queries "
                          f"and {len(corpus)} documents; lower num_queries or widen min_words/max_words")
     return NaturalTextData(corpus, queries)
 
