@@ -3,7 +3,7 @@
 1. **Scores**: every method's score of every (document, query) pair from the engine
    (:mod:`attribution.counterfactual.methods`), at the headline damping, then at the other dampings
    and step budgets of the sweeps.
-2. **Retraining**: the demo's recipe on ``lds.subsets`` random subsets with ``lds.seeds`` seeds each,
+2. **Retraining**: the benchmark's recipe on ``lds.subsets`` random subsets with ``lds.seeds`` seeds each,
    as Ray tasks (:mod:`attribution.counterfactual.tasks`), every query measured on every model.
 3. **Top-k removal**: for the first ``removal.queries`` queries, the recipe retrained without each
    query's top ``removal.fraction`` of the corpus by each method (and a random draw), against the
@@ -177,7 +177,8 @@ def run_counterfactual(
     record.counts = {"documents": len(doc_ids), "queries": len(engine.query_ids), "subsets": len(subsets),
                      "seeds": settings.lds.seeds, "models": cost.models, "models_trained": cost.trained,
                      "models_kept": cost.models - cost.trained,
-                     "removal_models": 0 if removal_cost is None else removal_cost.models, "pbrf_pairs": 0 if pairs is None else pairs.responses.size}
+                     "removal_models": 0 if removal_cost is None else removal_cost.models,
+                     "pbrf_pairs": 0 if pairs is None else pairs.responses.size}
     agreement_value = seed_agreement(measured)
     record.config["resolved"] = {
         "model": asdict(model_settings), "data": asdict(data_settings), "queries": asdict(query_settings),
@@ -195,7 +196,8 @@ def run_counterfactual(
         "models": [{"subset": o.subset, "seed": o.seed, "trained": o.trained, "seconds": o.train_seconds,
                     "final_loss": o.final_loss} for o in outcomes],
         "removal": None if plan is None else {
-            "k": plan.count, "query_ids": list(plan.query_ids), "removed": {r: [list(t) for t in v] for r, v in plan.removed.items()},
+            "k": plan.count, "query_ids": list(plan.query_ids),
+            "removed": {r: [list(t) for t in v] for r, v in plan.removed.items()},
             "results": [asdict(r) for r in removal], "retraining": asdict(removal_cost),
             "models": [{"training_set": o.subset, "seed": o.seed, "trained": o.trained, "seconds": o.train_seconds,
                         "final_loss": o.final_loss} for o in removal_outcomes]},
