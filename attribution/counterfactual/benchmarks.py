@@ -58,7 +58,8 @@ class NaturalTextConfig:
         known = {*sections, "vocab_size"}
         unknown = set(values) - known
         if unknown:
-            raise SettingsError(f"unknown key(s) in natural_text: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+            raise SettingsError(f"unknown key(s) in natural_text: {', '.join(sorted(unknown))}; "
+                                f"known: {', '.join(sorted(known))}")
         built: dict[str, Any] = {}
         for name, kind in sections.items():
             section = dict(values.get(name) or {})

@@ -4,9 +4,10 @@
 definitions, poems and jokes as plain-text files under ``/usr/share/games/fortunes``, one entry
 per ``%``-separated block. Nothing is downloaded at run time: the package is the data.
 
-Cleaning: an attribution line (``-- Author``) and what follows it are cut; whitespace is collapsed (the files wrap lines at 70-80 columns); an entry is kept when
-it has ``min_words`` to ``max_words`` words, no undecodable byte, and at least ``min_letters`` of
-its non-space characters are letters (code, tables and ASCII art are not prose). Duplicates
+Cleaning: an attribution line (``-- Author``) and what follows it are cut; whitespace is collapsed
+(the files wrap lines at 70-80 columns); an entry is kept when it has ``min_words`` to ``max_words``
+words, no undecodable byte, and at least ``min_letters`` of its non-space characters are letters
+(code, tables and ASCII art are not prose). Duplicates
 (the same words, ignoring case and punctuation) are kept once, the first in file order.
 
 Split: the kept passages, in a fixed order (sorted, then shuffled with ``seed``), give the first
@@ -65,7 +66,8 @@ class NaturalTextCorpusConfig:
         if self.min_prompt_words + self.completion_words > self.max_words:
             raise ValueError("natural_text.corpus: min_prompt_words + completion_words must not exceed max_words")
         if self.num_queries < 1 or self.completion_words < 1 or self.min_prompt_words < 1 or self.num_shards < 1:
-            raise ValueError("natural_text.corpus: num_queries, completion_words, min_prompt_words and num_shards must be positive")
+            raise ValueError("natural_text.corpus: num_queries, completion_words, min_prompt_words and num_shards "
+                             "must be positive")
         if not 0.0 <= self.min_letters <= 1.0:
             raise ValueError(f"natural_text.corpus.min_letters={self.min_letters}: expected a share between 0 and 1")
         if self.max_documents is not None and self.max_documents < 2:

@@ -192,7 +192,8 @@ class CounterfactualSettings:
         if "values" in steps:
             steps["values"] = tuple(steps["values"] or ())
         methods = tuple(_method(name, spec) for name, spec in (values.pop("methods", None) or {}).items())
-        settings = from_mapping(cls, {**values, "lds": lds, "removal": removal_settings, "pbrf": pbrf, "damping": from_mapping(DampingSettings, damping, "damping"),
+        settings = from_mapping(cls, {**values, "lds": lds, "removal": removal_settings, "pbrf": pbrf,
+                                      "damping": from_mapping(DampingSettings, damping, "damping"),
                                       "refine_steps": from_mapping(StepsSettings, steps, "refine_steps"), "methods": methods},
                                 "validate_counterfactual")
         settings.check_references()

@@ -23,7 +23,8 @@ from attribution.data.queries import read_queries
 from attribution.settings import SettingsError
 from tests.jobs.helpers import run_job
 
-PROSE = [f"Passage number {n} tells of a quiet town where the river bends twice before the sea, and nobody hurries." for n in range(12)]
+PROSE = [f"Passage number {n} tells of a quiet town where the river bends twice before the sea, and nobody hurries."
+         for n in range(12)]
 
 
 def fortunes_fixture(folder: Path) -> Path:
@@ -97,7 +98,8 @@ def test_missing_package_is_one_line_naming_the_install_command(tmp_path):
 def test_byte_level_tokenizer_splits_prompt_and_completion_as_the_joined_text():
     tokenizer = build_tokenizer(PROSE * 4, vocab_size=300)
     prompt, completion = "Passage number 3 tells of a quiet", " town where the river bends"
-    separate = tokenizer(prompt, add_special_tokens=False)["input_ids"] + tokenizer(completion, add_special_tokens=False)["input_ids"]
+    separate = [*tokenizer(prompt, add_special_tokens=False)["input_ids"],
+                *tokenizer(completion, add_special_tokens=False)["input_ids"]]
     assert separate == tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
     # No unknown token: unseen characters are bytes.
     assert tokenizer.decode(tokenizer("Ünïcode ✓", add_special_tokens=False)["input_ids"]) == "Ünïcode ✓"
