@@ -281,9 +281,14 @@ def _row(scores: MethodScores, matrix: np.ndarray, actual: np.ndarray, engine: E
          pairs: PbrfPairs | None, headline: Damping) -> Row:
     result = _lds(scores, matrix, actual, engine.query_ids, settings)
     detail = [scores.detail]
-    missing = int(np.isnan(scores.scores).any(axis=1).sum())
+    # A query the engine skipped (too long) has no scores at all and is left out of the LDS: count the
+    # documents missing among the queries that were scored, and the skipped queries apart.
+    scored_queries = ~np.isnan(scores.scores).all(axis=0)
+    missing = int(np.isnan(scores.scores[:, scored_queries]).any(axis=1).sum())
     if missing:
         detail.append(f"{missing} documents not scored (count as 0)")
+    if scores.spec.kind != "bm25" and not scored_queries.all():
+        detail.append(f"{int((~scored_queries).sum())} queries not scored (left out)")
     found = None
     if pairs is not None and (scores.damping is None or scores.damping == headline):
         rows = [engine.doc_ids.index(d) for d in pairs.doc_ids]
