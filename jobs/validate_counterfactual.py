@@ -1,5 +1,5 @@
-"""Counterfactual validation (LDS and PBRF) on the demo: ``python -m jobs.validate_counterfactual``
-(conf/validate_counterfactual.yaml)."""
+"""Counterfactual validation (LDS, top-k removal and PBRF) on the demo or on natural text:
+``python -m jobs.validate_counterfactual [benchmark=natural_text]`` (conf/validate_counterfactual.yaml)."""
 
 from __future__ import annotations
 
@@ -12,26 +12,29 @@ from jobs.entry import job, say
 
 @job("validate_counterfactual")
 def main(cfg: DictConfig) -> None:
-    from attribution.counterfactual.retrain import Recipe
+    from attribution.counterfactual.benchmarks import prepare_benchmark
     from attribution.counterfactual.run import run_counterfactual
     from attribution.counterfactual.settings import CounterfactualSettings
-    from attribution.settings import DataSettings, ModelSettings, SettingsError, from_mapping
-    from jobs.wiring import cluster_settings, demo_paths, plain, prepare_process, query_settings, score_settings
+    from attribution.settings import DataSettings, ModelSettings, QuerySettings, SettingsError, from_mapping
+    from jobs.wiring import cluster_settings, plain, prepare_process, score_settings
 
     prepare_process()
     model = from_mapping(ModelSettings, plain(cfg.model), "model")
     data = from_mapping(DataSettings, plain(cfg.data), "data")
+    queries = from_mapping(QuerySettings, plain(cfg.queries), "queries")
     if model.path is not None or data.path is not None:
-        raise SettingsError("validate_counterfactual retrains the demo's own recipe on subsets of the demo corpus, so "
-                            "model.path and data.path must stay null; change the demo with demo.* (its corpus, model "
-                            "and training keys)")
-    values = {key: plain(cfg)[key] for key in ("fit_sequences", "progress", "lds", "pbrf", "damping", "refine_steps", "methods")}
+        raise SettingsError("validate_counterfactual retrains the benchmark's own recipe on subsets of its corpus, so "
+                            "model.path and data.path must stay null; change the benchmark with benchmark=demo|natural_text "
+                            "and demo.* or natural_text.* (its corpus, model and training keys)")
+    values = {key: plain(cfg)[key] for key in ("fit_sequences", "progress", "lds", "removal", "pbrf", "damping",
+                                               "refine_steps", "methods")}
     settings = CounterfactualSettings.from_config(values)
-    demo = demo_paths(cfg)
-    model = replace(model, path=str(demo.model_dir))
-    data = replace(data, path=str(demo.corpus_dir))
-    recipe = Recipe(plain(cfg.demo), str(demo.model_dir), str(demo.corpus_dir))
-    summary = run_counterfactual(model, data, query_settings(cfg), score_settings(cfg), cluster_settings(cfg), recipe,
+    benchmark = prepare_benchmark(cfg.benchmark, plain(cfg.demo), plain(cfg.natural_text))
+    model = replace(model, path=str(benchmark.model_dir))
+    data = replace(data, path=str(benchmark.corpus_dir))
+    if queries.path is None:
+        queries = replace(queries, path=str(benchmark.queries_path))
+    summary = run_counterfactual(model, data, queries, score_settings(cfg), cluster_settings(cfg), benchmark.recipe,
                                  settings, cfg.output_dir, plain(cfg))
     say(summary.report())
     say(f"table: {summary.table_path}\nrun record: {summary.run_record}")

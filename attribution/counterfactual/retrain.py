@@ -1,18 +1,19 @@
-"""Retrain the demo model on a subset of its corpus with the demo's own recipe, keep it, and measure it.
+"""Retrain a benchmark's model on a subset of its corpus with its own recipe, keep it, and measure it.
 
 One (subset, seed) is one task. Its model is kept as a Hugging Face folder (safetensors weights,
-config, the demo's tokenizer) under
+config, the benchmark's tokenizer) under
 
-    <output_dir>/retrain/<demo fingerprint>/subset-<j>-seed-<k>-<key>/
+    <output_dir>/retrain/<benchmark fingerprint>/subset-<j>-seed-<k>-<key>/   (LDS subsets)
+    <output_dir>/retrain/<benchmark fingerprint>/removal-seed-<k>-<key>/      (top-k removal)
 
-with ``retrained.json``, the marker: the task's key (a hash of the recipe version, the demo's
+with ``retrained.json``, the marker: the task's key (a hash of the recipe version, the benchmark's
 config fingerprint, the subset's document ids and the seed), what it trained on and how long it
 took. The folder is built beside its final place and renamed into it, so a folder with a marker is
 always complete and a killed task leaves nothing a rerun would trust. The measurements of a query
 file live in ``measurements/<queries key>.json`` inside it (written atomically too), so new queries
 are measured on the kept models without retraining them.
 
-Training seed k is ``demo.train.seed + k``: seed 0 starts from the initialisation of the demo model
+Training seed k is ``train.seed + k``: seed 0 starts from the initialisation of the model
 being attributed (the same torch seed draws the same initial weights), and every subset shares
 it, so subsets differ in their documents and in the batch order those documents imply.
 """
@@ -35,7 +36,7 @@ from attribution.counterfactual.measure import measure_queries
 from attribution.counterfactual.subsets import Subset
 from attribution.data.corpus import Skip, iter_documents, list_shards
 from attribution.data.queries import read_queries
-from attribution.demo.train import DEMO_VERSION, DemoConfig, pretrain
+from attribution.demo.train import DEMO_VERSION, DemoModelConfig, DemoTrainConfig, pretrain
 from attribution.models import load_model
 from attribution.runs import write_json_atomically
 from attribution.scoring.shards import inject_fault_for_tests
@@ -48,19 +49,15 @@ FAULT_TARGET = "retrain"
 
 @dataclass(frozen=True)
 class Recipe:
-    """What every retrained model shares: the demo's config and where its tokenizer and corpus are."""
+    """What every retrained model shares: the model's shape and training recipe (the demo's,
+    :func:`~attribution.demo.train.pretrain`), the fingerprint of the benchmark build whose model it
+    reproduces, and where that build's tokenizer and corpus are."""
 
-    demo: dict[str, Any]
+    model: DemoModelConfig
+    train: DemoTrainConfig
+    fingerprint: str
     model_dir: str
     corpus_dir: str
-
-    @property
-    def config(self) -> DemoConfig:
-        return DemoConfig.from_dict(self.demo)
-
-    @property
-    def fingerprint(self) -> str:
-        return self.config.fingerprint()
 
 
 @dataclass(frozen=True)
@@ -75,6 +72,9 @@ class RetrainTask:
     queries_key: str
     max_length: int
     position: int  # the task's place in the run; the test fault switch counts these
+    # The folder's name: subset-<j> for an LDS subset; a removal model is named by its documents alone
+    # (the key), so every (method, query) that removes the same documents shares one model.
+    label: str | None = None
 
     @property
     def key(self) -> str:
@@ -84,8 +84,8 @@ class RetrainTask:
 
     @property
     def directory(self) -> Path:
-        return (Path(self.root) / self.recipe.fingerprint /
-                f"subset-{self.subset.index:04d}-seed-{self.seed}-{self.key}")
+        label = self.label or f"subset-{self.subset.index:04d}"
+        return Path(self.root) / self.recipe.fingerprint / f"{label}-seed-{self.seed}-{self.key}"
 
     @property
     def measurements_path(self) -> Path:
@@ -142,10 +142,10 @@ def retrain_and_measure(task: RetrainTask) -> TaskOutcome:
 
 
 def _train_and_keep(task: RetrainTask) -> tuple[Any, Any]:
-    """Train with the demo's recipe and rename the finished folder into place."""
+    """Train with the benchmark's recipe and rename the finished folder into place."""
     from transformers import AutoTokenizer
 
-    recipe = task.recipe.config
+    recipe = task.recipe
     tokenizer = AutoTokenizer.from_pretrained(task.recipe.model_dir, local_files_only=True)
     wanted = set(task.subset.doc_ids)
     texts = [doc.text for doc in iter_documents(list_shards(task.recipe.corpus_dir), "id", "text", on_skip=_no_skip)
@@ -181,4 +181,4 @@ def _train_and_keep(task: RetrainTask) -> tuple[Any, Any]:
 
 
 def _no_skip(skip: Skip) -> None:
-    raise ValueError(f"demo corpus document {skip.item_id} cannot be read: {skip.reason}")
+    raise ValueError(f"benchmark corpus document {skip.item_id} cannot be read: {skip.reason}")

@@ -3,12 +3,16 @@
 1. **Scores**: every method's score of every (document, query) pair from the engine
    (:mod:`attribution.counterfactual.methods`), at the headline damping, then at the other dampings
    and step budgets of the sweeps.
-2. **Retraining**: the demo's recipe on ``lds.subsets`` random subsets with ``lds.seeds`` seeds each,
+2. **Retraining**: the benchmark's recipe on ``lds.subsets`` random subsets with ``lds.seeds`` seeds each,
    as Ray tasks (:mod:`attribution.counterfactual.tasks`), every query measured on every model.
-3. **PBRF**: the proximal response of a handful of pairs at the headline damping
+3. **Top-k removal**: for the first ``removal.queries`` queries, the recipe retrained without each
+   query's top ``removal.fraction`` of the corpus by each method (and a random draw), against the
+   recipe on the whole corpus (:mod:`attribution.counterfactual.removal`).
+4. **PBRF**: the proximal response of a handful of pairs at the headline damping
    (:mod:`attribution.counterfactual.pbrf_pairs`).
-4. **Table**: per method the LDS with its interval over queries (:mod:`attribution.counterfactual.lds`),
-   the agreement with the PBRF, and the seconds its scores took (fit + score run).
+5. **Table**: per method the LDS with its interval over queries (:mod:`attribution.counterfactual.lds`),
+   the agreement with the PBRF, and the seconds its scores took (fit + score run); per ranking the
+   mean loss increase of top-k removal with its interval.
 
 Writes ``<output_dir>/counterfactual/<run_id>.parquet`` and ``<output_dir>/runs/<run_id>.json``;
 keeps the retrained models under ``retrain/``, the engine's stores and score runs under ``engine/``
@@ -30,9 +34,17 @@ from attribution.counterfactual.lds import linear_datamodeling_score, predicted_
 from attribution.counterfactual.methods import Damping, Engine, MethodScores, dampings
 from attribution.counterfactual.pbrf import ProximalObjective
 from attribution.counterfactual.pbrf_pairs import PbrfPairs, agreement, choose_documents, pbrf_pairs
+from attribution.counterfactual.removal import (
+    RemovalPlan,
+    RemovalResult,
+    format_removal,
+    plan_removal,
+    removal_result,
+    without,
+)
 from attribution.counterfactual.retrain import Recipe, RetrainTask, TaskOutcome, queries_key
 from attribution.counterfactual.settings import CounterfactualSettings, with_steps
-from attribution.counterfactual.subsets import draw_subsets, membership
+from attribution.counterfactual.subsets import Subset, draw_subsets, membership
 from attribution.counterfactual.table import Row, as_dicts, format_rows, table
 from attribution.counterfactual.tasks import run_retraining
 from attribution.curvature.precondition import Preconditioner
@@ -81,9 +93,15 @@ class CounterfactualSummary:
     pbrf: PbrfPairs | None
     table_path: Path
     run_record: Path
+    removal: list[RemovalResult]
+    removal_retraining: RetrainingCost | None
 
     def report(self) -> str:
         lines = [format_rows(self.rows, self.confidence), self.retraining.describe()]
+        if self.removal_retraining is not None:
+            lines += [("top-k removal: increase of -log p(completion | prompt) when retrained without each query's top k "
+                       "documents"), format_removal(self.removal, self.confidence),
+                      f"top-k removal {self.removal_retraining.describe()}"]
         if not math.isnan(self.seed_agreement):
             lines.append(f"seed agreement (Spearman over subsets between two training seeds' measurements, mean over "
                          f"queries): {self.seed_agreement:.3f}")
@@ -103,9 +121,9 @@ def run_counterfactual(
     output_dir: str | Path,
     config: dict[str, Any],
 ) -> CounterfactualSummary:
-    """The workflow of the module docstring; ``recipe`` is the demo that the model and corpus come from."""
+    """The workflow of the module docstring; ``recipe`` retrains the benchmark the model and corpus come from."""
     if model_settings.path is None or data_settings.path is None or query_settings.path is None:
-        raise SettingsError("model.path, data.path and queries.path must be set (the job fills them in with the demo)")
+        raise SettingsError("model.path, data.path and queries.path must be set (the job fills them in with the benchmark's)")
     output_dir = Path(output_dir)
     record = RunRecord(job="validate_counterfactual", config=config)
     query_list = read_queries(query_settings.path, on_skip=record.skip)
@@ -131,6 +149,17 @@ def run_counterfactual(
                  for position, (subset, seed) in enumerate((s, k) for s in subsets for k in range(settings.lds.seeds))]
         outcomes = run_retraining(tasks, cluster, settings.progress)
         wall = record.lap("retraining")
+        plan, removal_outcomes, removal_wall = None, [], 0.0
+        if settings.removal.enabled:
+            plan = _removal_plan(scored[: len(settings.methods)], doc_ids, engine.query_ids, settings)
+            sets = plan.training_sets(doc_ids)
+            removal_tasks = [RetrainTask(recipe, Subset(j, kept), seed, str(output_dir / "retrain"), str(query_settings.path),
+                                         queries_key(query_settings.path, data_settings.max_length),
+                                         data_settings.max_length, len(tasks) + position, "full" if j == 0 else "removal")
+                             for position, (j, kept, seed) in enumerate((j, kept, k) for j, kept in enumerate(sets)
+                                                                        for k in range(settings.removal.seeds))]
+            removal_outcomes = run_retraining(removal_tasks, cluster, settings.progress)
+            removal_wall = record.lap("top-k removal")
     measured = _measurements(outcomes, engine.query_ids, settings.lds.seeds, len(subsets))
     pairs = None
     if settings.pbrf.enabled:
@@ -141,16 +170,20 @@ def run_counterfactual(
     actual = measured.mean(axis=0)
     rows = [_row(scores, matrix, actual, engine, settings, pairs, sweep[0]) for scores in scored]
     cost = _cost(outcomes, wall)
+    removal = [] if plan is None else _removal_results(plan, plan.training_sets(doc_ids), removal_outcomes, settings)
+    removal_cost = None if plan is None else _cost(removal_outcomes, removal_wall)
     table_path = write_part(table(rows, record.run_id), output_dir / "counterfactual", record.run_id)
     record.outputs["table"] = str(table_path)
     record.counts = {"documents": len(doc_ids), "queries": len(engine.query_ids), "subsets": len(subsets),
                      "seeds": settings.lds.seeds, "models": cost.models, "models_trained": cost.trained,
-                     "models_kept": cost.models - cost.trained, "pbrf_pairs": 0 if pairs is None else pairs.responses.size}
+                     "models_kept": cost.models - cost.trained,
+                     "removal_models": 0 if removal_cost is None else removal_cost.models,
+                     "pbrf_pairs": 0 if pairs is None else pairs.responses.size}
     agreement_value = seed_agreement(measured)
     record.config["resolved"] = {
         "model": asdict(model_settings), "data": asdict(data_settings), "queries": asdict(query_settings),
         "score": asdict(engine.score_settings), "cluster": asdict(cluster), "counterfactual": asdict(settings),
-        "demo_fingerprint": recipe.fingerprint, "mean_eigenvalue": mean_eigenvalue,
+        "benchmark_fingerprint": recipe.fingerprint, "mean_eigenvalue": mean_eigenvalue,
     }
     record.config["results"] = {
         "rows": as_dicts(rows),
@@ -162,6 +195,12 @@ def run_counterfactual(
         "measurements": {"query_ids": engine.query_ids, "by_seed_subset_query": measured.tolist()},
         "models": [{"subset": o.subset, "seed": o.seed, "trained": o.trained, "seconds": o.train_seconds,
                     "final_loss": o.final_loss} for o in outcomes],
+        "removal": None if plan is None else {
+            "k": plan.count, "query_ids": list(plan.query_ids),
+            "removed": {r: [list(t) for t in v] for r, v in plan.removed.items()},
+            "results": [asdict(r) for r in removal], "retraining": asdict(removal_cost),
+            "models": [{"training_set": o.subset, "seed": o.seed, "trained": o.trained, "seconds": o.train_seconds,
+                        "final_loss": o.final_loss} for o in removal_outcomes]},
         "pbrf": None if pairs is None else {"doc_ids": pairs.doc_ids, "query_ids": pairs.query_ids,
                                             "responses": pairs.responses.tolist(), "solves": pairs.solves,
                                             "epsilon": pairs.epsilon, "module_damping": pairs.module_damping},
@@ -169,7 +208,8 @@ def run_counterfactual(
     # Every model skips the same queries (too long to batch): record them once.
     record.skips += outcomes[0].skips if outcomes else []
     record_path = record.write(output_dir)
-    return CounterfactualSummary(rows, settings.lds.confidence, cost, agreement_value, pairs, table_path, record_path)
+    return CounterfactualSummary(rows, settings.lds.confidence, cost, agreement_value, pairs, table_path, record_path,
+                                 removal, removal_cost)
 
 
 @contextmanager
@@ -200,6 +240,32 @@ def _measurements(outcomes: Sequence[TaskOutcome], query_ids: Sequence[str], see
     return values
 
 
+def _removal_plan(headline: Sequence[MethodScores], doc_ids: Sequence[str], query_ids: Sequence[str],
+                  settings: CounterfactualSettings) -> RemovalPlan:
+    """What every ranking removes: the headline scores of ``removal.methods`` (all when null), then random."""
+    chosen = settings.removal.methods
+    rankings = {s.name: s.scores for s in headline if chosen is None or s.name in chosen}
+    removal = settings.removal
+    return plan_removal(rankings, doc_ids, query_ids, removal.queries, removal.fraction, removal.random, removal.seed)
+
+
+def _removal_results(plan: RemovalPlan, sets: Sequence[tuple[str, ...]], outcomes: Sequence[TaskOutcome],
+                     settings: CounterfactualSettings) -> list[RemovalResult]:
+    """Delta per ranking from the (training set, seed) models; set 0 is the full corpus."""
+    measured = {(o.subset, o.seed): o.measurements for o in outcomes}
+    index = {kept: j for j, kept in enumerate(sets)}
+    doc_ids = sets[0]
+    seeds = range(settings.removal.seeds)
+    full = np.array([[measured[(0, k)].get(q, np.nan) for q in plan.query_ids] for k in seeds])
+    results = []
+    for ranking, per_query in plan.removed.items():
+        kept_sets = [index[without(doc_ids, removed)] for removed in per_query]
+        removed = np.array([[measured[(j, k)].get(q, np.nan) for j, q in zip(kept_sets, plan.query_ids)] for k in seeds])
+        results.append(removal_result(ranking, full, removed, plan.query_ids, plan.count, settings.lds.confidence,
+                                      settings.lds.bootstrap, settings.removal.seed))
+    return results
+
+
 def _lds(scores: MethodScores, matrix: np.ndarray, actual: np.ndarray, query_ids: Sequence[str],
          settings: CounterfactualSettings):
     # A document the engine could not score (too short, say) adds nothing to any subset's prediction.
@@ -215,9 +281,14 @@ def _row(scores: MethodScores, matrix: np.ndarray, actual: np.ndarray, engine: E
          pairs: PbrfPairs | None, headline: Damping) -> Row:
     result = _lds(scores, matrix, actual, engine.query_ids, settings)
     detail = [scores.detail]
-    missing = int(np.isnan(scores.scores).any(axis=1).sum())
+    # A query the engine skipped (too long) has no scores at all and is left out of the LDS: count the
+    # documents missing among the queries that were scored, and the skipped queries apart.
+    scored_queries = ~np.isnan(scores.scores).all(axis=0)
+    missing = int(np.isnan(scores.scores[:, scored_queries]).any(axis=1).sum())
     if missing:
         detail.append(f"{missing} documents not scored (count as 0)")
+    if scores.spec.kind != "bm25" and not scored_queries.all():
+        detail.append(f"{int((~scored_queries).sum())} queries not scored (left out)")
     found = None
     if pairs is not None and (scores.damping is None or scores.damping == headline):
         rows = [engine.doc_ids.index(d) for d in pairs.doc_ids]

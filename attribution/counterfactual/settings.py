@@ -45,6 +45,37 @@ class LdsSettings:
 
 
 @dataclass(frozen=True)
+class RemovalSettings:
+    """Top-k removal (:mod:`attribution.counterfactual.removal`): for each of the first ``queries``
+    queries (0 = off) and each ranking, retrain without the ``fraction`` of the corpus it scores highest,
+    with training seeds ``0 .. seeds-1``. The rankings are the headline scores of ``methods`` (null =
+    every method) and, with ``random``, a random draw per query (seeded with ``seed``, which also seeds
+    the bootstrap over queries; its level and resamples are the LDS's)."""
+
+    fraction: float = 0.01
+    queries: int = 8
+    seeds: int = 1
+    methods: tuple[str, ...] | None = None
+    random: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check = Check("removal", self)
+        check.number("fraction", 0.0, 1.0)
+        if not 0.0 < self.fraction < 1.0:
+            check.fail("fraction", "a number strictly between 0 and 1 (the share of the corpus removed per query)")
+        check.integer("queries", 0)
+        check.integer("seeds", 1)
+        check.integer("seed", 0)
+        if not isinstance(self.random, bool):
+            check.fail("random", "true or false")
+
+    @property
+    def enabled(self) -> bool:
+        return self.queries > 0
+
+
+@dataclass(frozen=True)
 class PbrfSettings:
     """The proximal Bregman response of ``documents`` up-weighted documents (half of them true sources of
     the first queries that have ``source_ids``, the rest drawn with ``seed``) on the first ``queries``
@@ -130,6 +161,7 @@ class CounterfactualSettings:
     fit_sequences: int = 64
     progress: bool = True
     lds: LdsSettings = LdsSettings()
+    removal: RemovalSettings = RemovalSettings()
     pbrf: PbrfSettings = PbrfSettings()
     damping: DampingSettings = DampingSettings()
     refine_steps: StepsSettings = StepsSettings()
@@ -143,10 +175,14 @@ class CounterfactualSettings:
 
     @classmethod
     def from_config(cls, values: Mapping[str, Any]) -> CounterfactualSettings:
-        """From the job's sections (plain mappings): ``fit_sequences``, ``progress``, ``lds``, ``pbrf``,
+        """From the job's sections (plain mappings): ``fit_sequences``, ``progress``, ``lds``, ``removal``, ``pbrf``,
         ``damping``, ``refine_steps`` and ``methods``."""
         values = dict(values)
         lds = from_mapping(LdsSettings, values.pop("lds", None) or {}, "lds")
+        removal = dict(values.pop("removal", None) or {})
+        if removal.get("methods") is not None:
+            removal["methods"] = tuple(removal["methods"])
+        removal_settings = from_mapping(RemovalSettings, removal, "removal")
         pbrf = from_mapping(PbrfSettings, values.pop("pbrf", None) or {}, "pbrf")
         damping = dict(values.pop("damping", None) or {})
         for key in ("values", "methods"):
@@ -156,7 +192,8 @@ class CounterfactualSettings:
         if "values" in steps:
             steps["values"] = tuple(steps["values"] or ())
         methods = tuple(_method(name, spec) for name, spec in (values.pop("methods", None) or {}).items())
-        settings = from_mapping(cls, {**values, "lds": lds, "pbrf": pbrf, "damping": from_mapping(DampingSettings, damping, "damping"),
+        settings = from_mapping(cls, {**values, "lds": lds, "removal": removal_settings, "pbrf": pbrf,
+                                      "damping": from_mapping(DampingSettings, damping, "damping"),
                                       "refine_steps": from_mapping(StepsSettings, steps, "refine_steps"), "methods": methods},
                                 "validate_counterfactual")
         settings.check_references()
@@ -167,6 +204,9 @@ class CounterfactualSettings:
         if not self.methods:
             raise SettingsError("methods is empty: nothing to validate")
         names = {m.name: m for m in self.methods}
+        for name in self.removal.methods or ():
+            if name not in names:
+                raise SettingsError(f"removal.methods: {name} is not one of the methods ({', '.join(names)})")
         for name in self.damping.methods:
             if name not in names:
                 raise SettingsError(f"damping.methods: {name} is not one of the methods ({', '.join(names)})")

@@ -134,21 +134,26 @@ class TrainResult:
 
 
 def ensure_demo(root: Path | None = None, config: DemoConfig | None = None) -> DemoPaths:
-    """Return the demo for `config`, building and caching it on first use.
-
-    The build happens in a temporary folder beside the final one and is renamed
-    into place when complete, so a crash never leaves a half-built cache; when
-    two processes race, the second rename fails and the loser uses the winner's.
-    """
+    """Return the demo for `config`, building and caching it on first use (`build_once`)."""
     config = config or DemoConfig()
     root = Path(root) if root is not None else default_cache_root()
     final = root / f"v{DEMO_VERSION}-{config.fingerprint()}"
+    build_once(final, lambda staging: build_demo(staging, config))
+    return DemoPaths.under(final)
+
+
+def build_once(final: Path, build: Callable[[Path], object]) -> None:
+    """Unless `final` exists, `build(staging)` in a folder beside it and rename that into place.
+
+    A crash never leaves a half-built folder at `final`; when two processes race, the second
+    rename fails and the loser uses the winner's.
+    """
     if final.is_dir():
-        return DemoPaths.under(final)
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        build_demo(staging, config)
+        build(staging)
         os.rename(staging, final)
     except OSError:
         if not final.is_dir():
@@ -156,7 +161,6 @@ def ensure_demo(root: Path | None = None, config: DemoConfig | None = None) -> D
     finally:
         # Success renamed it away; otherwise it is a failed build or a lost race.
         shutil.rmtree(staging, ignore_errors=True)
-    return DemoPaths.under(final)
 
 
 def default_cache_root() -> Path:

@@ -1,5 +1,5 @@
-"""``jobs.validate_counterfactual`` on a tiny demo: the table, resuming after a killed run (in process
-and on Ray), and the same seeds giving the same LDS."""
+"""``jobs.validate_counterfactual`` on a tiny demo: the table and the top-k removal results, resuming after a
+killed run (in process and on Ray), and the same seeds giving the same LDS."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ TINY_DEMO = ("demo.corpus.num_people=6", "demo.corpus.num_cities=3", "demo.corpu
              "demo.model.num_layers=1", "demo.model.num_heads=2", "demo.model.intermediate_size=32", "demo.train.epochs=4")
 SMALL_RUN = ("lds.subsets=6", "pbrf.documents=2", "pbrf.steps=20", "damping.values=[10.0,1.0]", "damping.methods=[ekfac]",
              "refine_steps.values=[1]", "methods.refined_cg.refine.steps=3", "~methods.refined_stochastic", "~methods.kfac",
-             "progress=false")
+             "removal.queries=2", "progress=false")
 
 
 def validate(tmp_path: Path, *extra: str, env: dict[str, str] | None = None):
@@ -53,6 +53,14 @@ def test_killed_run_resumes_on_ray_without_retraining_and_same_seeds_give_the_sa
     assert again.returncode == 0, again.stderr[-3000:]
     second = latest_record(tmp_path)
     assert second["counts"]["models_trained"] == 0
+    # Top-k removal: every ranking's loss increase, from models kept by the first complete run.
+    removal = second["config"]["results"]["removal"]
+    assert removal["k"] == 1 and len(removal["query_ids"]) == 2
+    assert removal["results"] == first["config"]["results"]["removal"]["results"]
+    assert [r["ranking"] for r in removal["results"]] == ["ekfac", "refined_cg", "identity", "bm25", "random"]
+    assert all(math.isfinite(r["mean"]) and r["low"] <= r["mean"] <= r["high"] for r in removal["results"])
+    assert not any(m["trained"] for m in removal["models"]) and removal["models"][0]["training_set"] == 0
+    assert "top-k removal: increase of -log p(completion | prompt)" in again.stdout and "| random | 1 | 2 |" in again.stdout
     assert lds_by_row(second) == lds_by_row(first)
     assert second["config"]["results"]["measurements"] == first["config"]["results"]["measurements"]
 
@@ -74,7 +82,8 @@ def test_killed_run_resumes_on_ray_without_retraining_and_same_seeds_give_the_sa
 
 def test_bad_settings_are_one_line_and_exit_2(tmp_path):
     for override, key in (("lds.fraction=1.5", "lds.fraction"), ("+methods.bad={kind: nope}", "methods.bad.kind"),
-                          ("refine_steps.method=identity", "refine_steps.method"), ("model.path=/nowhere", "model.path")):
+                          ("refine_steps.method=identity", "refine_steps.method"), ("model.path=/nowhere", "model.path"),
+                          ("removal.fraction=0", "removal.fraction"), ("benchmark=nope", "benchmark")):
         result = validate(tmp_path, override)
         assert result.returncode == 2, (override, result.stderr[-2000:])
         assert key in result.stderr and "Traceback" not in result.stderr

@@ -21,6 +21,7 @@ from attribution.counterfactual.retrain import Recipe, RetrainTask, queries_key,
 from attribution.counterfactual.subsets import Subset
 from attribution.data.corpus import iter_documents, list_shards
 from attribution.data.queries import read_queries
+from attribution.demo.train import DemoConfig
 from attribution.evaluation.metrics import spearman
 from attribution.models import load_model
 from tests.counterfactual.test_job import TINY_DEMO
@@ -41,7 +42,8 @@ def test_top_documents_agree_with_leave_one_out_retraining(tmp_path):
     record = json.loads(next((tmp_path / "out" / "runs").glob("*.json")).read_text())
     resolved = record["config"]["resolved"]
     corpus, queries, max_length = resolved["data"]["path"], resolved["queries"]["path"], resolved["data"]["max_length"]
-    recipe = Recipe(record["config"]["demo"], resolved["model"]["path"], corpus)
+    demo = DemoConfig.from_dict(record["config"]["demo"])
+    recipe = Recipe(demo.model, demo.train, demo.fingerprint(), resolved["model"]["path"], corpus)
     doc_ids = [doc.id for doc in iter_documents(list_shards(corpus), "id", "text", on_skip=pytest.fail)]
     key = queries_key(queries, max_length)
 

@@ -1,0 +1,147 @@
+"""The benchmarks the counterfactual validation runs on: a model, the corpus it was trained on, queries,
+and the recipe that retrains it on a subset.
+
+``demo``: the embedded synthetic-facts demo (:mod:`attribution.demo`), its cloze queries.
+
+``natural_text``: natural English from the Debian package ``fortunes``
+(:mod:`attribution.counterfactual.natural_text`), a byte-level BPE tokenizer trained on the corpus,
+and a tiny GPT-NeoX trained briefly on it with the demo's recipe (:func:`attribution.demo.train.pretrain`,
+a few epochs, not to memorisation); the queries are the ends of held-out passages. Built once and
+cached under ``$ATTRIBUTION_CACHE/natural_text/v<version>-<hash of the config>`` (trained on one
+torch thread, like the demo, so the model does not depend on the process that built it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attribution.counterfactual.natural_text import NaturalTextCorpusConfig, natural_text, write_natural_text
+from attribution.counterfactual.retrain import Recipe
+from attribution.demo.train import (
+    EOS,
+    PAD,
+    DemoConfig,
+    DemoModelConfig,
+    DemoTrainConfig,
+    build_once,
+    default_cache_root,
+    ensure_demo,
+    pretrain,
+)
+from attribution.settings import SettingsError
+
+BENCHMARKS = ("demo", "natural_text")
+# Bump when the reader, the tokenizer or the training code changes what a config builds.
+NATURAL_TEXT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class NaturalTextConfig:
+    """Everything that determines the natural-text benchmark. conf/natural_text/default.yaml sets the sizes
+    (the model and training keys default to the demo's here)."""
+
+    corpus: NaturalTextCorpusConfig = field(default_factory=NaturalTextCorpusConfig)
+    vocab_size: int = 1024
+    model: DemoModelConfig = field(default_factory=DemoModelConfig)
+    train: DemoTrainConfig = field(default_factory=DemoTrainConfig)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> NaturalTextConfig:
+        sections = {"corpus": NaturalTextCorpusConfig, "model": DemoModelConfig, "train": DemoTrainConfig}
+        known = {*sections, "vocab_size"}
+        unknown = set(values) - known
+        if unknown:
+            raise SettingsError(f"unknown key(s) in natural_text: {', '.join(sorted(unknown))}; "
+                                f"known: {', '.join(sorted(known))}")
+        built: dict[str, Any] = {}
+        for name, kind in sections.items():
+            section = dict(values.get(name) or {})
+            names = {f.name for f in fields(kind)}
+            if set(section) - names:
+                raise SettingsError(f"unknown key(s) in natural_text.{name}: {', '.join(sorted(set(section) - names))}; "
+                                    f"known: {', '.join(sorted(names))}")
+            try:
+                built[name] = kind(**section)
+            except ValueError as error:
+                raise SettingsError(str(error)) from error
+        vocab = values.get("vocab_size", cls.vocab_size)
+        if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 300:
+            raise SettingsError(f"natural_text.vocab_size={vocab!r}: expected an integer of at least 300 (256 bytes + merges)")
+        return cls(vocab_size=vocab, **built)
+
+    def fingerprint(self) -> str:
+        payload = json.dumps({"version": NATURAL_TEXT_VERSION, "config": asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class BenchmarkInputs:
+    """Where a benchmark's model, corpus and queries are, and how to retrain its model on a subset."""
+
+    name: str
+    model_dir: Path
+    corpus_dir: Path
+    queries_path: Path
+    recipe: Recipe
+
+
+def prepare_benchmark(name: str, demo: Mapping[str, Any], natural: Mapping[str, Any]) -> BenchmarkInputs:
+    """Build (or reuse) benchmark ``name`` from its config section (``demo`` or ``natural_text``)."""
+    if name == "demo":
+        config = DemoConfig.from_dict(demo)
+        paths = ensure_demo(config=config)
+        recipe = Recipe(config.model, config.train, config.fingerprint(), str(paths.model_dir), str(paths.corpus_dir))
+        return BenchmarkInputs(name, paths.model_dir, paths.corpus_dir, paths.queries_path, recipe)
+    if name == "natural_text":
+        config = NaturalTextConfig.from_dict(natural)
+        root = default_cache_root().parent / "natural_text" / f"v{NATURAL_TEXT_VERSION}-{config.fingerprint()}"
+        # Read before building: a missing package is one line, not a failed build.
+        data = natural_text(config.corpus)
+        build_once(root, lambda staging: _build_natural_text(staging, config, data))
+        recipe = Recipe(config.model, config.train, config.fingerprint(), str(root / "model"), str(root / "corpus"))
+        return BenchmarkInputs(name, root / "model", root / "corpus", root / "queries.jsonl", recipe)
+    raise SettingsError(f"benchmark={name!r}: expected one of {', '.join(BENCHMARKS)}")
+
+
+def build_tokenizer(texts: list[str], vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer trained on ``texts``: every string is covered (no unknown token), and a
+    word with its leading space is one pre-token, so a prompt and a completion that starts with a space
+    tokenize separately exactly as they do joined."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                           show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, eos_token=EOS, padding_side="right")
+
+
+def _build_natural_text(directory: Path, config: NaturalTextConfig, data: Any) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        write_natural_text(data, directory / "corpus", directory / "queries.jsonl", config.corpus.num_shards)
+        texts = [row["text"] for row in data.corpus]
+        tokenizer = build_tokenizer(texts, config.vocab_size)
+        # Counted before the length limit is set: documents are truncated in training, not here.
+        tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+        tokenizer.model_max_length = config.model.max_position_embeddings
+        model, result = pretrain(texts, tokenizer, config.model, config.train, show_progress=False)
+        model.save_pretrained(directory / "model")
+        tokenizer.save_pretrained(directory / "model")
+        summary = {**asdict(result), "num_documents": len(data.corpus), "num_queries": len(data.queries),
+                   "corpus_tokens": tokens, "vocab_size": len(tokenizer), "version": NATURAL_TEXT_VERSION,
+                   "config": asdict(config)}
+        (directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,111 @@
+"""The natural-text benchmark's corpus: reading the fortunes files, cleaning, the split, and the tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from attribution.counterfactual.benchmarks import NaturalTextConfig, build_tokenizer
+from attribution.counterfactual.natural_text import (
+    DEFAULT_SOURCE,
+    MissingPackageError,
+    NaturalTextCorpusConfig,
+    clean,
+    natural_text,
+    read_passages,
+    split,
+    write_natural_text,
+)
+from attribution.data.corpus import iter_documents, list_shards
+from attribution.data.queries import read_queries
+from attribution.settings import SettingsError
+from tests.jobs.helpers import run_job
+
+PROSE = [f"Passage number {n} tells of a quiet town where the river bends twice before the sea, and nobody hurries."
+         for n in range(12)]
+
+
+def fortunes_fixture(folder: Path) -> Path:
+    """Two text files as the package lays them out (entries between % lines, wrapped, with attribution
+    lines), a picture file, an index (.dat) and a .u8 link that must all be ignored or deduplicated."""
+    folder.mkdir()
+    wrapped = [text.replace(", and", ",\n\tand") + "\n\t\t-- Somebody Famous, \"A Book\"" for text in PROSE[:8]]
+    (folder / "wisdom").write_text("\n%\n".join([*wrapped, "Too short to keep.", "x = y[0] + 1; // {} [] == ++ -- ** && ||",
+                                                  PROSE[0].upper()]) + "\n%\n")
+    (folder / "literature").write_text("\n%\n".join([*PROSE[8:], "caf\ufffd is not decodable " * 3]) + "\n")
+    (folder / "ascii-art").write_text("\n%\n".join(PROSE) + "\n")
+    (folder / "wisdom.dat").write_bytes(b"\x00\x01binary index")
+    (folder / "wisdom.u8").symlink_to(folder / "wisdom")
+    return folder
+
+
+def test_reader_cleans_deduplicates_and_splits_deterministically(tmp_path):
+    source = fortunes_fixture(tmp_path / "fortunes")
+    passages = read_passages(source)
+    # File-name order, attribution lines cut, whitespace collapsed; the picture, index and link are not read.
+    assert passages[:4] == [PROSE[8], PROSE[9], PROSE[10], PROSE[11]]
+    assert PROSE[0] in passages and not any("Somebody" in p or "\n" in p or "\t" in p for p in passages)
+    config = NaturalTextCorpusConfig(source=str(source), num_queries=3, completion_words=4, min_prompt_words=5,
+                                     max_documents=None, num_shards=2)
+    kept = clean(passages, config)
+    # The short entry, the code, the undecodable one and the upper-case duplicate are gone.
+    assert sorted(kept) == sorted(PROSE)
+    data = split(kept, config)
+    assert split(list(reversed(kept)), config) == data
+    assert [q["id"] for q in data.queries] == ["q-0001", "q-0002", "q-0003"]
+    for query in data.queries:
+        assert query["prompt"] + query["completion"] in PROSE
+        assert query["completion"].startswith(" ") and len(query["completion"].split()) == 4
+    held_out = {q["prompt"] + q["completion"] for q in data.queries}
+    assert {row["text"] for row in data.corpus} == set(PROSE) - held_out
+    assert [row["id"] for row in data.corpus] == [f"doc-{n:05d}" for n in range(9)]
+    assert split(kept, NaturalTextCorpusConfig(**{**config.__dict__, "seed": 1})) != data
+    assert len(split(kept, NaturalTextCorpusConfig(**{**config.__dict__, "max_documents": 4})).corpus) == 4
+
+    # The project's corpus and query formats, read back by the project's readers.
+    write_natural_text(data, tmp_path / "corpus", tmp_path / "queries.jsonl", config.num_shards)
+    assert len(list_shards(tmp_path / "corpus")) == 2
+    documents = list(iter_documents(list_shards(tmp_path / "corpus"), on_skip=pytest.fail))
+    assert [(d.id, d.text) for d in documents] == [(r["id"], r["text"]) for r in data.corpus]
+    assert [q.id for q in read_queries(tmp_path / "queries.jsonl", on_skip=pytest.fail)] == ["q-0001", "q-0002", "q-0003"]
+    assert json.loads((tmp_path / "queries.jsonl").read_text().splitlines()[0]) == data.queries[0]
+
+
+def test_too_few_passages_and_bad_config_say_what_to_change(tmp_path):
+    source = fortunes_fixture(tmp_path / "fortunes")
+    with pytest.raises(ValueError, match="lower num_queries"):
+        natural_text(NaturalTextCorpusConfig(source=str(source), num_queries=20, min_prompt_words=5))
+    with pytest.raises(SettingsError, match="natural_text.corpus: need 1 <= min_words"):
+        NaturalTextConfig.from_dict({"corpus": {"min_words": 50, "max_words": 10}})
+    with pytest.raises(SettingsError, match="unknown key.*natural_text.model: hidden"):
+        NaturalTextConfig.from_dict({"model": {"hidden": 8}})
+    with pytest.raises(SettingsError, match="natural_text.vocab_size"):
+        NaturalTextConfig.from_dict({"vocab_size": 10})
+
+
+def test_missing_package_is_one_line_naming_the_install_command(tmp_path):
+    with pytest.raises(MissingPackageError, match="apt-get install -y fortunes"):
+        read_passages(tmp_path / "nowhere")
+    result, _ = run_job("validate_counterfactual", "benchmark=natural_text", f"natural_text.corpus.source={tmp_path / 'nowhere'}",
+                        f"output_dir={tmp_path / 'out'}", env={"ATTRIBUTION_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "apt-get install -y fortunes" in result.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_byte_level_tokenizer_splits_prompt_and_completion_as_the_joined_text():
+    tokenizer = build_tokenizer(PROSE * 4, vocab_size=300)
+    prompt, completion = "Passage number 3 tells of a quiet", " town where the river bends"
+    separate = [*tokenizer(prompt, add_special_tokens=False)["input_ids"],
+                *tokenizer(completion, add_special_tokens=False)["input_ids"]]
+    assert separate == tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
+    # No unknown token: unseen characters are bytes.
+    assert tokenizer.decode(tokenizer("Ünïcode ✓", add_special_tokens=False)["input_ids"]) == "Ünïcode ✓"
+
+
+def test_the_installed_package_gives_thousands_of_prose_documents():
+    # CI installs the package (.ci/run); the default config's corpus and queries.
+    data = natural_text(NaturalTextCorpusConfig(source=DEFAULT_SOURCE))
+    assert len(data.corpus) == 5000 and len(data.queries) == 32
