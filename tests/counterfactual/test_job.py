@@ -1,5 +1,5 @@
 """``jobs.validate_counterfactual`` on a tiny demo: the table and the top-k removal results, resuming after a
-killed run (in process and on Ray), and the same seeds giving the same LDS."""
+killed run (in process, and on Ray in the slow suite), and the same seeds giving the same LDS."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from tests.jobs.helpers import run_job
 
@@ -35,14 +36,16 @@ def lds_by_row(record: dict) -> dict[tuple[str, str], float]:
     return {(row["method"], row["damping"]): row["lds"] for row in record["config"]["results"]["rows"]}
 
 
-def test_killed_run_resumes_on_ray_without_retraining_and_same_seeds_give_the_same_lds(tmp_path):
+# On Ray every method's fit and score run starts its own workers: minutes on two loaded cores.
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_killed_run_resumes_without_retraining_and_same_seeds_give_the_same_lds(tmp_path, workers):
     # Killed (the process exits) while training the third model: the first two are kept.
     killed = validate(tmp_path, "cluster.num_workers=0", env={"ATTRIBUTION_TEST_FAULT": "retrain:2:exit"})
     assert killed.returncode == 17, killed.stderr[-2000:]
     kept = list((tmp_path / "out" / "retrain").glob("*/subset-*"))
     assert len(kept) == 2 and all((folder / "retrained.json").is_file() for folder in kept)
 
-    resumed = validate(tmp_path, "cluster.num_workers=2")
+    resumed = validate(tmp_path, f"cluster.num_workers={workers}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     first = latest_record(tmp_path)
     assert first["counts"]["models"] == 6

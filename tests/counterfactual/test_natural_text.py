@@ -105,6 +105,7 @@ def test_byte_level_tokenizer_splits_prompt_and_completion_as_the_joined_text():
     assert tokenizer.decode(tokenizer("Ünïcode ✓", add_special_tokens=False)["input_ids"]) == "Ünïcode ✓"
 
 
+@pytest.mark.skipif(not Path(DEFAULT_SOURCE).is_dir(), reason="Debian's fortunes is not installed (apt-get install -y fortunes)")
 def test_the_installed_package_gives_thousands_of_prose_documents():
     # CI installs the package (.ci/run); the default config's corpus and queries.
     data = natural_text(NaturalTextCorpusConfig(source=DEFAULT_SOURCE))
