@@ -115,6 +115,7 @@ def test_refinement_is_refused_when_sharded(inputs, tmp_path):
 @pytest.mark.slow
 def test_deepspeed_zero3_scores_equal_the_unsharded_run(inputs, ray_local, tmp_path):
     """ZeRO-3, the other engine, in float32 (DeepSpeed refuses float64 parameters)."""
+    pytest.importorskip("deepspeed")
     model, data, _, queries, score, _ = inputs
     single = ModelSettings(path=model.path, device="cpu", dtype="float32")
     store = run_fit(single, data, FactorSettings(path=str(tmp_path / "factors")), tmp_path / "fit", {}, progress=False)
