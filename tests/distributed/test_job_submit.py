@@ -72,6 +72,8 @@ def ray_head():
             os.killpg(head.pid, signal.SIGKILL)
 
 
+# A Ray head of its own, started and stopped: a minute of the suite, so in the slow one.
+@pytest.mark.slow
 def test_fit_job_sent_with_ray_job_submit(tmp_path, ray_head):
     address, environment = ray_head
     rows = corpus_rows(9)
