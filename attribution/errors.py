@@ -41,3 +41,10 @@ def user_error_of(error: BaseException | None) -> UserError | None:
 def one_line(message: str) -> str:
     """A message as one plain line: whitespace runs folded, terminal codes removed."""
     return " ".join(_TERMINAL_CODES.sub("", message).split())
+
+
+def raise_user_error_of(error: BaseException) -> None:
+    """Raise the user's own error inside ``error`` as itself (one clear line, not a worker's traceback), if there is one."""
+    cause = user_error_of(error)
+    if cause is not None:
+        raise cause from None

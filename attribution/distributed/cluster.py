@@ -280,3 +280,39 @@ class TorchCollective:
 
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+
+
+class GroupMember:
+    """The part of a Ray actor that joins the workers' torch.distributed group (fitting, sharded scoring).
+
+    The driver asks every member its node address, has rank 0 open the store (:meth:`rendezvous`),
+    then calls each member's own method, which calls :meth:`join_group` first (:func:`start_group`).
+    """
+
+    def __init__(self) -> None:
+        prepare_worker_process()
+        self.listener: socket.socket | None = None
+
+    def node_address(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    def rendezvous(self, listen: str) -> tuple[str, int]:
+        """Rank 0: open the group's store on ``cluster.listen`` and say where it is."""
+        host = rendezvous_host(listen)
+        self.listener = listening_socket(host)
+        return host, self.listener.getsockname()[1]
+
+    def join_group(self, rank: int, world_size: int, address: str, port: int, device: str) -> None:
+        """Join the group at ``address:port`` (nccl when the model runs on this worker's GPU, else gloo)."""
+        import torch
+
+        use_gpu = torch.cuda.is_available() and device != "cpu"
+        init_process_group(rank, world_size, address, port, self.listener if rank == 0 else None, use_gpu,
+                           own_host=worker_host(address, rank))
+
+
+def start_group(members: list, listen: str) -> tuple[str, int]:
+    """Where the members of a new group meet: checked reachable from every member's machine, opened by rank 0."""
+    check_rendezvous_reach(listen, ray.get([member.node_address.remote() for member in members]))
+    return ray.get(members[0].rendezvous.remote(listen))
+

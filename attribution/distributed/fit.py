@@ -10,22 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import ray
-import torch
 import torch.distributed as dist
 
 from attribution.curvature.store import FactorSet
 from attribution.data.corpus import Skip
-from attribution.distributed.cluster import (
-    TorchCollective,
-    check_rendezvous_reach,
-    init_process_group,
-    listening_socket,
-    peak_memory_mib,
-    prepare_worker_process,
-    ray_session,
-    rendezvous_host,
-    worker_host,
-)
+from attribution.distributed.cluster import GroupMember, TorchCollective, peak_memory_mib, ray_session, start_group
 from attribution.progress import worker_progress
 from attribution.settings import ClusterSettings, DataSettings, FactorSettings, ModelSettings
 from attribution.store_fit import fit_store
@@ -43,20 +32,7 @@ class WorkerFit:
 
 
 @ray.remote
-class FitWorker:
-    def __init__(self) -> None:
-        prepare_worker_process()
-        self.listener = None
-
-    def node_address(self) -> str:
-        return ray.util.get_node_ip_address()
-
-    def rendezvous(self, listen: str) -> tuple[str, int]:
-        """Rank 0: open the store's socket on ``cluster.listen`` and say where it is."""
-        host = rendezvous_host(listen)
-        self.listener = listening_socket(host)
-        return host, self.listener.getsockname()[1]
-
+class FitWorker(GroupMember):
     def fit(
         self,
         rank: int,
@@ -68,9 +44,7 @@ class FitWorker:
         factor_settings: FactorSettings,
         sharding: str,
     ) -> WorkerFit:
-        use_gpu = torch.cuda.is_available() and model_settings.device != "cpu"
-        init_process_group(rank, world_size, address, port, self.listener if rank == 0 else None, use_gpu,
-                           own_host=worker_host(address, rank))
+        self.join_group(rank, world_size, address, port, model_settings.device)
         try:
             fit = fit_store(model_settings, data_settings, factor_settings, TorchCollective(),
                             progress=rank == 0, sharding=sharding)
@@ -94,8 +68,7 @@ def fit_on_ray(
         options = {"num_cpus": cluster.cpus_per_worker, "num_gpus": cluster.gpus_per_worker}
         workers = [FitWorker.options(**options).remote() for _ in range(cluster.num_workers)]
         try:
-            check_rendezvous_reach(cluster.listen, ray.get([worker.node_address.remote() for worker in workers]))
-            address, port = ray.get(workers[0].rendezvous.remote(cluster.listen))
+            address, port = start_group(workers, cluster.listen)
             with worker_progress():
                 results = ray.get([
                     worker.fit.remote(rank, len(workers), address, port, model_settings, data_settings, factor_settings,

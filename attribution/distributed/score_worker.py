@@ -6,17 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import ray
-import torch
 
-from attribution.distributed.cluster import (
-    init_process_group,
-    listening_socket,
-    peak_memory_mib,
-    prepare_worker_process,
-    rendezvous_host,
-    worker_host,
-)
-from attribution.distributed.fit import TorchCollective
+from attribution.distributed.cluster import GroupMember, TorchCollective, peak_memory_mib, prepare_worker_process
 from attribution.prefilter.candidates import Candidates
 from attribution.scoring.inputs import ScoreInputs, StageIdentity
 from attribution.scoring.markers import MarkerStore, WorkUnit
@@ -51,7 +42,7 @@ class ScoreWorker:
 
 
 @ray.remote
-class ShardedScoreWorker:
+class ShardedScoreWorker(GroupMember):
     """One of the ``cluster.num_workers`` workers that hold the models sharded between them (``cluster.sharding``).
 
     They join one torch.distributed process group, load and shard the stages together, and then run
@@ -59,28 +50,16 @@ class ShardedScoreWorker:
     """
 
     def __init__(self) -> None:
-        prepare_worker_process()
-        self.listener = None
+        super().__init__()
         self.tasks: ScoreTasks | None = None
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def node_address(self) -> str:
-        return ray.util.get_node_ip_address()
-
-    def rendezvous(self, listen: str) -> tuple[str, int]:
-        """Rank 0: open the group's store on ``cluster.listen`` and say where it is."""
-        host = rendezvous_host(listen)
-        self.listener = listening_socket(host)
-        return host, self.listener.getsockname()[1]
-
     def join(self, rank: int, world_size: int, address: str, port: int, inputs: ScoreInputs, output_dir: str,
              candidates: Candidates | None) -> None:
         """Join the group, then load the stages with every model sharded over it."""
-        use_gpu = torch.cuda.is_available() and inputs.model.device != "cpu"
-        init_process_group(rank, world_size, address, port, self.listener if rank == 0 else None, use_gpu,
-                           own_host=worker_host(address, rank))
+        self.join_group(rank, world_size, address, port, inputs.model.device)
         self.tasks = ScoreTasks(inputs, output_dir, candidates, TorchCollective())
 
     def identity(self) -> StageIdentity:

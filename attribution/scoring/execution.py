@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from attribution.errors import UserError, user_error_of
+from attribution.errors import UserError, raise_user_error_of
 from attribution.prefilter.candidates import Candidates
 from attribution.scoring.inputs import ScoreInputs, StageIdentity
 from attribution.scoring.markers import MarkerStore, WorkUnit
@@ -173,9 +173,7 @@ class RayExecutor:
         try:
             return self._ray.get(getattr(self.workers[0], method).remote())
         except self._ray.exceptions.RayError as error:
-            cause = user_error_of(error)
-            if cause is not None:
-                raise cause from None
+            raise_user_error_of(error)
             raise
 
     def identity(self) -> StageIdentity:
@@ -219,9 +217,7 @@ class RayExecutor:
             try:
                 ray.get(done)
             except ray.exceptions.RayError as error:
-                cause = user_error_of(error)
-                if cause is not None:
-                    raise cause from None
+                raise_user_error_of(error)
                 attempts[task] += 1
                 if attempts[task] <= self.max_retries:
                     retry.append(task)

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import ray
 
-from attribution.distributed.cluster import check_rendezvous_reach, worker_environment
+from attribution.distributed.cluster import start_group, worker_environment
 from attribution.distributed.score_worker import ShardedScoreWorker
-from attribution.errors import user_error_of
+from attribution.errors import raise_user_error_of
 from attribution.prefilter.candidates import Candidates
 from attribution.scoring.execution import Failures, QueryTask, Schedule, Task
 from attribution.scoring.inputs import ScoreInputs, StageIdentity
@@ -54,8 +54,7 @@ class ShardedExecutor:
                    "runtime_env": {"env_vars": worker_environment()}}
         workers = [ShardedScoreWorker.options(**options).remote() for _ in range(cluster.num_workers)]
         try:
-            check_rendezvous_reach(cluster.listen, ray.get([worker.node_address.remote() for worker in workers]))
-            address, port = ray.get(workers[0].rendezvous.remote(cluster.listen))
+            address, port = start_group(workers, cluster.listen)
             self._wait([worker.join.remote(rank, len(workers), address, port, self.inputs, str(self.output_dir),
                                            self.candidates) for rank, worker in enumerate(workers)])
         except BaseException:
@@ -74,9 +73,7 @@ class ShardedExecutor:
             try:
                 ray.get(done)
             except ray.exceptions.RayError as error:
-                cause = user_error_of(error)
-                if cause is not None:
-                    raise cause from None
+                raise_user_error_of(error)
                 raise
 
     def identity(self) -> StageIdentity:
