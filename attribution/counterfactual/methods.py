@@ -34,6 +34,7 @@ from attribution.data.queries import Query
 from attribution.evaluation.candidates import bm25_ranking
 from attribution.fitting import run_fit
 from attribution.models import TrackedModule
+from attribution.prefilter.index import run_build_index
 from attribution.runs import write_json_atomically
 from attribution.scoring.markers import file_fingerprint
 from attribution.scoring.run import run_score
@@ -42,6 +43,7 @@ from attribution.settings import (
     DataSettings,
     FactorSettings,
     ModelSettings,
+    PrefilterSettings,
     QuerySettings,
     RefineSettings,
     ScoreSettings,
@@ -141,8 +143,9 @@ class Engine:
         refine = spec.refine
         if refine.enabled and refine.data_path is None:
             refine = replace(refine, max_sequences=self.fit_sequences)
+        prefilter = self.prefilter(spec, folder)
         summary = run_score(self.model, self.data, factors, self.queries, self.score_settings, folder, self.config,
-                            cluster=self.cluster, refine_settings=refine)
+                            prefilter_settings=prefilter, cluster=self.cluster, refine_settings=refine)
         record = json.loads(Path(summary.run_record).read_text())
         scores = self._pairs_matrix(Path(summary.scores_path))
         module_damping = record["config"]["damping"].get("model", {}) if spec.damped else {}
@@ -150,6 +153,19 @@ class Engine:
         return MethodScores(spec.name, spec, damping if spec.damped else None, refine.steps if refine.enabled else None,
                             scores, fit_seconds + summary.seconds, detail, module_damping, summary.run_id,
                             str(summary.scores_path))
+
+    def prefilter(self, spec: MethodSpec, folder: Path) -> PrefilterSettings:
+        """``spec``'s prefilter with its index built (or extended) under ``<output_dir>/engine/prefilter``,
+        one folder per index setting; gradient sketches are whitened by, and kept beside, the method's store."""
+        settings = spec.prefilter
+        if settings.kind == "none":
+            return settings
+        index = {k: v for k, v in asdict(settings).items() if k != "top_m"}
+        key = hashlib.sha256(json.dumps(index, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        base = folder if settings.kind == "gradient" else self.root
+        settings = replace(settings, path=str(base / "prefilter" / f"{settings.kind}-{key}"))
+        run_build_index(settings, self.data, base, self.config, self.model, folder / "factors")
+        return settings
 
     def bm25(self, spec: MethodSpec) -> MethodScores:
         """BM25 of prompt + completion against every document (0 where no word is shared)."""

@@ -285,7 +285,11 @@ def _row(scores: MethodScores, matrix: np.ndarray, actual: np.ndarray, engine: E
     # documents missing among the queries that were scored, and the skipped queries apart.
     scored_queries = ~np.isnan(scores.scores).all(axis=0)
     missing = int(np.isnan(scores.scores[:, scored_queries]).any(axis=1).sum())
-    if missing:
+    prefilter = scores.spec.prefilter
+    if prefilter.kind != "none":
+        detail.append(f"{prefilter.kind} top-{prefilter.top_m} candidates scored, the other pairs count as 0 "
+                      "and rank last")
+    elif missing:
         detail.append(f"{missing} documents not scored (count as 0)")
     if scores.spec.kind != "bm25" and not scored_queries.all():
         detail.append(f"{int((~scored_queries).sum())} queries not scored (left out)")

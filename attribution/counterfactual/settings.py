@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from attribution.curvature.strategies import STRATEGIES
-from attribution.settings import Check, RefineSettings, SettingsError, from_mapping, show
+from attribution.settings import Check, PrefilterSettings, RefineSettings, SettingsError, from_mapping, show
 
 # A factor strategy scored by the engine, or BM25 (retrieval scores, no model gradient).
 METHOD_KINDS = (*STRATEGIES, "bm25")
@@ -107,11 +107,14 @@ class PbrfSettings:
 @dataclass(frozen=True)
 class MethodSpec:
     """One compared method: ``kind`` a factor strategy (``identity`` = the gradient dot product) or
-    ``bm25``; ``refine`` the engine's query-side refinement (``refine.*`` keys; sample = the fit sample)."""
+    ``bm25``; ``refine`` the engine's query-side refinement (``refine.*`` keys; sample = the fit sample);
+    ``prefilter`` the engine's retrieval first (``prefilter.*`` keys): only each query's ``top_m``
+    candidates are scored, the pipeline's shape."""
 
     name: str
     kind: str
     refine: RefineSettings = RefineSettings()
+    prefilter: PrefilterSettings = PrefilterSettings()
 
     @property
     def damped(self) -> bool:
@@ -226,20 +229,35 @@ class CounterfactualSettings:
 def _method(name: str, spec: Mapping[str, Any] | None) -> MethodSpec:
     spec = dict(spec or {})
     group = f"methods.{name}"
-    unknown = set(spec) - {"kind", "refine"}
+    unknown = set(spec) - {"kind", "refine", "prefilter"}
     if unknown:
-        raise SettingsError(f"unknown key(s) in {group}: {', '.join(sorted(unknown))}; known: kind, refine")
+        raise SettingsError(f"unknown key(s) in {group}: {', '.join(sorted(unknown))}; known: kind, refine, prefilter")
     kind = spec.get("kind")
     if kind not in METHOD_KINDS:
         raise SettingsError(f"{group}.kind={show(kind)}: expected one of {', '.join(METHOD_KINDS)}")
+    refine = _section(RefineSettings, spec, "refine", group)
+    prefilter = _section(PrefilterSettings, spec, "prefilter", group)
+    if refine.enabled and kind not in ("ekfac", "kfac", "diagonal"):
+        raise SettingsError(f"{group}.refine.method={refine.method}: only a fitted strategy (ekfac, kfac, diagonal) is refined")
+    if prefilter.kind != "none" and kind == "bm25":
+        raise SettingsError(f"{group}.prefilter.kind={prefilter.kind}: bm25 scores every document itself; "
+                            "a prefilter goes before an influence method")
+    if prefilter.kind == "gradient" and kind not in ("ekfac", "kfac", "diagonal"):
+        raise SettingsError(f"{group}.prefilter.kind=gradient: the sketches are whitened by the method's own factor "
+                            "store, so only a fitted strategy (ekfac, kfac, diagonal) takes them")
+    if prefilter.path is not None:
+        raise SettingsError(f"{group}.prefilter.path={prefilter.path}: the job keeps its own indexes, under "
+                            "<output_dir>/engine/prefilter")
+    return MethodSpec(name, kind, refine, prefilter)
+
+
+def _section(kind: type, spec: Mapping[str, Any], key: str, group: str) -> Any:
+    """``spec[key]`` as the settings class ``kind``, its errors named ``methods.NAME.key...``."""
     try:
-        refine = from_mapping(RefineSettings, spec.get("refine") or {}, f"{group}.refine")
+        return from_mapping(kind, spec.get(key) or {}, f"{group}.{key}")
     except SettingsError as error:
         message = str(error)
         raise SettingsError(message if message.startswith(group) else f"{group}.{message}") from error
-    if refine.enabled and kind not in ("ekfac", "kfac", "diagonal"):
-        raise SettingsError(f"{group}.refine.method={refine.method}: only a fitted strategy (ekfac, kfac, diagonal) is refined")
-    return MethodSpec(name, kind, refine)
 
 
 def with_steps(spec: MethodSpec, steps: int) -> MethodSpec:

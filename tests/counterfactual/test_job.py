@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
@@ -19,7 +20,7 @@ TINY_DEMO = ("demo.corpus.num_people=6", "demo.corpus.num_cities=3", "demo.corpu
              "demo.model.num_layers=1", "demo.model.num_heads=2", "demo.model.intermediate_size=32", "demo.train.epochs=4")
 SMALL_RUN = ("lds.subsets=6", "pbrf.documents=2", "pbrf.steps=20", "damping.values=[10.0,1.0]", "damping.methods=[ekfac]",
              "refine_steps.values=[1]", "methods.refined_cg.refine.steps=3", "~methods.refined_stochastic", "~methods.kfac",
-             "removal.queries=2", "progress=false")
+             "removal.queries=2", "methods.bm25_then_ekfac.prefilter.top_m=5", "progress=false")
 
 
 def validate(tmp_path: Path, *extra: str, env: dict[str, str] | None = None):
@@ -60,7 +61,8 @@ def test_killed_run_resumes_without_retraining_and_same_seeds_give_the_same_lds(
     removal = second["config"]["results"]["removal"]
     assert removal["k"] == 1 and len(removal["query_ids"]) == 2
     assert removal["results"] == first["config"]["results"]["removal"]["results"]
-    assert [r["ranking"] for r in removal["results"]] == ["ekfac", "refined_cg", "identity", "bm25", "random"]
+    assert [r["ranking"] for r in removal["results"]] == ["ekfac", "refined_cg", "identity", "bm25", "bm25_then_ekfac",
+                                                          "random"]
     assert all(math.isfinite(r["mean"]) and r["low"] <= r["mean"] <= r["high"] for r in removal["results"])
     assert not any(m["trained"] for m in removal["models"]) and removal["models"][0]["training_set"] == 0
     assert "top-k removal: increase of -log p(completion | prompt)" in again.stdout and "| random | 1 | 2 |" in again.stdout
@@ -69,8 +71,8 @@ def test_killed_run_resumes_without_retraining_and_same_seeds_give_the_same_lds(
 
     table = pq.read_table(second["outputs"]["table"]).to_pylist()
     rows = {(row["method"], row["damping"]) for row in table}
-    assert rows == {("ekfac", "10x"), ("refined_cg", "10x"), ("identity", "-"), ("bm25", "-"), ("ekfac", "1x"),
-                    ("refined_cg@1", "10x")}
+    assert rows == {("ekfac", "10x"), ("refined_cg", "10x"), ("identity", "-"), ("bm25", "-"), ("bm25_then_ekfac", "10x"),
+                    ("ekfac", "1x"), ("refined_cg@1", "10x")}
     for row in table:
         assert math.isfinite(row["lds"]) and row["lds_low"] <= row["lds"] <= row["lds_high"]
         # The PBRF is solved at the headline damping: rows at another damping have no agreement.
@@ -81,12 +83,28 @@ def test_killed_run_resumes_without_retraining_and_same_seeds_give_the_same_lds(
     assert "cg: 3-3 products" in refined["detail"]
     # Every method's pairs dataset is recorded, for a user to read every pair's score.
     assert all(Path(path).is_dir() for path in second["config"]["results"]["pairs"].values())
+    # BM25 then EK-FAC: each query's 5 candidates carry the full EK-FAC run's scores (float32, other batches), nothing else.
+    full, prefiltered = (pairs_by_query(second["config"]["results"]["pairs"][name]) for name in ("ekfac (10x)", "bm25_then_ekfac (10x)"))
+    assert set(prefiltered) == set(full) and all(len(pairs) == 5 for pairs in prefiltered.values())
+    for query_id, pairs in prefiltered.items():
+        assert all(score == pytest.approx(full[query_id][doc_id], rel=1e-5) for doc_id, score in pairs.items())
+    assert "bm25 top-5 candidates scored" in next(row for row in table if row["method"] == "bm25_then_ekfac")["detail"]
+
+
+def pairs_by_query(path: str) -> dict[str, dict[str, float]]:
+    result: dict[str, dict[str, float]] = {}
+    for row in ds.dataset(path, format="parquet", partitioning="hive").to_table(["query_id", "doc_id", "score"]).to_pylist():
+        result.setdefault(row["query_id"], {})[row["doc_id"]] = row["score"]
+    return result
 
 
 def test_bad_settings_are_one_line_and_exit_2(tmp_path):
     for override, key in (("lds.fraction=1.5", "lds.fraction"), ("+methods.bad={kind: nope}", "methods.bad.kind"),
                           ("refine_steps.method=identity", "refine_steps.method"), ("model.path=/nowhere", "model.path"),
-                          ("removal.fraction=0", "removal.fraction"), ("benchmark=nope", "benchmark")):
+                          ("removal.fraction=0", "removal.fraction"), ("benchmark=nope", "benchmark"),
+                          ("+methods.bm25.prefilter={kind: bm25}", "methods.bm25.prefilter.kind"),
+                          ("methods.bm25_then_ekfac.prefilter.path=/tmp/index", "methods.bm25_then_ekfac.prefilter.path"),
+                          ("methods.bm25_then_ekfac.prefilter.top_m=0", "methods.bm25_then_ekfac.prefilter.top_m")):
         result = validate(tmp_path, override)
         assert result.returncode == 2, (override, result.stderr[-2000:])
         assert key in result.stderr and "Traceback" not in result.stderr
