@@ -188,6 +188,7 @@ class DenseIndex:
         self, directory: Path, manifest: IndexManifest, settings: PrefilterSettings, selection: Mapping[int, str]
     ) -> None:
         self.settings = settings
+        self.manifest = manifest
         path = directory / manifest.files["faiss"]
         self.index = read_faiss(path)
         expect_length(path, self.index.ntotal, manifest.documents, "vectors")

@@ -17,7 +17,9 @@ import pytest
 from attribution.data.corpus import Skip, iter_documents, list_shards
 from attribution.data.queries import read_queries
 from attribution.demo.train import ensure_demo
+from attribution.data.queries import Query
 from attribution.prefilter import dense
+from attribution.prefilter.candidates import retrieve_candidates
 from attribution.prefilter.index import open_index, update_index
 from attribution.prefilter.manifest import PrefilterError, read_manifest
 from attribution.settings import DataSettings, PrefilterSettings
@@ -157,3 +159,14 @@ def test_skips_are_reported(tmp_path, embeddings):
     skips: list[Skip] = []
     update_index(tmp_path / "index", PrefilterSettings(kind="dense"), DataSettings(), shards, on_skip=skips.append)
     assert [(skip.item_id, skip.reason) for skip in skips] == [("doc-08", "whitespace-only text")]
+
+
+def test_score_runs_candidates_are_the_index_top_m(tmp_path, embeddings):
+    # The path a score run takes (retrieve_candidates), not only the index's own search.
+    shards = write_corpus(tmp_path / "corpus", shards=2)
+    settings = build(tmp_path / "out" / "prefilter" / "dense", shards, kind="dense", top_m=4)
+    query = Query("q-1", "a cat on", " a mat")
+    candidates = retrieve_candidates(settings, [query], shards, tmp_path / "out")
+    expected = open_index(tmp_path / "out" / "prefilter" / "dense", settings, shards).top_m(["a cat on a mat"], 4)[0]
+    assert [hit.doc_id for hit in candidates.hits["q-1"]] == [hit.doc_id for hit in expected]
+    assert candidates.counts()["prefilter_searched_documents"] == read_manifest(tmp_path / "out" / "prefilter" / "dense").documents
