@@ -280,9 +280,11 @@ class _Run:
         candidates = None
         if self.candidates is not None:
             candidates = f"{self.candidates.kind} top-{self.candidates.top_m} candidates"
+        refine = inputs.refine
+        refined = f"refined by {refine.method}, at most {refine.steps} steps" if refine.enabled else "closed form"
         return ScoreSummary(record.run_id, self.method, scores_path, tokens_path, record_path, record.counts,
                             sum(record.timings.values()), all_pairs=inputs.score.all_pairs, candidates=candidates,
-                            notes=tuple(notes))
+                            notes=tuple(notes), query_side=None if self.method == "identity" else refined)
 
     def _documents_per_query(self, counts: dict[str, int]) -> int:
         """How many documents each query is ranked against: the corpus scored, or at most its candidates."""

@@ -28,6 +28,8 @@ class ScoreSummary:
     candidates: str | None = None
     # What the user should know about the table (more rows asked for than documents, ...).
     notes: tuple[str, ...] = ()
+    # How the queries were preconditioned: "closed form" or "refined by cg, at most 10 steps".
+    query_side: str | None = None
 
     @cached_property
     def top(self) -> dict[str, list[Ranked]]:
@@ -47,7 +49,8 @@ class ScoreSummary:
                       f"its {self.candidates} ({counts['documents_scored']} distinct documents of "
                       f"{counts['prefilter_searched_documents']} searched)")
         every = "; every pair, unranked, no token table" if self.all_pairs else ""
-        lines = [f"{scored} ({self.method}{every}) in {self.seconds:.1f} s -> {self.scores_path}"]
+        query_side = f", {self.query_side}" if self.query_side else ""
+        lines = [f"{scored} ({self.method}{query_side}{every}) in {self.seconds:.1f} s -> {self.scores_path}"]
         if counts.get("skipped"):
             lines.append(f"skipped {counts['skipped']} queries or documents, each with its file, row and reason "
                          f"in the run record {self.run_record}")
