@@ -269,6 +269,59 @@ def workers(root: Path, inputs: BenchmarkInputs, store: Path, counts: list[int])
     return rows
 
 
+def corpus_floor_seconds(model_path: Path, corpus: Path, batch_size: int, max_length: int) -> float:
+    """The floor: plain forward+backward of ``log p(z)`` over every document of ``corpus``, batched as a score run batches them."""
+    import torch
+
+    from attribution.benchmark import plain_forward_backward
+    from attribution.data.batching import batch_documents
+    from attribution.models import load_model
+
+    torch.set_num_threads(int(_environment()["OMP_NUM_THREADS"]))
+    model, tokenizer = load_model(model_path)
+    step = plain_forward_backward(model)
+    documents = iter_documents(list_shards(corpus), on_skip=lambda skip: None)
+    batches = list(batch_documents(tokenizer, documents, batch_size, max_length, on_skip=lambda skip: None))
+    started = time.perf_counter()
+    for batch in batches:
+        step(batch)
+    return time.perf_counter() - started
+
+
+def default_cost(root: Path, sizes: list[BenchmarkInputs], store: Path, batch_size: int, max_length: int,
+                 project_to: int) -> list[SuiteRow]:
+    """The jobs' default (refine.method=auto: CG) against the closed form and the floor, at each corpus size.
+
+    A score run costs ``t(N) = a + b N``: the candidate pass grows with the N documents, the query side
+    (refinement included) does not. The refinement's seconds ``R = t_default - t_closed`` should be the
+    same at every N (the check of that model); the projection to ``project_to`` documents is
+    ``(a_default + b M) / (f M)`` with b and f (the floor per document) from the largest corpus."""
+    rows, measured = [], []
+    for inputs in sizes:
+        common = ("cluster.num_workers=0", "score.token_scores=false", f"data.batch_size={batch_size}",
+                  f"data.max_length={max_length}")
+        closed = score_job("closed form", inputs, store, root / f"closed-{inputs.documents}", "refine.method=none", *common)
+        default = score_job("default", inputs, store, root / f"default-{inputs.documents}", *common)
+        floor = corpus_floor_seconds(inputs.model, inputs.corpus, batch_size, max_length)
+        t_closed, t_default = sum(closed.timings.values()), sum(default.timings.values())
+        measured.append((inputs.documents, t_closed, t_default, floor))
+        label = f"{inputs.documents} documents, {inputs.num_queries} queries"
+        rows += [
+            SuiteRow("default cost", f"{label}: floor (plain forward+backward of the corpus)", f"{floor:.1f} s"),
+            SuiteRow("default cost", f"{label}: closed form / floor", f"{t_closed / floor:.2f}x", f"{t_closed:.1f} s"),
+            SuiteRow("default cost", f"{label}: default (CG, 10 steps) / floor", f"{t_default / floor:.2f}x",
+                     f"{t_default:.1f} s; refinement R = {t_default - t_closed:.1f} s"),
+        ]
+    (n_small, closed_small, _, _), (n_large, closed_large, default_large, floor_large) = measured[0], measured[-1]
+    per_document = (closed_large - closed_small) / (n_large - n_small)
+    fixed = default_large - per_document * n_large
+    projected = (fixed + per_document * project_to) / (floor_large / n_large * project_to)
+    rows.append(SuiteRow("default cost", f"projected to {project_to} documents: default / floor", f"{projected:.2f}x",
+                         f"t = {fixed:.1f} s + {per_document * 1e3:.2f} ms x N; floor {floor_large / n_large * 1e3:.2f} ms per "
+                         "document; target <= 1.3"))
+    return rows
+
+
 def format_suite(rows: list[SuiteRow]) -> str:
     lines = ["| section | measure | value | detail |", "|---|---|---|---|"]
     lines += [f"| {r.section} | {r.measure} | {r.value} | {r.detail} |" for r in rows]

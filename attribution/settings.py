@@ -14,7 +14,7 @@ import ipaddress
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -334,16 +334,17 @@ class ScoreSettings:
         check.choice("method", ("influence", "prefilter"))
 
 
-REFINE_METHODS = ("none", "cg", "stochastic")
+REFINE_METHODS = ("auto", "none", "cg", "stochastic")
 
 
 @dataclass(frozen=True)
 class RefineSettings:
     """Query-side refinement of ``x = (G + D)^{-1} grad m(q)`` on the true Gauss-Newton matrix G of a
     document sample (all tracked modules, cross-module blocks included), preconditioned by EK-FAC and
-    started from its closed form; mirrors conf/refine/default.yaml. ``data_path`` /
-    ``finetune_data_path``: the pretraining / fine-tuning stage's sample (null = the data recorded in
-    that stage's factor store)."""
+    started from its closed form; mirrors conf/refine/default.yaml, except that the jobs' ``method`` is
+    ``auto`` and the library's the closed form. ``auto`` is resolved when a score run starts
+    (:meth:`resolved`). ``data_path`` / ``finetune_data_path``: the pretraining / fine-tuning stage's
+    sample (null = the data recorded in that stage's factor store)."""
 
     method: str = "none"
     steps: int = 20
@@ -374,7 +375,15 @@ class RefineSettings:
 
     @property
     def enabled(self) -> bool:
-        return self.method != "none"
+        return self.method in ("cg", "stochastic")
+
+    def resolved(self, strategy: str, sharded: bool) -> RefineSettings:
+        """``auto`` as what runs: cg where a fitted store preconditions the queries and every worker holds
+        the whole model; the closed form for the gradient dot product (nothing to solve) and for a
+        sharded model (the Gauss-Newton products need every parameter in one worker)."""
+        if self.method != "auto":
+            return self
+        return replace(self, method="cg" if strategy != "identity" and not sharded else "none")
 
 
 PREFILTER_KINDS = ("none", "tfidf", "bm25", "dense", "gradient")

@@ -15,6 +15,7 @@ def main(cfg: DictConfig) -> None:
     from attribution.benchmark import benchmark_model, format_rows, gpt_neox_from_config
     from attribution.benchmark_runs import (
         benchmark_inputs,
+        default_cost,
         end_to_end,
         fit_job,
         format_suite,
@@ -83,6 +84,13 @@ def main(cfg: DictConfig) -> None:
             scale_inputs = benchmark_inputs(output_dir / "inputs", model, corpus, queries, scale["documents"],
                                             scale["queries"], scale["shards"])
             suite += workers(output_dir / "workers", scale_inputs, store, scale["counts"])
+            say(format_suite(suite))
+        if "default_cost" in sections:
+            cost = settings["default_cost"]
+            cost_sizes = [benchmark_inputs(output_dir / "inputs", model, corpus, queries, documents, cost["queries"],
+                                           cost["shards"]) for documents in cost["documents"]]
+            suite += default_cost(output_dir / "default_cost", cost_sizes, store, e2e["batch_size"], e2e["max_length"],
+                                  cost["project_to"])
             say(format_suite(suite))
         results["jobs"] = [asdict(r) for r in suite]
     write_json_atomically(output_dir / "benchmark.json", results)

@@ -20,10 +20,12 @@ from attribution.settings import (
     ModelSettings,
     PrefilterSettings,
     QuerySettings,
+    RefineSettings,
     ScoreSettings,
     SettingsError,
     from_mapping,
 )
+from attribution.scoring.inputs import ScoreInputs
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = {"model": ModelSettings, "data": DataSettings, "factors": FactorSettings, "finetune": FinetuneSettings,
@@ -123,6 +125,27 @@ def test_the_accepted_forms(tmp_path):
     assert DataSettings(path=str(tmp_path / "*.jsonl")).path.endswith("*.jsonl")
     with pytest.raises(SettingsError, match="needs both finetune.model_path and finetune.factors_path"):
         FinetuneSettings(model_path=str(tmp_path))
+
+
+def test_refine_auto_is_cg_where_it_can_run_and_the_closed_form_elsewhere():
+    auto = RefineSettings(method="auto", steps=7)
+    assert auto.resolved("ekfac", sharded=False) == RefineSettings(method="cg", steps=7)
+    assert auto.resolved("kfac", sharded=False).method == "cg"
+    assert auto.resolved("identity", sharded=False).method == "none"
+    assert auto.resolved("ekfac", sharded=True).method == "none"
+    assert RefineSettings(method="stochastic").resolved("identity", sharded=True).method == "stochastic"
+    assert not auto.enabled
+    # A score run holds what runs, so its key and record do too.
+    inputs = ScoreInputs(ModelSettings(), DataSettings(), FactorSettings(), QuerySettings(), ScoreSettings(), refine=auto)
+    assert inputs.refine.method == "cg" and inputs.resolved()["refine"]["method"] == "cg"
+    sharded = ClusterSettings(num_workers=2, sharding="fsdp")
+    assert ScoreInputs(ModelSettings(), DataSettings(), FactorSettings(), QuerySettings(), ScoreSettings(), cluster=sharded,
+                       refine=auto).refine.method == "none"
+    with pytest.raises(SettingsError, match="refine.method=cg with cluster.sharding=fsdp"):
+        ScoreInputs(ModelSettings(), DataSettings(), FactorSettings(), QuerySettings(), ScoreSettings(), cluster=sharded,
+                    refine=RefineSettings(method="cg"))
+    # The jobs' default is auto.
+    assert all(compose(config_name=job).refine.method == "auto" for job in ("score", "pipeline", "sweep"))
 
 
 def test_a_job_exits_2_with_the_one_line(tmp_path):

@@ -235,7 +235,7 @@ def _method(name: str, spec: Mapping[str, Any] | None) -> MethodSpec:
     kind = spec.get("kind")
     if kind not in METHOD_KINDS:
         raise SettingsError(f"{group}.kind={show(kind)}: expected one of {', '.join(METHOD_KINDS)}")
-    refine = _section(RefineSettings, spec, "refine", group)
+    refine = _section(RefineSettings, spec, "refine", group).resolved("identity" if kind == "bm25" else kind, sharded=False)
     prefilter = _section(PrefilterSettings, spec, "prefilter", group)
     if refine.enabled and kind not in ("ekfac", "kfac", "diagonal"):
         raise SettingsError(f"{group}.refine.method={refine.method}: only a fitted strategy (ekfac, kfac, diagonal) is refined")

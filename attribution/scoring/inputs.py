@@ -35,6 +35,8 @@ class ScoreInputs:
     refine: RefineSettings = RefineSettings()
 
     def __post_init__(self) -> None:
+        # The one place refine.method=auto becomes what runs, so the run record and its key hold that.
+        object.__setattr__(self, "refine", self.refine.resolved(self.factors.strategy, self.cluster.sharded))
         if self.cluster.sharded and self.refine.enabled:
             # The refinement's Gauss-Newton products differentiate with respect to the parameters
             # themselves, which a sharded worker holds only in part.

@@ -179,7 +179,8 @@ def inputs(tmp_path_factory):
                           root / "reference", {})
     overrides = [f"model.path={model_dir}", "model.device=cpu", f"data.path={corpus}", "data.batch_size=2", "data.max_length=16",
                  f"queries.path={queries}", f"factors.path={store.factors_path}", "score.rank=4", "score.top_k=4",
-                 "score.bottom_k=2", "score.query_batch_size=2", "score.progress=false", "cluster.num_workers=2"]
+                 "score.bottom_k=2", "score.query_batch_size=2", "score.progress=false", "refine.method=none",
+                 "cluster.num_workers=2"]
     return overrides, corpus, table(reference.scores_path)
 
 

@@ -21,7 +21,15 @@ from attribution.data.corpus import DataError
 from attribution.fitting import run_fit
 from attribution.scoring.run import ScoreRunLocked, ShardFailure, run_score
 from attribution.scoring.shards import FAULT_SWITCH
-from attribution.settings import ClusterSettings, DataSettings, FactorSettings, ModelSettings, QuerySettings, ScoreSettings
+from attribution.settings import (
+    ClusterSettings,
+    DataSettings,
+    FactorSettings,
+    ModelSettings,
+    QuerySettings,
+    RefineSettings,
+    ScoreSettings,
+)
 from tests.scoring.test_run import WORDS, corpus_rows, write_shards
 from tests.tiny import save_tiny_lm
 
@@ -64,6 +72,18 @@ def test_pool_equals_in_process_and_survives_a_killed_worker(inputs, ray_local, 
     assert record["config"]["failed_units"] == []
 
 
+def test_the_default_refinement_runs_on_the_pool_as_in_process(inputs, ray_local, tmp_path):
+    # refine.method=auto (the jobs' default) is CG for a fitted store: the pool's workers refine each
+    # query batch exactly as one process does with refine.method=cg.
+    root, model, data, factors, queries, score, reference = inputs
+    pooled = run_score(model, data, factors, queries, score, tmp_path / "pool", {}, cluster=ClusterSettings(num_workers=2),
+                       refine_settings=RefineSettings(method="auto", steps=3))
+    local = run_score(model, data, factors, queries, score, tmp_path / "local", {}, refine_settings=RefineSettings(method="cg", steps=3))
+    assert rows(pooled) == rows(local) != rows(reference)
+    assert json.loads(pooled.run_record.read_text())["config"]["resolved_settings"]["refine"]["method"] == "cg"
+    assert "refined by cg, at most 3 steps" in pooled.line() and "closed form" in reference.line()
+
+
 def test_shard_that_keeps_failing(inputs, tmp_path, monkeypatch):
     root, model, data, factors, queries, score, reference = inputs
     shard = sorted(os.listdir(data.path))[0]
@@ -86,7 +106,7 @@ def test_killed_job_resumes_without_duplicates(inputs, tmp_path):
     command = [sys.executable, "-m", "jobs.score", f"model.path={model.path}", "model.device=cpu", f"data.path={data.path}",
                "data.batch_size=2", "data.max_length=16", f"queries.path={queries.path}", f"factors.path={factors.path}",
                "score.rank=4", "score.top_k=4", "score.bottom_k=2", "score.query_batch_size=2", "score.progress=false",
-               "cluster.num_workers=0", f"output_dir={output}"]
+               "refine.method=none", "cluster.num_workers=0", f"output_dir={output}"]
     shard = sorted(os.listdir(data.path))[2]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", FAULT_SWITCH: f"{shard}:1:exit"}
     killed = subprocess.run(command, env=environment, cwd=REPOSITORY, capture_output=True, text=True, timeout=300)
@@ -158,7 +178,7 @@ def job_command(model, data, factors, queries, output, *extra):
     return [sys.executable, "-m", "jobs.score", f"model.path={model.path}", "model.device=cpu", f"data.path={data.path}",
             "data.batch_size=2", "data.max_length=16", f"queries.path={queries.path}", f"factors.path={factors.path}",
             "score.rank=4", "score.bottom_k=2", "score.query_batch_size=2", "score.progress=false",
-            "cluster.num_workers=0", f"output_dir={output}", *extra]
+            "refine.method=none", "cluster.num_workers=0", f"output_dir={output}", *extra]
 
 
 def test_a_killed_driver_resumes_query_batches_and_pairs(inputs, tmp_path):
