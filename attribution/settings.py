@@ -347,7 +347,7 @@ class RefineSettings:
     sample (null = the data recorded in that stage's factor store)."""
 
     method: str = "none"
-    steps: int = 20
+    steps: int = 10
     batch_size: int = 8
     tolerance: float = 1e-3
     data_path: str | None = None
