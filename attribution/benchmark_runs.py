@@ -270,7 +270,8 @@ def workers(root: Path, inputs: BenchmarkInputs, store: Path, counts: list[int])
 
 
 def corpus_floor_seconds(model_path: Path, corpus: Path, batch_size: int, max_length: int) -> float:
-    """The floor: plain forward+backward of ``log p(z)`` over every document of ``corpus``, batched as a score run batches them."""
+    """The floor: plain forward+backward of ``log p(z)`` over every document of ``corpus``, batched as a
+    score run batches them."""
     import torch
 
     from attribution.benchmark import plain_forward_backward

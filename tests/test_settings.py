@@ -11,6 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from attribution.scoring.inputs import ScoreInputs
 from attribution.settings import (
     ClusterSettings,
     DataSettings,
@@ -25,7 +26,6 @@ from attribution.settings import (
     SettingsError,
     from_mapping,
 )
-from attribution.scoring.inputs import ScoreInputs
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = {"model": ModelSettings, "data": DataSettings, "factors": FactorSettings, "finetune": FinetuneSettings,

@@ -84,7 +84,8 @@ def test_killed_run_resumes_without_retraining_and_same_seeds_give_the_same_lds(
     # Every method's pairs dataset is recorded, for a user to read every pair's score.
     assert all(Path(path).is_dir() for path in second["config"]["results"]["pairs"].values())
     # BM25 then EK-FAC: each query's 5 candidates carry the full EK-FAC run's scores (float32, other batches), nothing else.
-    full, prefiltered = (pairs_by_query(second["config"]["results"]["pairs"][name]) for name in ("ekfac (10x)", "bm25_then_ekfac (10x)"))
+    pairs = second["config"]["results"]["pairs"]
+    full, prefiltered = (pairs_by_query(pairs[name]) for name in ("ekfac (10x)", "bm25_then_ekfac (10x)"))
     assert set(prefiltered) == set(full) and all(len(pairs) == 5 for pairs in prefiltered.values())
     for query_id, pairs in prefiltered.items():
         assert all(score == pytest.approx(full[query_id][doc_id], rel=1e-5) for doc_id, score in pairs.items())

@@ -78,7 +78,8 @@ def test_the_default_refinement_runs_on_the_pool_as_in_process(inputs, ray_local
     root, model, data, factors, queries, score, reference = inputs
     pooled = run_score(model, data, factors, queries, score, tmp_path / "pool", {}, cluster=ClusterSettings(num_workers=2),
                        refine_settings=RefineSettings(method="auto", steps=3))
-    local = run_score(model, data, factors, queries, score, tmp_path / "local", {}, refine_settings=RefineSettings(method="cg", steps=3))
+    local = run_score(model, data, factors, queries, score, tmp_path / "local", {},
+                      refine_settings=RefineSettings(method="cg", steps=3))
     assert rows(pooled) == rows(local) != rows(reference)
     assert json.loads(pooled.run_record.read_text())["config"]["resolved_settings"]["refine"]["method"] == "cg"
     assert "refined by cg, at most 3 steps" in pooled.line() and "closed form" in reference.line()

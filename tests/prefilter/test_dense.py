@@ -15,9 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from attribution.data.corpus import Skip, iter_documents, list_shards
-from attribution.data.queries import read_queries
+from attribution.data.queries import Query, read_queries
 from attribution.demo.train import ensure_demo
-from attribution.data.queries import Query
 from attribution.prefilter import dense
 from attribution.prefilter.candidates import retrieve_candidates
 from attribution.prefilter.index import open_index, update_index
@@ -169,4 +168,5 @@ def test_score_runs_candidates_are_the_index_top_m(tmp_path, embeddings):
     candidates = retrieve_candidates(settings, [query], shards, tmp_path / "out")
     expected = open_index(tmp_path / "out" / "prefilter" / "dense", settings, shards).top_m(["a cat on a mat"], 4)[0]
     assert [hit.doc_id for hit in candidates.hits["q-1"]] == [hit.doc_id for hit in expected]
-    assert candidates.counts()["prefilter_searched_documents"] == read_manifest(tmp_path / "out" / "prefilter" / "dense").documents
+    searched = read_manifest(tmp_path / "out" / "prefilter" / "dense").documents
+    assert candidates.counts()["prefilter_searched_documents"] == searched
