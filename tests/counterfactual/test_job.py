@@ -103,9 +103,24 @@ def test_bad_settings_are_one_line_and_exit_2(tmp_path):
     for override, key in (("lds.fraction=1.5", "lds.fraction"), ("+methods.bad={kind: nope}", "methods.bad.kind"),
                           ("refine_steps.method=identity", "refine_steps.method"), ("model.path=/nowhere", "model.path"),
                           ("removal.fraction=0", "removal.fraction"), ("benchmark=nope", "benchmark"),
-                          ("+methods.bm25.prefilter={kind: bm25}", "methods.bm25.prefilter.kind"),
-                          ("methods.bm25_then_ekfac.prefilter.path=/tmp/index", "methods.bm25_then_ekfac.prefilter.path"),
                           ("methods.bm25_then_ekfac.prefilter.top_m=0", "methods.bm25_then_ekfac.prefilter.top_m")):
         result = validate(tmp_path, override)
         assert result.returncode == 2, (override, result.stderr[-2000:])
         assert key in result.stderr and "Traceback" not in result.stderr
+
+
+NO_SWEEPS = {"damping": {"methods": []}, "refine_steps": {"values": []}}
+
+
+def test_a_prefilter_goes_before_an_influence_method_only():
+    from attribution.counterfactual.settings import CounterfactualSettings
+    from attribution.settings import SettingsError
+
+    for spec, key in (({"kind": "bm25", "prefilter": {"kind": "bm25"}}, "methods.m.prefilter.kind=bm25"),
+                      ({"kind": "ekfac", "prefilter": {"kind": "bm25", "path": "/tmp/i"}}, "methods.m.prefilter.path"),
+                      ({"kind": "identity", "prefilter": {"kind": "gradient"}}, "methods.m.prefilter.kind=gradient")):
+        with pytest.raises(SettingsError, match=key):
+            CounterfactualSettings.from_config({"methods": {"m": spec}, **NO_SWEEPS})
+    method = {"kind": "ekfac", "prefilter": {"kind": "bm25", "top_m": 7}}
+    settings = CounterfactualSettings.from_config({"methods": {"m": method}, **NO_SWEEPS})
+    assert (settings.methods[0].prefilter.kind, settings.methods[0].prefilter.top_m) == ("bm25", 7)

@@ -30,6 +30,9 @@ def error_line(stderr: str) -> str:
     return lines[0]
 
 
+# Three Ray jobs, each starting its own workers (a minute): in the slow suite; a user error on one Ray
+# worker stays in the suite in tests/curvature/test_nonfinite.py.
+@pytest.mark.slow
 def test_a_bad_corpus_row_on_fit_and_score_workers_and_a_bad_query_file_are_one_line(inputs, tmp_path):
     root, values = inputs
     bad_corpus = tmp_path / "corpus"
