@@ -1,7 +1,9 @@
 """The benchmarks the counterfactual validation runs on: a model, the corpus it was trained on, queries,
 and the recipe that retrains it on a subset.
 
-``demo``: the embedded synthetic-facts demo (:mod:`attribution.demo`), its cloze queries.
+``demo``: the embedded synthetic-facts demo (:mod:`attribution.demo`), its cloze queries; with its
+fine-tuning stage (``finetune_stage=true``), every retrained model is fine-tuned on the demo's QA rows and
+the queries are the held-out questions about facts seen only in pretraining documents.
 
 ``natural_text``: natural English from the Debian package ``fortunes``
 (:mod:`attribution.counterfactual.natural_text`), a byte-level BPE tokenizer trained on the corpus,
@@ -16,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,23 +84,40 @@ class NaturalTextConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneStage:
+    """A benchmark's fine-tuning stage: the fine-tuned model being attributed and its fine-tuning rows."""
+
+    model_dir: Path
+    rows_path: Path
+
+
+@dataclass(frozen=True)
 class BenchmarkInputs:
-    """Where a benchmark's model, corpus and queries are, and how to retrain its model on a subset."""
+    """Where a benchmark's model, corpus and queries are, and how to retrain its model on a subset
+    (``finetune``: the fine-tuning stage, when the run asked for it)."""
 
     name: str
     model_dir: Path
     corpus_dir: Path
     queries_path: Path
     recipe: Recipe
+    finetune: FinetuneStage | None = None
 
 
-def prepare_benchmark(name: str, demo: Mapping[str, Any], natural: Mapping[str, Any]) -> BenchmarkInputs:
-    """Build (or reuse) benchmark ``name`` from its config section (``demo`` or ``natural_text``)."""
+def prepare_benchmark(name: str, demo: Mapping[str, Any], natural: Mapping[str, Any], finetune: bool = False) -> BenchmarkInputs:
+    """Build (or reuse) benchmark ``name`` from its config section (``demo`` or ``natural_text``), with its
+    fine-tuning stage when ``finetune``."""
     if name == "demo":
         config = DemoConfig.from_dict(demo)
         paths = ensure_demo(config=config)
         recipe = Recipe(config.model, config.train, config.fingerprint(), str(paths.model_dir), str(paths.corpus_dir))
-        return BenchmarkInputs(name, paths.model_dir, paths.corpus_dir, paths.queries_path, recipe)
+        if not finetune:
+            return BenchmarkInputs(name, paths.model_dir, paths.corpus_dir, paths.queries_path, recipe)
+        recipe = replace(recipe, finetune=config.finetune, finetune_rows=str(paths.finetune_path))
+        return BenchmarkInputs(name, paths.model_dir, paths.corpus_dir, paths.finetune_queries_path, recipe,
+                               FinetuneStage(paths.finetuned_model_dir, paths.finetune_path))
+    if finetune and name == "natural_text":
+        raise SettingsError("finetune_stage=true: the natural_text benchmark has no fine-tuning stage; use benchmark=demo")
     if name == "natural_text":
         config = NaturalTextConfig.from_dict(natural)
         root = default_cache_root().parent / "natural_text" / f"v{NATURAL_TEXT_VERSION}-{config.fingerprint()}"

@@ -13,6 +13,12 @@ always complete and a killed task leaves nothing a rerun would trust. The measur
 file live in ``measurements/<queries key>.json`` inside it (written atomically too), so new queries
 are measured on the kept models without retraining them.
 
+With a fine-tuning stage in the recipe, the pretrained model is then fine-tuned with the benchmark's
+fine-tuning recipe (:func:`~attribution.demo.train.finetune`, its own seed, the same for every task)
+into ``finetuned-<key>/`` inside that folder, keyed by the pretrained model's key, the fine-tuning
+recipe and its rows, kept the same way, and the queries are measured on it. A pretrained model kept
+by a run without the fine-tuning stage is fine-tuned, not retrained.
+
 Training seed k is ``train.seed + k``: seed 0 starts from the initialisation of the model
 being attributed (the same torch seed draws the same initial weights), and every subset shares
 it, so subsets differ in their documents and in the batch order those documents imply.
@@ -27,6 +33,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +43,7 @@ from attribution.counterfactual.measure import measure_queries
 from attribution.counterfactual.subsets import Subset
 from attribution.data.corpus import Skip, iter_documents, list_shards
 from attribution.data.queries import read_queries
-from attribution.demo.train import DEMO_VERSION, DemoModelConfig, DemoTrainConfig, pretrain
+from attribution.demo.train import DEMO_VERSION, DemoFinetuneConfig, DemoModelConfig, DemoTrainConfig, finetune, pretrain
 from attribution.models import load_model
 from attribution.runs import write_json_atomically
 from attribution.scoring.shards import inject_fault_for_tests
@@ -51,13 +58,16 @@ FAULT_TARGET = "retrain"
 class Recipe:
     """What every retrained model shares: the model's shape and training recipe (the demo's,
     :func:`~attribution.demo.train.pretrain`), the fingerprint of the benchmark build whose model it
-    reproduces, and where that build's tokenizer and corpus are."""
+    reproduces, and where that build's tokenizer and corpus are; ``finetune`` and ``finetune_rows``
+    (prompt/completion JSONL), when set, the fine-tuning stage every retrained model goes through."""
 
     model: DemoModelConfig
     train: DemoTrainConfig
     fingerprint: str
     model_dir: str
     corpus_dir: str
+    finetune: DemoFinetuneConfig | None = None
+    finetune_rows: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,16 +97,35 @@ class RetrainTask:
         label = self.label or f"subset-{self.subset.index:04d}"
         return Path(self.root) / self.recipe.fingerprint / f"{label}-seed-{self.seed}-{self.key}"
 
+    @cached_property
+    def finetune_key(self) -> str | None:
+        """The fine-tuned model's identity: the pretrained model's key, the fine-tuning recipe and its rows."""
+        recipe = self.recipe
+        if recipe.finetune is None:
+            return None
+        payload = {"pretrained": self.key, "finetune": asdict(recipe.finetune),
+                   "rows": hashlib.sha256(Path(str(recipe.finetune_rows)).read_bytes()).hexdigest()}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def measured_directory(self) -> Path:
+        """The model the queries are measured on: the fine-tuned one when the recipe has that stage."""
+        key = self.finetune_key
+        return self.directory if key is None else self.directory / f"finetuned-{key}"
+
     @property
     def measurements_path(self) -> Path:
-        return self.directory / "measurements" / f"{self.queries_key}.json"
+        return self.measured_directory / "measurements" / f"{self.queries_key}.json"
 
     def trained(self) -> bool:
-        marker = self.directory / MARKER
-        return marker.is_file() and json.loads(marker.read_text()).get("key") == self.key
+        return _marked(self.directory, self.key)
+
+    def finetuned(self) -> bool:
+        key = self.finetune_key
+        return key is None or _marked(self.measured_directory, key)
 
     def finished(self) -> bool:
-        return self.trained() and self.measurements_path.is_file()
+        return self.trained() and self.finetuned() and self.measurements_path.is_file()
 
 
 @dataclass(frozen=True)
@@ -121,24 +150,39 @@ def queries_key(path: str | Path, max_length: int) -> str:
 
 
 def retrain_and_measure(task: RetrainTask) -> TaskOutcome:
-    """The task's measurements, training (and keeping) its model first when no kept one matches."""
-    marker = task.directory / MARKER
+    """The task's measurements, training (and keeping) its model first when no kept one matches, then
+    fine-tuning it when the recipe has that stage and no kept fine-tuned model matches."""
     trained = not task.trained()
+    model = tokenizer = None
     if trained:
         inject_fault_for_tests(FAULT_TARGET, task.position)
         model, tokenizer = _train_and_keep(task)
-    elif not task.measurements_path.is_file():
-        model, tokenizer = load_model(task.directory)
-    record = json.loads(marker.read_text())
+    seconds = json.loads((task.directory / MARKER).read_text())["seconds"]
+    if not task.finetuned():
+        if model is None:
+            model, tokenizer = load_model(task.directory)
+        model = _finetune_and_keep(task, model, tokenizer)
+        trained = True
+    if task.finetune_key is not None:
+        seconds += json.loads((task.measured_directory / MARKER).read_text())["seconds"]
+    # The pretraining's final loss: fine-tuning's is on other data.
+    final_loss = json.loads((task.directory / MARKER).read_text())["final_loss"]
     if not task.measurements_path.is_file():
+        if model is None:
+            model, tokenizer = load_model(task.measured_directory)
         skips: list[Skip] = []
         queries = read_queries(task.queries_path, on_skip=skips.append)
         values = measure_queries(model, tokenizer, queries, task.max_length, skips.append)
         write_json_atomically(task.measurements_path, {"queries_path": task.queries_path, "measurements": values,
                                                        "skips": [asdict(skip) for skip in skips]})
     stored = json.loads(task.measurements_path.read_text())
-    return TaskOutcome(task.subset.index, task.seed, stored["measurements"], trained, record["seconds"], record["final_loss"],
+    return TaskOutcome(task.subset.index, task.seed, stored["measurements"], trained, seconds, final_loss,
                        stored["skips"])
+
+
+def _marked(folder: Path, key: str) -> bool:
+    marker = folder / MARKER
+    return marker.is_file() and json.loads(marker.read_text()).get("key") == key
 
 
 def _train_and_keep(task: RetrainTask) -> tuple[Any, Any]:
@@ -157,17 +201,34 @@ def _train_and_keep(task: RetrainTask) -> tuple[Any, Any]:
     model, result = pretrain(texts, tokenizer, recipe.model, replace(recipe.train, seed=recipe.train.seed + task.seed),
                              show_progress=False)
     seconds = time.perf_counter() - started
-    final = task.directory
+    marker = {"key": task.key, "subset": task.subset.index, "seed": task.seed,
+              "training_seed": recipe.train.seed + task.seed, "demo_fingerprint": task.recipe.fingerprint,
+              "recipe_version": RECIPE_VERSION, "num_documents": len(texts), "documents": list(task.subset.doc_ids),
+              "seconds": round(seconds, 3), "final_loss": result.final_loss, "torch_threads": torch.get_num_threads()}
+    _keep(model, tokenizer, marker, task.directory)
+    return model, tokenizer
+
+
+def _finetune_and_keep(task: RetrainTask, model: Any, tokenizer: Any) -> Any:
+    """The recipe's fine-tuning stage on the task's pretrained model, kept in ``task.measured_directory``."""
+    recipe = task.recipe
+    assert recipe.finetune is not None and recipe.finetune_rows is not None
+    rows = [json.loads(line) for line in Path(recipe.finetune_rows).read_text().splitlines() if line.strip()]
+    tuned, seconds = finetune(model, tokenizer, rows, recipe.finetune, show_progress=False)
+    marker = {"key": task.finetune_key, "pretrained_key": task.key, "finetune": asdict(recipe.finetune),
+              "rows": recipe.finetune_rows, "num_rows": len(rows), "seconds": round(seconds, 3),
+              "torch_threads": torch.get_num_threads()}
+    _keep(tuned, tokenizer, marker, task.measured_directory)
+    return tuned
+
+
+def _keep(model: Any, tokenizer: Any, marker: dict[str, Any], final: Path) -> None:
+    """Save the model with its marker beside ``final`` and rename it into place: a folder with a marker is complete."""
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        marker = {"key": task.key, "subset": task.subset.index, "seed": task.seed,
-                  "training_seed": recipe.train.seed + task.seed, "demo_fingerprint": task.recipe.fingerprint,
-                  "recipe_version": RECIPE_VERSION, "num_documents": len(texts), "documents": list(task.subset.doc_ids),
-                  "seconds": round(seconds, 3), "final_loss": result.final_loss,
-                  "torch_threads": torch.get_num_threads()}
         (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         try:
             os.rename(staging, final)
@@ -177,7 +238,6 @@ def _train_and_keep(task: RetrainTask) -> tuple[Any, Any]:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return model, tokenizer
 
 
 def _no_skip(skip: Skip) -> None:

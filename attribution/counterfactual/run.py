@@ -24,12 +24,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from attribution.counterfactual.benchmarks import FinetuneStage
 from attribution.counterfactual.lds import linear_datamodeling_score, predicted_influence, seed_agreement
 from attribution.counterfactual.methods import Damping, Engine, MethodScores, dampings
 from attribution.counterfactual.pbrf import ProximalObjective
@@ -95,9 +96,10 @@ class CounterfactualSummary:
     run_record: Path
     removal: list[RemovalResult]
     removal_retraining: RetrainingCost | None
+    notes: list[str] = field(default_factory=list)
 
     def report(self) -> str:
-        lines = [format_rows(self.rows, self.confidence), self.retraining.describe()]
+        lines = [format_rows(self.rows, self.confidence), self.retraining.describe(), *self.notes]
         if self.removal_retraining is not None:
             lines += [("top-k removal: increase of -log p(completion | prompt) when retrained without each query's top k "
                        "documents"), format_removal(self.removal, self.confidence),
@@ -120,8 +122,13 @@ def run_counterfactual(
     settings: CounterfactualSettings,
     output_dir: str | Path,
     config: dict[str, Any],
+    finetune: FinetuneStage | None = None,
 ) -> CounterfactualSummary:
-    """The workflow of the module docstring; ``recipe`` retrains the benchmark the model and corpus come from."""
+    """The workflow of the module docstring; ``recipe`` retrains the benchmark the model and corpus come from,
+    and ``finetune`` (with ``settings.finetune_stage``) is its fine-tuning stage: the queries are then measured on
+    the fine-tuned retrained models."""
+    if settings.finetune_stage != (finetune is not None and recipe.finetune is not None):
+        raise ValueError("settings.finetune_stage, the recipe's fine-tuning stage and finetune go together")
     if model_settings.path is None or data_settings.path is None or query_settings.path is None:
         raise SettingsError("model.path, data.path and queries.path must be set (the job fills them in with the benchmark's)")
     output_dir = Path(output_dir)
@@ -136,9 +143,9 @@ def run_counterfactual(
     fingerprint = model_fingerprint(model)
     record.fingerprints["model"] = fingerprint
     engine = Engine(model_settings, data_settings, query_settings, score_settings, cluster, settings.fit_sequences,
-                    output_dir, doc_ids, query_list, config)
+                    output_dir, doc_ids, query_list, config, tracked, finetune)
     with _cluster(cluster):
-        mean_eigenvalue = engine.mean_eigenvalue(tracked, fingerprint)
+        mean_eigenvalue = engine.mean_eigenvalue()
         sweep = dampings(settings.damping.values, settings.damping.relative, mean_eigenvalue)
         scored = _all_scores(engine, settings, sweep)
         record.lap("scores")
@@ -162,7 +169,8 @@ def run_counterfactual(
             removal_wall = record.lap("top-k removal")
     measured = _measurements(outcomes, engine.query_ids, settings.lds.seeds, len(subsets))
     pairs = None
-    if settings.pbrf.enabled:
+    # The PBRF is the pretrained model's response; a fine-tuned answer's has a second stage it does not model.
+    if settings.pbrf.enabled and not settings.finetune_stage:
         pairs = _pbrf(model, tokenizer, tracked, fingerprint, documents, query_list, data_settings, settings, engine,
                       sweep[0], output_dir)
         record.lap("pbrf")
@@ -208,8 +216,14 @@ def run_counterfactual(
     # Every model skips the same queries (too long to batch): record them once.
     record.skips += outcomes[0].skips if outcomes else []
     record_path = record.write(output_dir)
+    notes = []
+    if settings.finetune_stage:
+        notes.append("fine-tuning stage: every query is measured on its retrained model after the benchmark's fine-tuning "
+                     "recipe, and every model's seconds include it")
+        if settings.pbrf.enabled:
+            notes.append("PBRF: not solved with finetune_stage=true (it models the pretrained stage's response only)")
     return CounterfactualSummary(rows, settings.lds.confidence, cost, agreement_value, pairs, table_path, record_path,
-                                 removal, removal_cost)
+                                 removal, removal_cost, notes)
 
 
 @contextmanager
@@ -225,7 +239,7 @@ def _all_scores(engine: Engine, settings: CounterfactualSettings, sweep: Sequenc
     for name in settings.damping.methods:
         scored += [engine.method_scores(settings.method(name), damping) for damping in sweep[1:]]
     steps = settings.refine_steps
-    if steps.method is not None:
+    if steps.method is not None and steps.values:
         spec = settings.method(steps.method)
         scored += [engine.method_scores(with_steps(spec, value), sweep[0]) for value in steps.values
                    if value != spec.refine.steps]

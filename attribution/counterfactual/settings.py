@@ -15,6 +15,11 @@ from attribution.settings import Check, PrefilterSettings, RefineSettings, Setti
 
 # A factor strategy scored by the engine, or BM25 (retrieval scores, no model gradient).
 METHOD_KINDS = (*STRATEGIES, "bm25")
+# Whose gradients a method uses when the benchmark has a fine-tuning stage (``finetune_stage=true``):
+# the pretrained model's (query and documents), the fine-tuned model's (single-stage on it), or
+# multi-stage (query from the fine-tuned model through both stages' inverses, documents from the
+# pretrained one).
+STAGES = ("pretrained", "finetuned", "multi")
 
 
 @dataclass(frozen=True)
@@ -109,12 +114,16 @@ class MethodSpec:
     """One compared method: ``kind`` a factor strategy (``identity`` = the gradient dot product) or
     ``bm25``; ``refine`` the engine's query-side refinement (``refine.*`` keys; sample = the fit sample);
     ``prefilter`` the engine's retrieval first (``prefilter.*`` keys): only each query's ``top_m``
-    candidates are scored, the pipeline's shape."""
+    candidates are scored, the pipeline's shape. ``stage`` (one of :data:`STAGES`) and, for a multi-stage
+    method, ``finetune_damping`` (the fine-tuned stage's, as a multiple of that stage's own mean
+    eigenvalue; null: the same multiple as the pretrained stage's) apply with ``finetune_stage=true``."""
 
     name: str
     kind: str
     refine: RefineSettings = RefineSettings()
     prefilter: PrefilterSettings = PrefilterSettings()
+    stage: str = "pretrained"
+    finetune_damping: float | None = None
 
     @property
     def damped(self) -> bool:
@@ -169,12 +178,16 @@ class CounterfactualSettings:
     damping: DampingSettings = DampingSettings()
     refine_steps: StepsSettings = StepsSettings()
     methods: tuple[MethodSpec, ...] = field(default_factory=tuple)
+    # Fine-tune every retrained model with the benchmark's fine-tuning recipe and measure the fine-tuning
+    # queries on it: the counterfactual of multi-stage attribution.
+    finetune_stage: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.fit_sequences, bool) or not isinstance(self.fit_sequences, int) or self.fit_sequences < 1:
             raise SettingsError(f"fit_sequences={show(self.fit_sequences)}: expected a positive integer")
-        if not isinstance(self.progress, bool):
-            raise SettingsError(f"progress={show(self.progress)}: expected true or false")
+        for key in ("progress", "finetune_stage"):
+            if not isinstance(getattr(self, key), bool):
+                raise SettingsError(f"{key}={show(getattr(self, key))}: expected true or false")
 
     @classmethod
     def from_config(cls, values: Mapping[str, Any]) -> CounterfactualSettings:
@@ -207,6 +220,10 @@ class CounterfactualSettings:
         if not self.methods:
             raise SettingsError("methods is empty: nothing to validate")
         names = {m.name: m for m in self.methods}
+        staged = [m.name for m in self.methods if m.stage != "pretrained"]
+        if staged and not self.finetune_stage:
+            raise SettingsError(f"methods.{staged[0]}.stage={names[staged[0]].stage}: only a benchmark with a fine-tuning "
+                                "stage has a fine-tuned model; set finetune_stage=true (benchmark=demo)")
         for name in self.removal.methods or ():
             if name not in names:
                 raise SettingsError(f"removal.methods: {name} is not one of the methods ({', '.join(names)})")
@@ -229,9 +246,10 @@ class CounterfactualSettings:
 def _method(name: str, spec: Mapping[str, Any] | None) -> MethodSpec:
     spec = dict(spec or {})
     group = f"methods.{name}"
-    unknown = set(spec) - {"kind", "refine", "prefilter"}
+    known = ("kind", "refine", "prefilter", "stage", "finetune_damping")
+    unknown = set(spec) - set(known)
     if unknown:
-        raise SettingsError(f"unknown key(s) in {group}: {', '.join(sorted(unknown))}; known: kind, refine, prefilter")
+        raise SettingsError(f"unknown key(s) in {group}: {', '.join(sorted(unknown))}; known: {', '.join(known)}")
     kind = spec.get("kind")
     if kind not in METHOD_KINDS:
         raise SettingsError(f"{group}.kind={show(kind)}: expected one of {', '.join(METHOD_KINDS)}")
@@ -248,7 +266,25 @@ def _method(name: str, spec: Mapping[str, Any] | None) -> MethodSpec:
     if prefilter.path is not None:
         raise SettingsError(f"{group}.prefilter.path={prefilter.path}: the job keeps its own indexes, under "
                             "<output_dir>/engine/prefilter")
-    return MethodSpec(name, kind, refine, prefilter)
+    stage = spec.get("stage", "pretrained")
+    if stage not in STAGES:
+        raise SettingsError(f"{group}.stage={show(stage)}: expected one of {', '.join(STAGES)}")
+    if stage != "pretrained" and kind == "bm25":
+        raise SettingsError(f"{group}.stage={stage}: bm25 uses no model, so it has no stage")
+    if stage == "multi" and kind not in ("ekfac", "kfac", "diagonal"):
+        raise SettingsError(f"{group}.stage=multi: both stages are preconditioned by fitted stores, so only a fitted "
+                            "strategy (ekfac, kfac, diagonal) takes it")
+    if stage == "multi" and prefilter.kind == "gradient":
+        raise SettingsError(f"{group}.prefilter.kind=gradient: multi-stage queries are not sketched; use bm25, tfidf or dense")
+    finetune_damping = spec.get("finetune_damping")
+    if finetune_damping is not None and stage != "multi":
+        raise SettingsError(f"{group}.finetune_damping={show(finetune_damping)}: only a multi-stage method has a "
+                            "fine-tuned stage to damp")
+    if finetune_damping is not None and (isinstance(finetune_damping, bool) or not isinstance(finetune_damping, (int, float))
+                                         or finetune_damping <= 0):
+        raise SettingsError(f"{group}.finetune_damping={show(finetune_damping)}: expected a positive multiple of the "
+                            "fine-tuned stage's mean eigenvalue, or null")
+    return MethodSpec(name, kind, refine, prefilter, stage, finetune_damping)
 
 
 def _section(kind: type, spec: Mapping[str, Any], key: str, group: str) -> Any:

@@ -278,7 +278,7 @@ def pretrain(texts: list[str], tokenizer: PreTrainedTokenizerFast, model_config:
 
 
 def finetune(model: GPTNeoXForCausalLM, tokenizer: PreTrainedTokenizerFast, rows: list[dict],
-             config: DemoFinetuneConfig) -> tuple[GPTNeoXForCausalLM, float]:
+             config: DemoFinetuneConfig, show_progress: bool = True) -> tuple[GPTNeoXForCausalLM, float]:
     """Fine-tune all parameters on prompt/completion rows, the loss on completion tokens only.
 
     Loss per batch: ``-(1/N_answer) sum_n log p(completion_n | prompt_n)``.
@@ -290,7 +290,7 @@ def finetune(model: GPTNeoXForCausalLM, tokenizer: PreTrainedTokenizerFast, rows
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     model.train()
-    for _ in tqdm(range(config.epochs), desc="demo fine-tuning", unit="epoch"):
+    for _ in tqdm(range(config.epochs), desc="demo fine-tuning", unit="epoch", disable=not show_progress):
         order = torch.randperm(len(queries), generator=generator).tolist()
         shuffled = [queries[i] for i in order]
         for batch in batch_queries(tokenizer, shuffled, config.batch_size, tokenizer.model_max_length, _no_skip):
