@@ -121,6 +121,8 @@ class Engine:
 
     def stage_inputs(self, stage: str) -> tuple[ModelSettings, DataSettings, int | None]:
         """The model, the data and the sequence limit of ``stage``'s store (one of :data:`STORE_STAGES`)."""
+        if stage not in STORE_STAGES:
+            raise ValueError(f"stage={stage!r}: expected one of {', '.join(STORE_STAGES)}")
         if stage == "pretrained":
             return self.model, self.data, self.fit_sequences
         if self.finetune is None:
