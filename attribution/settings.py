@@ -353,6 +353,7 @@ class RefineSettings:
     data_path: str | None = None
     finetune_data_path: str | None = None
     max_sequences: int | None = 64
+    cached_sequences: int | None = 64
     preconditioner_damping: float = 10.0
     learning_rate: float | None = None
     momentum: float = 0.9
@@ -367,6 +368,7 @@ class RefineSettings:
         check.exists("data_path")
         check.exists("finetune_data_path")
         check.integer("max_sequences", 1, none="every document of the sample")
+        check.integer("cached_sequences", 0, none="every sequence of the sample")
         check.number("preconditioner_damping", positive=True)
         check.number("learning_rate", positive=True, none="2 (1 - momentum) / the largest eigenvalue of the preconditioned mini-batch systems")
         check.number("momentum", 0.0, 0.999)

@@ -85,10 +85,12 @@ class _Linearisation:
 class GaussNewton:
     """The operator ``V -> G V`` on (Q, P) vectors of :class:`ParameterLayout`.
 
-    ``cache=True`` keeps both graphs of every batch for repeated products (memory
-    about twice a training step's activations per batch); ``cache=False`` rebuilds
-    them per product. ``columns_per_product`` columns share one pass through the
-    graphs. The model is switched to eager attention (see :func:`use_eager_attention`).
+    ``cache=True`` keeps both graphs of the first batches, up to ``cached_sequences`` sequences
+    (None: every batch), for repeated products (memory about twice a training step's activations per
+    sequence); the other batches, and every batch with ``cache=False``, are rebuilt per product (one
+    more forward and backward each), so memory is bounded by ``cached_sequences`` whatever the sample's
+    size. ``columns_per_product`` columns share one pass through the graphs. The model is switched to
+    eager attention (see :func:`use_eager_attention`).
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class GaussNewton:
         cache: bool = True,
         columns_per_product: int = 8,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        cached_sequences: int | None = None,
     ) -> None:
         use_eager_attention(model)
         self.model = model
@@ -115,7 +118,13 @@ class GaussNewton:
         self.dtype = next(model.parameters()).dtype
         # Columns differentiated together: memory grows with it (C copies of the backward's buffers).
         self.columns_per_product = max(1, columns_per_product)
-        self._cached = [self._linearise(batch) for batch in self.batches] if cache else None
+        self._cached: list[_Linearisation] = []
+        kept = 0
+        for batch in self.batches if cache else []:
+            if cached_sequences is not None and kept + len(batch.ids) > cached_sequences:
+                break
+            self._cached.append(self._linearise(batch))
+            kept += len(batch.ids)
 
     @property
     def size(self) -> int:
@@ -136,11 +145,9 @@ class GaussNewton:
         return _Linearisation(outputs, dual, transpose, rows.to(self.device), columns.to(self.device), head)
 
     def _linearisations(self) -> Iterator[_Linearisation]:
-        if self._cached is not None:
-            yield from self._cached
-        else:
-            for batch in self.batches:
-                yield self._linearise(batch)
+        yield from self._cached
+        for batch in self.batches[len(self._cached):]:
+            yield self._linearise(batch)
 
     def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
         """``G V`` for V of shape (Q, P) (or (P,)), returned in float64."""

@@ -138,7 +138,8 @@ class StageInverse:
         settings = self.settings
         assert self.sample is not None
         if settings.method == "cg":
-            operator = self._damped(GaussNewton(self.model, self.tracked, self.sample))
+            operator = self._damped(GaussNewton(self.model, self.tracked, self.sample,
+                                                cached_sequences=settings.cached_sequences))
             result = preconditioned_cg(operator, vectors, self._precondition, settings.tolerance, settings.steps, snapshot_steps)
             result.sequence_passes = [products * self.sample_sequences for products in result.products]
             return result

@@ -140,7 +140,7 @@ def gradient_queries(inputs: ScoreInputs, output_dir: Path) -> Callable[[IndexMa
 
 
 def key_inputs(inputs: ScoreInputs, identity: StageIdentity, shards: Sequence[Path]) -> dict[str, Any]:
-    """Everything that determines a run's rows; the worker count is not part of it."""
+    """Everything that determines a run's rows; the worker count and the memory settings are not part of it."""
     return {
         "fingerprints": identity.fingerprints,
         "modules": identity.modules,
@@ -150,7 +150,7 @@ def key_inputs(inputs: ScoreInputs, identity: StageIdentity, shards: Sequence[Pa
         "data": asdict(inputs.data),
         "score": {**asdict(inputs.score), "progress": None},
         "prefilter": asdict(inputs.prefilter),
-        "refine": asdict(inputs.refine),
+        "refine": {**asdict(inputs.refine), "cached_sequences": None},
     }
 
 

@@ -57,10 +57,14 @@ def explicit():
 def test_products_equal_the_enumerated_matrix_times_a_vector(explicit):
     model, tracked, matrix = explicit
     vectors = torch.randn(3, matrix.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    # Cached or rebuilt graphs; columns through autograd one at a time, or two at a time with a remainder.
-    for cache, columns in ((True, 8), (False, 2), (True, 1)):
+    # Cached, rebuilt, or the first batch cached and the second rebuilt (cached_sequences=2 holds the
+    # first batch's two sequences, not the third); columns through autograd one at a time, or two at a
+    # time with a remainder.
+    for cache, columns, cached_sequences, kept in ((True, 8, None, 2), (False, 2, None, 0), (True, 1, None, 2),
+                                                   (True, 2, 2, 1), (True, 8, 0, 0)):
         operator = GaussNewton(model, tracked, [make_batch(SEQUENCES[:2]), make_batch(SEQUENCES[2:])], cache=cache,
-                               columns_per_product=columns)
+                               columns_per_product=columns, cached_sequences=cached_sequences)
+        assert len(operator._cached) == kept
         products = operator(vectors)
         expected = vectors @ matrix
         # GPT-NeoX's eager attention takes its softmax in float32 even in a float64 model.
