@@ -150,7 +150,8 @@ def key_inputs(inputs: ScoreInputs, identity: StageIdentity, shards: Sequence[Pa
         "data": asdict(inputs.data),
         "score": {**asdict(inputs.score), "progress": None},
         "prefilter": asdict(inputs.prefilter),
-        "refine": {**asdict(inputs.refine), "cached_sequences": None},
+        # A run kept before the memory setting existed keeps its key.
+        "refine": {key: value for key, value in asdict(inputs.refine).items() if key != "cached_sequences"},
     }
 
 
