@@ -150,7 +150,7 @@ def key_inputs(inputs: ScoreInputs, identity: StageIdentity, shards: Sequence[Pa
         "data": asdict(inputs.data),
         "score": {**asdict(inputs.score), "progress": None},
         "prefilter": asdict(inputs.prefilter),
-        # A run kept before the memory setting existed keeps its key.
+        # cached_sequences bounds memory and changes no row.
         "refine": {key: value for key, value in asdict(inputs.refine).items() if key != "cached_sequences"},
     }
 
