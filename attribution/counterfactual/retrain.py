@@ -157,7 +157,9 @@ def retrain_and_measure(task: RetrainTask) -> TaskOutcome:
     if trained:
         inject_fault_for_tests(FAULT_TARGET, task.position)
         model, tokenizer = _train_and_keep(task)
-    seconds = json.loads((task.directory / MARKER).read_text())["seconds"]
+    # The pretraining's marker: its seconds, and its final loss (fine-tuning's is on other data).
+    pretrained = json.loads((task.directory / MARKER).read_text())
+    seconds = pretrained["seconds"]
     if not task.finetuned():
         if model is None:
             model, tokenizer = load_model(task.directory)
@@ -165,8 +167,6 @@ def retrain_and_measure(task: RetrainTask) -> TaskOutcome:
         trained = True
     if task.finetune_key is not None:
         seconds += json.loads((task.measured_directory / MARKER).read_text())["seconds"]
-    # The pretraining's final loss: fine-tuning's is on other data.
-    final_loss = json.loads((task.directory / MARKER).read_text())["final_loss"]
     if not task.measurements_path.is_file():
         if model is None:
             model, tokenizer = load_model(task.measured_directory)
@@ -176,7 +176,7 @@ def retrain_and_measure(task: RetrainTask) -> TaskOutcome:
         write_json_atomically(task.measurements_path, {"queries_path": task.queries_path, "measurements": values,
                                                        "skips": [asdict(skip) for skip in skips]})
     stored = json.loads(task.measurements_path.read_text())
-    return TaskOutcome(task.subset.index, task.seed, stored["measurements"], trained, seconds, final_loss,
+    return TaskOutcome(task.subset.index, task.seed, stored["measurements"], trained, seconds, pretrained["final_loss"],
                        stored["skips"])
 
 
