@@ -27,8 +27,7 @@ from attribution.curvature.precondition import Preconditioner
 from attribution.data.batching import TokenBatch, sequence_log_prob
 from attribution.models import find_tracked_modules, model_fingerprint
 from attribution.scoring.candidates import CandidateScorer
-from attribution.scoring.query_factors import QueryFactors, query_factors
-from attribution.scoring.query_files import concatenate
+from attribution.scoring.query_factors import QueryFactors, concatenate, query_factors
 from attribution.scoring.stages import identity_factor_set
 
 # Query gradients are formed this many queries at a time (float64, Q x parameters each).

@@ -335,6 +335,8 @@ class ScoreSettings:
 
 
 REFINE_METHODS = ("auto", "none", "cg", "stochastic")
+# Settings that bound the refinement's memory and change no score.
+MEMORY_ONLY_REFINE_KEYS = ("cached_sequences", "columns")
 
 
 @dataclass(frozen=True)
@@ -354,6 +356,7 @@ class RefineSettings:
     finetune_data_path: str | None = None
     max_sequences: int | None = 64
     cached_sequences: int | None = 64
+    columns: int = 8
     preconditioner_damping: float = 10.0
     learning_rate: float | None = None
     momentum: float = 0.9
@@ -369,6 +372,7 @@ class RefineSettings:
         check.exists("finetune_data_path")
         check.integer("max_sequences", 1, none="every document of the sample")
         check.integer("cached_sequences", 0, none="every sequence of the sample")
+        check.integer("columns", 1)
         check.number("preconditioner_damping", positive=True)
         check.number("learning_rate", positive=True, none="2 (1 - momentum) / the largest eigenvalue of the preconditioned mini-batch systems")
         check.number("momentum", 0.0, 0.999)

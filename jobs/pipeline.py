@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> None:
     fit_line, score, summary = run_pipeline(
         model, data, factor_settings(cfg), query_settings(cfg), score_settings(cfg), cfg.output_dir, plain(cfg),
         show_top=cfg.show_top, progress=cfg.progress, prefilter=prefilter_settings(cfg), cluster=cluster_settings(cfg),
-        refine=refine_settings(cfg), refit=cfg.refit,
+        refine=refine_settings(cfg, model, data), refit=cfg.refit,
     )
     say(summary)
     if fit_line is not None:

@@ -25,7 +25,8 @@ def main(cfg: DictConfig) -> None:
 
     prepare_process()
     model, data = model_and_data(cfg, stages="score")
-    queries, score, refine, cluster = query_settings(cfg), score_settings(cfg), refine_settings(cfg), cluster_settings(cfg)
+    queries, score, cluster = query_settings(cfg), score_settings(cfg), cluster_settings(cfg)
+    refine = refine_settings(cfg, model, data)
     # Then what earlier jobs must have written: the stores and the prefilter index.
     factors, finetune, prefilter = stored_factor_settings(cfg), finetune_settings(cfg), built_prefilter_settings(cfg)
     summary = run_score(model, data, factors, queries, score, cfg.output_dir, plain(cfg), finetune, prefilter, cluster,

@@ -44,7 +44,8 @@ def sweep(cfg: DictConfig) -> SweepSummary:
     model, data = model_and_data(cfg)
     return run_sweep(
         model, data, stored_factor_settings(cfg), query_settings(cfg), score_settings(cfg), cfg.output_dir, plain(cfg),
-        sweep_settings(cfg), finetune_settings(cfg), prefilter_settings(cfg), cluster_settings(cfg), refine_settings(cfg),
+        sweep_settings(cfg), finetune_settings(cfg), prefilter_settings(cfg), cluster_settings(cfg),
+        refine_settings(cfg, model, data),
     )
 
 

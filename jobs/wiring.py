@@ -137,8 +137,19 @@ def cluster_settings(cfg: DictConfig) -> ClusterSettings:
     return from_mapping(ClusterSettings, plain(cfg.cluster), "cluster")
 
 
-def refine_settings(cfg: DictConfig) -> RefineSettings:
-    return from_mapping(RefineSettings, plain(cfg.refine), "refine")
+def refine_settings(cfg: DictConfig, model: ModelSettings, data: DataSettings) -> RefineSettings:
+    """``refine.*``; with ``model.memory_gib``, the query columns solved together (or, for ``auto``, the closed
+    form) that keep the refinement inside it."""
+    refine = from_mapping(RefineSettings, plain(cfg.refine), "refine")
+    if model.memory_gib is not None:
+        from attribution.scale.plan import refine_within_memory
+        from jobs.entry import say
+
+        refine, line = refine_within_memory(model, data, score_settings(cfg), refine, cfg.factors.strategy,
+                                            cluster_settings(cfg).sharded)
+        if line:
+            say(line)
+    return refine
 
 
 def report_settings(cfg: DictConfig) -> ReportSettings:

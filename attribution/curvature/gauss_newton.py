@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from transformers import PreTrainedModel
 
 from attribution.curvature.parameters import ParameterLayout
@@ -52,6 +53,19 @@ def use_eager_attention(model: PreTrainedModel) -> None:
     double-backward formulas (fused CPU/CUDA attention kernels have none)."""
     if model.config._attn_implementation != "eager":
         model.set_attn_implementation("eager")
+
+
+@contextmanager
+def eager_attention(model: PreTrainedModel) -> Iterator[None]:
+    """Gauss-Newton products need double backward, which fused attention kernels lack; the model's
+    own attention is restored afterwards so the candidate pass keeps its speed."""
+    before = model.config._attn_implementation
+    use_eager_attention(model)
+    try:
+        yield
+    finally:
+        if before != "eager":
+            model.set_attn_implementation(before)
 
 
 @contextmanager
@@ -76,7 +90,9 @@ class _Linearisation:
 
     outputs: torch.Tensor  # (B, T-1, H or V), predicting positions 1..T-1
     dual: torch.Tensor  # u, shaped like outputs
-    transpose: tuple[torch.Tensor, ...]  # J_o^T u, one tensor per parameter
+    # The graph of J_o^T u, one edge per parameter: the edges, not the tensors, so that the (zero) values
+    # J_o^T 0, as large as the tracked parameters, are not held per batch.
+    transpose: tuple[GradientEdge, ...]
     rows: torch.Tensor  # (n,) sequence of each target position
     columns: torch.Tensor  # (n,) its place in outputs
     head: nn.Linear | None
@@ -130,6 +146,10 @@ class GaussNewton:
     def size(self) -> int:
         return self.layout.size
 
+    def held(self) -> list[torch.Tensor]:
+        """The cached batches' outputs and duals (the graphs' saved tensors aside), for memory probes."""
+        return [tensor for lin in self._cached for tensor in (lin.outputs, lin.dual)]
+
     def _linearise(self, batch: TokenBatch) -> _Linearisation:
         parameters = self.layout.parameters
         head = self._head
@@ -140,7 +160,7 @@ class GaussNewton:
             else:
                 outputs = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
             dual = torch.zeros_like(outputs, requires_grad=True)
-            transpose = torch.autograd.grad(outputs, parameters, dual, create_graph=True)
+            transpose = tuple(get_gradient_edge(t) for t in torch.autograd.grad(outputs, parameters, dual, create_graph=True))
         rows, columns = batch.target_mask[:, 1:].nonzero(as_tuple=True)
         return _Linearisation(outputs, dual, transpose, rows.to(self.device), columns.to(self.device), head)
 
@@ -150,19 +170,21 @@ class GaussNewton:
             yield self._linearise(batch)
 
     def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
-        """``G V`` for V of shape (Q, P) (or (P,)), returned in float64."""
+        """``G V`` for V of shape (Q, P) (or (P,)), in V's precision (at least float32): the batches'
+        products are added into the result in place, so it is the only (Q, P) tensor made here besides
+        one chunk's parameter gradients."""
         single = vectors.dim() == 1
         vectors = vectors.reshape(-1, self.size).to(self.device)
-        result = torch.zeros(vectors.shape, dtype=torch.float64, device=self.device)
+        result = torch.zeros(vectors.shape, dtype=torch.promote_types(vectors.dtype, torch.float32), device=self.device)
         for lin in self._linearisations():
             for start in range(0, vectors.shape[0], self.columns_per_product):
                 chunk = vectors[start : start + self.columns_per_product].to(self.dtype)
-                result[start : start + len(chunk)] += self._product(lin, chunk)
+                self._add_product(lin, chunk, result[start : start + len(chunk)])
         result /= self.num_sequences
         return result[0] if single else result
 
-    def _product(self, lin: _Linearisation, chunk: torch.Tensor) -> torch.Tensor:
-        """``sum_t J_t^T H_t J_t v`` of one batch for the (C, P) columns of ``chunk``, float64.
+    def _add_product(self, lin: _Linearisation, chunk: torch.Tensor, out: torch.Tensor) -> None:
+        """``out += sum_t J_t^T H_t J_t v`` of one batch for the (C, P) columns of ``chunk``.
 
         ``J_o v`` is the derivative of ``u -> (J_o^T u) . v`` in ``u``; the curvature at the outputs
         (:meth:`_output_curvature`) goes back through ``J_o^T``. Columns go through autograd together
@@ -174,7 +196,7 @@ class GaussNewton:
         curvature = self._output_curvature(lin, forward)
         back = torch.autograd.grad(lin.outputs, parameters, curvature.to(lin.outputs.dtype), retain_graph=True,
                                    is_grads_batched=True)
-        return self.layout.from_parameter_shapes(back).to(torch.float64)
+        self.layout.add_parameter_shapes(out, back)
 
     def _output_curvature(self, lin: _Linearisation, forward: torch.Tensor) -> torch.Tensor:
         """(C, B, T-1, H or V): ``W^T H_t W w_t`` (hidden space) or ``H_t w_t`` (logits) at every target position

@@ -64,10 +64,20 @@ class ParameterLayout:
 
     def from_parameter_shapes(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Tensors shaped (..., *parameter.shape) like :attr:`parameters` -> (..., P) vectors."""
+        first = tensors[0]
+        batch = first.shape[: first.dim() - self.parameters[0].dim()]
+        flat = torch.zeros(*batch, self.size, dtype=first.dtype, device=first.device)
+        self.add_parameter_shapes(flat, tensors)
+        return flat
+
+    def add_parameter_shapes(self, flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+        """``flat += `` the (..., P) vectors of ``tensors`` (shaped like :attr:`parameters`), module by
+        module into views of ``flat``, so no second (..., P) vector is made."""
         by_parameter = {id(parameter): tensor for parameter, tensor in zip(self.parameters, tensors)}
-        matrices = []
-        for module in self.tracked:
+        for module, view in zip(self.tracked, self.split(flat).values()):
             weight, *bias = [piece.take(by_parameter[id(piece.parameter)]) for piece in module.storage]
-            matrix = torch.cat([weight, bias[0].unsqueeze(-1)], dim=-1) if bias else weight
-            matrices.append(matrix.flatten(-2))
-        return torch.cat(matrices, dim=-1)
+            if bias:
+                view[..., : module.d_in] += weight
+                view[..., module.d_in] += bias[0]
+            else:
+                view += weight

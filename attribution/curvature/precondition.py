@@ -64,15 +64,19 @@ class Preconditioner:
         scaled.damping = {name: factor * value for name, value in self.damping.items()}
         return scaled
 
-    def damping_vector(self, layout: ParameterLayout) -> torch.Tensor:
+    def damping_vector(self, layout: ParameterLayout, dtype: torch.dtype = torch.float64,
+                       device: torch.device | str = "cpu") -> torch.Tensor:
         """The per-module damping as a (P,) vector of ``layout``: the diagonal D of ``G + D``."""
-        return torch.cat([torch.full((size,), self.damping[m.name], dtype=torch.float64)
+        return torch.cat([torch.full((size,), self.damping[m.name], dtype=dtype, device=device)
                           for m, size in zip(layout.tracked, layout.sizes)])
 
     def apply_flat(self, vectors: torch.Tensor, layout: ParameterLayout) -> torch.Tensor:
-        """``(G_hat + D)^{-1} v`` for (Q, P) vectors of ``layout``, module by module, in ``vectors``' dtype."""
-        pieces = layout.split(vectors)
-        return layout.join({name: self.apply(name, matrices).to(vectors.dtype) for name, matrices in pieces.items()})
+        """``(G_hat + D)^{-1} v`` for (Q, P) vectors of ``layout``, module by module, in ``vectors``' dtype,
+        each module's result written into its view of one new (Q, P) tensor."""
+        result = torch.empty_like(vectors)
+        for (name, matrices), out in zip(layout.split(vectors).items(), layout.split(result).values()):
+            out.copy_(self.apply(name, matrices))
+        return result
 
     def apply(self, name: str, gradient: torch.Tensor) -> torch.Tensor:
         """``(G + lambda I)^{-1} V`` for V of shape (..., d_out, d_in'), batched over leading dimensions."""

@@ -17,8 +17,7 @@ Multi-stage scoring chains two of these, fine-tuned stage first:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -27,26 +26,13 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from attribution.curvature.gauss_newton import GaussNewton, use_eager_attention
+from attribution.curvature.gauss_newton import GaussNewton, eager_attention
 from attribution.curvature.parameters import ParameterLayout
 from attribution.curvature.precondition import Preconditioner
 from attribution.data.batching import TokenBatch
 from attribution.models import TrackedModule
 from attribution.refine.solvers import DIVERGED, Operator, SolveResult, preconditioned_cg, preconditioned_momentum
 from attribution.settings import RefineSettings
-
-
-@contextmanager
-def eager_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Gauss-Newton products need double backward, which fused attention kernels lack; the model's
-    own attention is restored afterwards so the candidate pass keeps its speed."""
-    before = model.config._attn_implementation
-    use_eager_attention(model)
-    try:
-        yield
-    finally:
-        if before != "eager":
-            model.set_attn_implementation(before)
 
 
 @dataclass
@@ -70,9 +56,9 @@ class StageInverse:
 
     @cached_property
     def damping(self) -> torch.Tensor:
-        """D as a (P,) float64 vector: made when a solve first needs it (8 bytes per tracked parameter,
-        56 GiB at 8B, which the closed form never needs)."""
-        return self.preconditioner.damping_vector(self.layout).to(self.device)
+        """D as a (P,) vector in the solver's precision: made when a solve first needs it (4 bytes per
+        tracked parameter in float32, 28 GiB at 8B, which the closed form never needs)."""
+        return self.preconditioner.damping_vector(self.layout, self.dtype, self.device)
 
     @property
     def device(self) -> torch.device:
@@ -116,7 +102,8 @@ class StageInverse:
         damping = self.damping
 
         def apply(vectors: torch.Tensor) -> torch.Tensor:
-            return operator(vectors) + damping * vectors.to(torch.float64)
+            product = operator(vectors)
+            return product.addcmul_(vectors.to(product.dtype), damping.to(product.dtype))
 
         return apply
 
@@ -177,13 +164,12 @@ class StageInverse:
         """Per column, whether the iterate is further from the solution than the closed form, in the
         norm the solve minimises: ``f(x) = x^T A x / 2 - b^T x = ||x - x*||_A^2 / 2 + const``. Two
         whole-sample products (the iterate's and the closed form's)."""
-        closed = self.closed_form(vectors).to(torch.float64)
-        b = vectors.to(torch.float64)
+        closed = self.closed_form(vectors)
 
         def objective(x: torch.Tensor) -> torch.Tensor:
-            return 0.5 * (x * whole(x.to(vectors.dtype))).sum(1) - (b * x).sum(1)
+            return 0.5 * (x * whole(x)).sum(1) - (vectors * x).sum(1)
 
-        iterate = torch.nan_to_num(result.solution.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        iterate = torch.nan_to_num(result.solution.to(vectors.dtype), nan=0.0, posinf=0.0, neginf=0.0)
         finite = torch.isfinite(result.solution).all(1)
         return [(not ok) or status == DIVERGED or bool(f > g)
                 for ok, status, f, g in zip(finite.tolist(), result.status, objective(iterate), objective(closed))]
@@ -216,11 +202,11 @@ def largest_preconditioned_eigenvalue(operators: Sequence[Operator], preconditio
     start. Stepping through several mini-batches finds the sharpest of them, not the first one's:
     on the demo their largest eigenvalues spread over a factor of three.
     """
-    vector = preconditioner(vectors.mean(0, keepdim=True)).to(torch.float64)
+    vector = preconditioner(vectors.mean(0, keepdim=True))
     largest = 0.0
     for operator in operators:
-        vector = vector / vector.norm().clamp_min(torch.finfo(torch.float64).tiny)
-        image = preconditioner(operator(vector.to(vectors.dtype)).to(vectors.dtype)).to(torch.float64)
+        vector = vector / vector.norm().clamp_min(torch.finfo(vector.dtype).tiny)
+        image = preconditioner(operator(vector).to(vectors.dtype))
         largest = max(largest, float((vector * image).sum()))
         vector = image
     return largest

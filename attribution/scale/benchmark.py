@@ -39,7 +39,7 @@ from attribution.scale.projection import REAL_MODELS, format_projection, project
 from attribution.scale.rehearsal import REHEARSALS, build_model_directory, rehearsal, write_corpus, write_queries
 from attribution.scale.sharded import run_sharding_comparison
 from attribution.scoring.candidates import CandidateScorer
-from attribution.scoring.query_files import concatenate
+from attribution.scoring.query_factors import concatenate
 from attribution.scoring.stages import Stages
 from attribution.settings import SHARDING_ENGINES, RefineSettings, SettingsError, torch_dtype
 
@@ -64,6 +64,16 @@ class ScaleSettings:
     # Also score each model sharded over ``workers`` Ray workers and unsharded (:mod:`attribution.scale.sharded`).
     sharding: str = "none"
     workers: int = 2
+    # The refinement's stage (0 sequences: none): CG on the first ``refine_sequences`` documents in batches of
+    # ``refine_batch``, ``refine_steps`` products, the first ``refine_cached`` sequences' graphs kept,
+    # ``refine_columns`` queries solved together.
+    refine_sequences: int = 4
+    refine_steps: int = 2
+    refine_cached: int = 2
+    refine_columns: int = 2
+    refine_batch: int = 1
+    # Refine only the first N queries: its time grows with each one, its memory with refine_columns.
+    refine_queries: int = 2
 
     def __post_init__(self) -> None:
         for name in self.models:
@@ -76,9 +86,13 @@ class ScaleSettings:
             raise SettingsError(f"scale.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if not 0 < self.efficiency <= 1:
             raise SettingsError(f"scale.efficiency must be in (0, 1], got {self.efficiency}")
-        for key in ("documents", "batch_size", "sequence", "queries", "query_batch_size", "query_tokens", "rank"):
+        for key in ("documents", "batch_size", "sequence", "queries", "query_batch_size", "query_tokens", "rank",
+                    "refine_steps", "refine_columns", "refine_queries", "refine_batch"):
             if getattr(self, key) < 1:
                 raise SettingsError(f"scale.{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("refine_sequences", "refine_cached"):
+            if getattr(self, key) < 0:
+                raise SettingsError(f"scale.{key} must be at least 0, got {getattr(self, key)}")
         if self.sharding not in SHARDING_ENGINES:
             raise SettingsError(f"scale.sharding must be one of {', '.join(SHARDING_ENGINES)}, got {self.sharding!r}")
         if self.workers < 1:
@@ -94,7 +108,10 @@ class ScaleSettings:
     @property
     def run(self) -> RunShape:
         return RunShape(batch=self.batch_size, sequence=self.sequence, queries=self.queries, query_batch=self.query_batch_size,
-                        query_tokens=self.query_tokens, rank=self.rank)
+                        query_tokens=self.query_tokens, rank=self.rank,
+                        refine_sequences=min(self.refine_sequences, self.documents), refine_length=self.sequence,
+                        refine_batch=self.refine_batch, refine_cached=self.refine_cached,
+                        refine_columns=min(self.refine_columns, self.refine_queries, self.queries))
 
 
 @dataclass
@@ -120,10 +137,15 @@ class Rehearsed:
     candidate_over_floor: float  # throughput of the candidate pass over that of the plain forward+backward
     baseline_gib: float
     dtype: str = "float32"
+    # The refinement stage's Gauss-Newton products, summed over its queries (0: not run).
+    refined_products: int = 0
 
 
-def rehearse(name: str, root: Path, run: RunShape, documents: int, device: str = "cpu", dtype: str = "float32") -> Rehearsed:
-    """Fit and score rehearsal ``name`` in this process, one stage after the other, the model in ``dtype``."""
+def rehearse(name: str, root: Path, run: RunShape, documents: int, device: str = "cpu", dtype: str = "float32",
+             refine_steps: int = 2, refine_queries: int = 2) -> Rehearsed:
+    """Fit and score rehearsal ``name`` in this process, one stage after the other, the model in ``dtype``;
+    then, with ``run.refine_sequences``, refine the first ``refine_queries`` query gradients by ``refine_steps``
+    CG products."""
     directory = build_model_directory(name, root / name)
     corpus = write_corpus(root / f"corpus-{documents}x{run.sequence}.jsonl", documents, run.sequence)
     query_file = write_queries(root / f"queries-{run.queries}x{run.query_tokens}.jsonl", run.queries, run.query_tokens // 2,
@@ -153,7 +175,7 @@ def rehearse(name: str, root: Path, run: RunShape, documents: int, device: str =
                         [StageInverse("model", model, tracked, preconditioner, RefineSettings())], "ekfac", {}, {})
         peaks.stage("query gradients")
         queries = read_queries(query_file, lambda skip: None)
-        query_batches = batch_queries(tokenizer, queries, run.query_batch, run.query_tokens + 1, lambda skip: None)
+        query_batches = list(batch_queries(tokenizer, queries, run.query_batch, run.query_tokens + 1, lambda skip: None))
         query_factors = concatenate([stages.query_factors(batch, run.rank).factors for batch in query_batches])
         peaks.stage("candidate pass")
         stages.release_curvature()
@@ -166,6 +188,22 @@ def rehearse(name: str, root: Path, run: RunShape, documents: int, device: str =
         candidate_seconds = time.perf_counter() - started
         peaks.stage("token scores")
         scorer.token_scores(batches[0])
+        del scorer
+        refined_products = 0
+        if run.refine_sequences:
+            peaks.stage("refinement")
+            refine = RefineSettings(method="cg", steps=refine_steps, batch_size=run.refine_batch,
+                                    max_sequences=run.refine_sequences, cached_sequences=run.refine_cached,
+                                    columns=run.refine_columns)
+            sample = sample_batches(tokenizer, str(corpus), run.refine_length + 1, run.refine_batch, run.refine_sequences,
+                                    lambda skip: None, "scale")
+            refined = Stages(model, tokenizer, model, tokenizer, tracked, tracked,
+                             [StageInverse("model", model, tracked, preconditioner, refine, sample)], "ekfac", {}, {})
+            first = batch_queries(tokenizer, queries[:refine_queries], run.query_batch, run.query_tokens + 1, lambda skip: None)
+            diagnostics = [entry for batch in first for entry in refined.query_factors(batch, run.rank).diagnostics]
+            refined_products = sum(entry["gauss_newton_products"] for entry in diagnostics)
+            del refined, sample
+            gc.collect()
         peaks.stage("plain forward+backward")
         step = plain_forward_backward(model)
         started = time.perf_counter()
@@ -182,7 +220,7 @@ def rehearse(name: str, root: Path, run: RunShape, documents: int, device: str =
     rows = [StageRow(name, peak.name, peak.seconds, predicted_seconds.get(peak.name), (peak.peak_bytes - peaks.baseline) / 2**30,
                      None if peak.name not in predicted else predicted[peak.name] / 2**30)
             for peak in peaks.stages]
-    return Rehearsed(name, rows, shape, floor_seconds / candidate_seconds, peaks.baseline / 2**30, dtype)
+    return Rehearsed(name, rows, shape, floor_seconds / candidate_seconds, peaks.baseline / 2**30, dtype, refined_products)
 
 
 def format_rehearsal(result: Rehearsed) -> str:
@@ -199,6 +237,8 @@ def format_rehearsal(result: Rehearsed) -> str:
         lines.append(f"  {row.stage:<24} {row.seconds:>9.1f} {predicted_seconds:>9} "
                      f"{row.peak_gib:>9.2f} {predicted_gib:>9} {ratio:>6}")
     lines.append(f"  candidate pass throughput / plain forward+backward: {result.candidate_over_floor:.2f}")
+    if result.refined_products:
+        lines.append(f"  refinement: {result.refined_products} Gauss-Newton products over the queries")
     return "\n".join(lines)
 
 
@@ -215,7 +255,8 @@ def run_scale(settings: ScaleSettings, output_dir: Path, say: Callable[[str], No
             result = _rehearsed_from(json.loads(record.read_text()))
         else:
             say(f"rehearsing {name} ({rehearsal(name).stands_for}) ...")
-            result = rehearse(name, output_dir / "rehearsal", settings.run, settings.documents, settings.device, settings.dtype)
+            result = rehearse(name, output_dir / "rehearsal", settings.run, settings.documents, settings.device, settings.dtype,
+                              settings.refine_steps, settings.refine_queries)
             record.write_text(json.dumps({"settings": settings.rehearsal_settings, "result": asdict(result)}, indent=2) + "\n")
         say(format_rehearsal(result))
         results.append(result)
@@ -236,4 +277,4 @@ def _rehearsed_from(raw: dict) -> Rehearsed:
     shape = result["shape"]
     shape["block_modules"] = tuple(ModuleShape(**m) for m in shape["block_modules"])
     return Rehearsed(result["model"], [StageRow(**row) for row in result["rows"]], ModelShape(**shape),
-                     result["candidate_over_floor"], result["baseline_gib"], result["dtype"])
+                     result["candidate_over_floor"], result["baseline_gib"], result["dtype"], result.get("refined_products", 0))

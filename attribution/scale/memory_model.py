@@ -25,7 +25,13 @@ else is counted from the code:
   ``Q o_m i_m f`` of the modules scoring's plan gives the per-document contraction (within
   ``score.dense_factors_mib``), and the larger of ``R`` (the scorer's own layout of the factors,
   while it is built) and ``F(B, T)`` plus one module's contraction temporaries (``3 B T Q r f``
-  low-rank, ``B o_m i_m f`` per-document); token scores ``B T Q f`` more.
+  low-rank, ``B o_m i_m f`` per-document); token scores ``B T Q f`` more;
+- the refinement (CG on a sample of ``n`` sequences of ``T_r`` tokens in batches of ``B_r``, the first ``k``
+  kept, ``c`` queries solved together through ``S`` stages, ``P = sum_m o_m i_m``) ``W + E + P f`` (the
+  damping) ``+ (6 + S - 1) c P f`` (CG's vectors, :data:`SOLVER_VECTORS`) ``+ (k + B_r [n > k]) L (g_1 T_r +
+  g_2 T_r^2)`` (the kept graphs and one rebuilt batch's; ``g_1, g_2`` probed like ``s_1, s_2`` on a cached
+  linearisation) ``+ min(c, 8) (3 B_r L (g_1 T_r + g_2 T_r^2) + 3 C V f)`` (one product's traversal of a
+  batch's graphs, :data:`PRODUCT_GRAPHS` measured, and its output-layer chunk).
 
 Multiply-adds count the matrix products; time divides them by a throughput measured on the machine
 (:func:`measured_throughput`), the eigendecompositions by their own (``c d^3``, ``c`` measured).
@@ -40,6 +46,8 @@ import torch
 from transformers import PreTrainedModel
 
 from attribution.curvature.capture import GradientCapture
+from attribution.curvature.gauss_newton import GaussNewton, eager_attention
+from attribution.data.batching import TokenBatch
 from attribution.log_prob import DEFAULT_CHUNK_BYTES, identity_output_layer
 from attribution.models import find_tracked_modules, in_block
 from attribution.scoring.contraction import contraction_costs, plan_contractions
@@ -71,6 +79,15 @@ class ModelShape:
     saved_per_token_pair: float  # s_2
     capture_copies: bool  # the capture copies a module's inputs and output gradients in its backward (bias column or dtype cast)
     block_parameters: int
+    # g_1, g_2: bytes per token and token pair per block that a cached Gauss-Newton linearisation keeps
+    # (its forward graph and the graph of u -> J^T u, eager attention).
+    graph_per_token: float = 0.0
+    graph_per_token_pair: float = 0.0
+
+    @property
+    def tracked_parameters(self) -> int:
+        """P = sum_m o_m i_m."""
+        return sum(m.d_out * m.d_in for m in self.modules)
 
     @property
     def weight_bytes(self) -> int:
@@ -96,6 +113,29 @@ class RunShape:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     query_chunk_bytes: int = QUERY_CHUNK_BYTES
     dense_factors_mib: float = 2048
+    # The refinement (0 sequences: none): its sample of ``refine_sequences`` sequences of ``refine_length``
+    # tokens in batches of ``refine_batch``, the first ``refine_cached`` kept, ``refine_columns`` queries
+    # solved together through ``refine_stages`` inverses.
+    refine_sequences: int = 0
+    refine_length: int = 128
+    refine_batch: int = 8
+    refine_cached: int = 64
+    refine_columns: int = 8
+    refine_stages: int = 1
+
+
+# CG's vectors per query column at its peak, in the solver's precision: the right-hand side, the
+# iterate, the residual, the direction, the product being summed and one chunk's parameter gradients
+# (attribution/refine/solvers.py, attribution/curvature/gauss_newton.py); each further stage's input
+# adds one.
+SOLVER_VECTORS = 6
+# Columns that go through the Gauss-Newton graphs together (GaussNewton.columns_per_product).
+PRODUCT_COLUMNS = 8
+# What one product's batched traversal of a batch's graphs holds at its peak, per column and sequence, in
+# units of one sequence's kept graph: measured, not counted (autograd's buffers while it differentiates
+# through the graph of u -> J^T u). On the Llama-3.2-1B-width block at 512 tokens one more column or one
+# more sequence per batch added 2.2-3.0 graphs beyond the counted terms (docs/scale.md).
+PRODUCT_GRAPHS = 3
 
 
 def saved_bytes(model: PreTrainedModel, length: int) -> int:
@@ -123,21 +163,49 @@ def saved_bytes(model: PreTrainedModel, length: int) -> int:
     return sum(storages.values())
 
 
+def graph_bytes(model: PreTrainedModel, length: int) -> int:
+    """Bytes a cached Gauss-Newton linearisation keeps for one sequence of ``length`` tokens: what autograd
+    saves for its forward and for the graph of ``u -> J^T u`` (under eager attention, as the products
+    run), and its outputs and dual, each storage once; the model's weights and buffers are not counted."""
+    storages: dict[int, int] = {}
+    owned = {tensor.untyped_storage().data_ptr() for tensor in (*model.parameters(), *model.buffers())}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in owned:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    device = next(model.parameters()).device
+    ids = torch.arange(1, length + 1, device=device).remainder(model.get_input_embeddings().num_embeddings).unsqueeze(0)
+    ones = torch.ones_like(ids)
+    batch = TokenBatch(["probe"], ["probe"], ids, ones, ones.bool(), [False])
+    with eager_attention(model), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        operator = GaussNewton(model, find_tracked_modules(model), [batch])
+        for tensor in operator.held():
+            keep(tensor)
+    return sum(storages.values())
+
+
+def _per_token_and_pair(probe: tuple[int, int, int], measured: list[float]) -> tuple[float, float]:
+    """``c_1, c_2`` of ``bytes(T) = c_0 + c_1 T + c_2 T^2`` through three probe lengths (``c_0``: buffers
+    made once per pass, such as a rotary table); ``c_2`` is at least zero."""
+    lengths = torch.tensor(probe, dtype=torch.float64)
+    _, per_token, per_pair = torch.linalg.solve(torch.stack([torch.ones(3, dtype=torch.float64), lengths, lengths**2], 1),
+                                                torch.tensor(measured, dtype=torch.float64)).tolist()
+    return per_token, max(0.0, per_pair)
+
+
 def model_shape(model: PreTrainedModel, probe: tuple[int, int, int] = (32, 64, 128)) -> ModelShape:
-    """The shape of ``model`` (its blocks as they are), with ``s_1, s_2`` from three probe lengths."""
+    """The shape of ``model`` (its blocks as they are), with ``s_1, s_2`` and ``g_1, g_2`` from three probe lengths."""
     tracked = find_tracked_modules(model)
     block_names = {name for name, _ in model.named_parameters() if in_block(name)}
     element = next(model.parameters()).element_size()
     block_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n in block_names)
     outer_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n not in block_names)
     blocks = int(getattr(model.config, "num_hidden_layers", 1))
-    # saved(T) = s_0 + L (s_1 T + s_2 T^2): three lengths give the three coefficients (s_0: buffers
-    # made once per pass, such as a rotary table).
-    lengths = torch.tensor(probe, dtype=torch.float64)
-    saved = torch.tensor([float(saved_bytes(model, length)) for length in probe], dtype=torch.float64)
-    _, per_token, per_pair = torch.linalg.solve(torch.stack([torch.ones(3, dtype=torch.float64), lengths, lengths**2], 1),
-                                                saved).tolist()
-    per_pair = max(0.0, per_pair)
+    per_token, per_pair = _per_token_and_pair(probe, [float(saved_bytes(model, length)) for length in probe])
+    graph_token, graph_pair = _per_token_and_pair(probe, [float(graph_bytes(model, length)) for length in probe])
     per_block_modules = len(tracked) // blocks
     return ModelShape(
         outer_weight_bytes=outer_bytes,
@@ -151,6 +219,8 @@ def model_shape(model: PreTrainedModel, probe: tuple[int, int, int] = (32, 64, 1
         saved_per_token_pair=per_pair / blocks,
         capture_copies=any(m.bias for m in tracked) or element != FACTOR_BYTES,
         block_parameters=sum(p.numel() for n, p in model.named_parameters() if n in block_names) // blocks,
+        graph_per_token=graph_token / blocks,
+        graph_per_token_pair=graph_pair / blocks,
     )
 
 
@@ -168,6 +238,32 @@ def forward_backward_bytes(shape: ModelShape, batch: int, sequence: int, run: Ru
     head = HEAD_CHUNK_COPIES[labels] * min(head_chunk_positions(shape, run), tokens) * shape.vocabulary * FACTOR_BYTES
     copies = tokens * max(m.d_in + m.d_out for m in shape.modules) * FACTOR_BYTES if shape.capture_copies else 0
     return activations + backward + hidden_gradient + head + copies
+
+
+def refinement_bytes(shape: ModelShape, run: RunShape) -> float:
+    """The refinement's peak beside the weights and the eigen-form: the damping vector, CG's vectors for
+    ``refine_columns`` queries, the kept graphs of the first ``refine_cached`` sequences and, when the sample
+    is larger, one rebuilt batch's, and one product's temporaries (its traversal of a batch's graphs for up
+    to ``PRODUCT_COLUMNS`` columns together, and a chunk of the output layer per column)."""
+    f = FACTOR_BYTES
+    P = shape.tracked_parameters
+    T = run.refine_length
+
+    def graphs(sequences: int) -> float:
+        return sequences * shape.blocks * (shape.graph_per_token * T + shape.graph_per_token_pair * T**2)
+
+    columns = min(run.refine_columns, run.query_batch, run.queries)
+    through = min(columns, PRODUCT_COLUMNS)
+    graph = graphs(1)
+    # Graphs are kept a whole batch at a time (attribution/curvature/gauss_newton.py).
+    n = run.refine_sequences
+    kept = n if run.refine_cached >= n else run.refine_cached // run.refine_batch * run.refine_batch
+    rebuilt = min(run.refine_batch, n) if n > kept else 0
+    tokens = run.refine_batch * T
+    temporaries = through * (PRODUCT_GRAPHS * run.refine_batch * graph
+                             + 3 * min(head_chunk_positions(shape, run), tokens) * shape.vocabulary * f)
+    solver = (SOLVER_VECTORS + run.refine_stages - 1) * columns * P * f
+    return P * f + solver + graphs(kept) + graphs(rebuilt) + temporaries
 
 
 def stage_bytes(shape: ModelShape, run: RunShape) -> dict[str, float]:
@@ -206,6 +302,7 @@ def stage_bytes(shape: ModelShape, run: RunShape) -> dict[str, float]:
         + max(2 * rows * m.d_out * m.d_in * f for m in modules),
         "candidate pass": weights + query_factors + dense + max(query_factors, score_pass + contraction),
         "token scores": weights + query_factors + dense + max(query_factors, score_pass + contraction + tokens * run.queries * f),
+        **({"refinement": weights + eigen_form + refinement_bytes(shape, run)} if run.refine_sequences else {}),
     }
 
 

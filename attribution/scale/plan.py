@@ -1,4 +1,5 @@
-"""Settings that keep every stage inside ``model.memory_gib``: the micro-batch, chosen from the memory model.
+"""Settings that keep every stage inside ``model.memory_gib``: the micro-batch and the refinement's query
+columns, chosen from the memory model.
 
 The model's shape comes from one of its blocks, built from its ``config.json`` with random weights
 in the model's dtype (the widths, not the weights, set the memory) and probed as
@@ -11,6 +12,7 @@ allocator's slack.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -18,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from attribution.errors import UserError
 from attribution.scale.memory_model import ModelShape, RunShape, model_shape, stage_bytes
-from attribution.settings import DataSettings, ModelSettings, ScoreSettings, torch_dtype
+from attribution.settings import DataSettings, ModelSettings, RefineSettings, ScoreSettings, torch_dtype
 
 RUNTIME_GIB = 0.75
 
@@ -38,6 +40,7 @@ class MemoryPlan:
         return f"model.memory_gib={budget:g}: {change} (predicted peak {self.peak_gib:.1f} GiB, at the {self.stage})"
 
 
+@lru_cache(maxsize=4)
 def probed_shape(settings: ModelSettings) -> ModelShape:
     """The model's shape, from one block built from its config."""
     config = AutoConfig.from_pretrained(settings.path, local_files_only=True, trust_remote_code=settings.trust_remote_code)
@@ -82,3 +85,82 @@ def within_memory(model: ModelSettings, data: DataSettings, score: ScoreSettings
         shape = probed_shape(model)
     plan = plan_memory(shape, data, score, model.memory_gib, stages)
     return replace(data, batch_size=plan.batch_size), plan.line(data.batch_size, model.memory_gib)
+
+
+def plan_refinement(shape: ModelShape, data: DataSettings, score: ScoreSettings, refine: RefineSettings,
+                    budget_gib: float) -> tuple[RefineSettings, str]:
+    """``refine`` with the query columns ``c <= refine.columns``, kept graphs ``k <= refine.cached_sequences``
+    and (CG only, where it changes no score) product batch ``b <= refine.batch_size`` that fit ``budget_gib``
+    at the least rebuilding, and a line saying what was chosen. When nothing fits, ``auto`` becomes the
+    closed form (the line says why) and an explicit ``cg`` or ``stochastic`` is an error naming the settings
+    that would make it fit.
+
+    Per CG step a query batch of ``Q`` costs ``Q n`` column passes over the graphs of its ``n`` sequences
+    whatever ``c`` and ``k`` are, plus one rebuild of each unkept graph per solve, ``ceil(Q / c) (n - k)``:
+    the plan minimises the rebuilds over the batches ``b`` (halving), columns and kept graphs that fit (ties:
+    the most columns, then the largest batch). The sample is taken at ``data.max_length`` (the fit's, which the refinement samples
+    by default); an unbounded sample (``refine.max_sequences`` null) counts as larger than any budget keeps.
+    """
+    sequences = refine.max_sequences if refine.max_sequences is not None else UNBOUNDED_SAMPLE
+    most_kept = 0 if refine.method == "stochastic" else min(sequences, refine.cached_sequences
+                                                              if refine.cached_sequences is not None else sequences)
+
+    def peak(batch: int, columns: int, kept: int) -> float:
+        run = RunShape(batch=data.batch_size, sequence=data.max_length, queries=score.query_batch_size,
+                       query_batch=score.query_batch_size, query_tokens=data.max_length,
+                       refine_sequences=sequences, refine_length=data.max_length, refine_batch=batch,
+                       refine_cached=kept, refine_columns=columns)
+        return stage_bytes(shape, run)["refinement"] / 2**30 + RUNTIME_GIB
+
+    def most_graphs_kept(batch: int, columns: int) -> int:
+        """All of them, or by bisection over whole batches below that (graphs are kept a batch at a time,
+        and with one rebuilt batch on top the peak grows with them)."""
+        if peak(batch, columns, most_kept) <= budget_gib:
+            return most_kept
+        low, high = 0, (most_kept - 1) // batch
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if peak(batch, columns, middle * batch) <= budget_gib else (low, middle - 1)
+        return low * batch
+
+    batches = [refine.batch_size]
+    while refine.method != "stochastic" and batches[-1] > 1:
+        batches.append(batches[-1] // 2)
+    plans = [(-(-score.query_batch_size // columns) * (sequences - kept), -columns, -batch, kept)
+             for batch in batches for columns in range(1, refine.columns + 1) if peak(batch, columns, 0) <= budget_gib
+             for kept in [most_graphs_kept(batch, columns)]]
+    if plans:
+        _, negative_columns, negative_batch, kept = min(plans)
+        batch = -negative_batch
+        # The stochastic iteration keeps no graph: its setting is left as the user gave it.
+        planned = replace(refine, batch_size=batch, columns=-negative_columns,
+                          cached_sequences=refine.cached_sequences if refine.method == "stochastic" else kept)
+        changes = [f"{key} {before} -> {after}" if before != after else f"{key} {after} kept"
+                   for key, before, after in (("refine.columns", refine.columns, planned.columns),
+                                              ("refine.cached_sequences", refine.cached_sequences, planned.cached_sequences),
+                                              ("refine.batch_size", refine.batch_size, batch))
+                   if key != "refine.batch_size" or before != after]
+        return planned, (f"model.memory_gib={budget_gib:g}: {', '.join(changes)} "
+                         f"(predicted refinement peak {peak(batch, planned.columns, kept):.1f} GiB)")
+    needs = (f"the refinement needs {peak(batches[-1], 1, 0):.1f} GiB even with refine.columns=1, refine.cached_sequences=0 "
+             f"and refine.batch_size={batches[-1]} ({shape.tracked_parameters / 1e6:.0f}M tracked parameters)")
+    if refine.method == "auto":
+        return replace(refine, method="none"), f"model.memory_gib={budget_gib:g}: refine.method auto -> none: {needs}"
+    raise MemoryBudgetError(f"model.memory_gib={budget_gib:g}: refine.method={refine.method}: {needs}; raise "
+                            "model.memory_gib, track fewer modules, or set refine.method=none")
+
+
+# Planned as "every sequence of the sample": more than any budget holds.
+UNBOUNDED_SAMPLE = 10**9
+
+
+def refine_within_memory(model: ModelSettings, data: DataSettings, score: ScoreSettings, refine: RefineSettings,
+                         strategy: str, sharded: bool) -> tuple[RefineSettings, str | None]:
+    """``refine`` planned within ``model.memory_gib`` (:func:`plan_refinement`) when a refinement would run."""
+    if model.memory_gib is None or model.path is None or not Path(model.path, "config.json").is_file():
+        return refine, None
+    if not refine.resolved(strategy, sharded).enabled:
+        return refine, None
+    with torch.random.fork_rng(devices=[]):
+        shape = probed_shape(model)
+    return plan_refinement(shape, data, score, refine, model.memory_gib)

@@ -130,6 +130,19 @@ def compress(matrices: torch.Tensor, rank: int | None, seed: int = 0) -> ModuleQ
     return ModuleQueryFactors((basis @ u[..., :rank]) * s[:, None, :rank], vh[:, :rank].mT)
 
 
+def concatenate(parts: list[QueryFactors]) -> QueryFactors:
+    """The queries of several batches as one set, in batch order (batches with no kept query add none)."""
+    parts = [part for part in parts if part.query_ids]
+    if not parts:
+        return QueryFactors([], {})
+    names = list(parts[0].modules)
+    modules = {
+        name: ModuleQueryFactors(torch.cat([p.modules[name].left for p in parts]), torch.cat([p.modules[name].right for p in parts]))
+        for name in names
+    }
+    return QueryFactors([query_id for part in parts for query_id in part.query_ids], modules)
+
+
 def factorise(
     query_ids: Sequence[str],
     preconditioned: Mapping[str, torch.Tensor],

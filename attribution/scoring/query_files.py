@@ -15,7 +15,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -79,14 +78,3 @@ def load_query_factors(path: str | Path) -> QueryFactors:
     return QueryFactors(json.loads(metadata["query_ids"]), modules)
 
 
-def concatenate(parts: list[QueryFactors]) -> QueryFactors:
-    """The queries of several batches as one set, in batch order (batches with no kept query add none)."""
-    parts = [part for part in parts if part.query_ids]
-    if not parts:
-        return QueryFactors([], {})
-    names = list(parts[0].modules)
-    modules = {
-        name: ModuleQueryFactors(torch.cat([p.modules[name].left for p in parts]), torch.cat([p.modules[name].right for p in parts]))
-        for name in names
-    }
-    return QueryFactors([query_id for part in parts for query_id in part.query_ids], modules)

@@ -38,6 +38,7 @@ from attribution.scoring.query_files import read_query_header
 from attribution.scoring.summary import ScoreSummary, finished_summary
 from attribution.scoring.tasks import QueryPlan, pass_batches
 from attribution.settings import (
+    MEMORY_ONLY_REFINE_KEYS,
     ClusterSettings,
     DataSettings,
     FactorSettings,
@@ -150,8 +151,8 @@ def key_inputs(inputs: ScoreInputs, identity: StageIdentity, shards: Sequence[Pa
         "data": asdict(inputs.data),
         "score": {**asdict(inputs.score), "progress": None},
         "prefilter": asdict(inputs.prefilter),
-        # cached_sequences bounds memory and changes no row.
-        "refine": {key: value for key, value in asdict(inputs.refine).items() if key != "cached_sequences"},
+        # Memory bounds that change no row.
+        "refine": {key: value for key, value in asdict(inputs.refine).items() if key not in MEMORY_ONLY_REFINE_KEYS},
     }
 
 

@@ -36,6 +36,7 @@ from attribution.scoring.query_factors import (
     ModuleQueryFactors,
     QueryFactors,
     compress,
+    concatenate,
     each_token_gradient,
     factorise,
     per_token_gradients,
@@ -112,8 +113,9 @@ class Stages:
 
         Closed form: each module's gradient goes into the (last) stage's Kronecker eigenbasis from its
         per-token factors, is divided there, compressed, and only its rank-r factors are rotated
-        back. Refined: the full gradients are solved for together (:mod:`attribution.refine`), then
-        compressed.
+        back. Refined: the full gradients are solved for ``refine.columns`` queries at a time
+        (:mod:`attribution.refine`), each group compressed before the next is formed, so the solver's
+        (Q, P) vectors never hold more than that many queries.
         """
         device = next(self.query_model.parameters()).device
         if all(inverse.sample is None for inverse in self.inverses):
@@ -127,10 +129,19 @@ class Stages:
         if not kept:
             return QueryBatchFactors(QueryFactors([], {}), rejected)
         layout = ParameterLayout(self.query_tracked)
-        gradients = layout.join({name: ds[finite].mT @ a[finite] for name, (ds, a) in tokens.items()})
-        solutions, diagnostics = chain(self.inverses, gradients, kept)
-        factors, unusable = factorise(kept, layout.split(solutions), rank)
-        return QueryBatchFactors(factors, rejected + unusable, diagnostics)
+        rows = finite.nonzero().squeeze(1)
+        width = min(inverse.settings.columns for inverse in self.inverses)
+        parts, unusable, diagnostics = [], [], []
+        for start in range(0, len(kept), width):
+            group = rows[start:start + width]
+            gradients = layout.join({name: ds[group].mT @ a[group] for name, (ds, a) in tokens.items()})
+            solutions, solved = chain(self.inverses, gradients, kept[start:start + width])
+            del gradients
+            part, failed = factorise(kept[start:start + width], layout.split(solutions), rank)
+            parts.append(part)
+            unusable += failed
+            diagnostics += solved
+        return QueryBatchFactors(concatenate(parts), rejected + unusable, diagnostics)
 
     def _closed_form_factors(self, batch: TokenBatch, rank: int | None) -> QueryBatchFactors:
         """The closed form module by module, inside the backward pass: a module's per-token factors are

@@ -27,7 +27,8 @@ from attribution.prefilter.candidates import Candidates
 from attribution.scoring.candidates import CandidateScorer, ghost_pass
 from attribution.scoring.inputs import ScoreInputs, StageIdentity
 from attribution.scoring.markers import MarkerStore, WorkUnit
-from attribution.scoring.query_files import concatenate, load_query_factors, save_query_batch
+from attribution.scoring.query_factors import concatenate
+from attribution.scoring.query_files import load_query_factors, save_query_batch
 from attribution.scoring.shards import Lockstep, PassQueries, ShardScorer, inject_fault_for_tests
 from attribution.scoring.stages import build_stages
 from attribution.settings import resolve_device, torch_dtype

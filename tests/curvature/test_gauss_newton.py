@@ -70,6 +70,10 @@ def test_products_equal_the_enumerated_matrix_times_a_vector(explicit):
         # GPT-NeoX's eager attention takes its softmax in float32 even in a float64 model.
         torch.testing.assert_close(products, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
     assert float(matrix.abs().max()) > 0
+    # Float32 vectors come back in float32, the batches' products added in place.
+    narrow = operator(vectors.float())
+    assert narrow.dtype == torch.float32
+    torch.testing.assert_close(narrow.double(), vectors @ matrix, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
 def test_hidden_space_products_equal_the_logit_space_ones(explicit):

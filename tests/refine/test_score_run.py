@@ -91,9 +91,11 @@ def _documents(shard):
     return list(iter_documents([shard], on_skip=lambda skip: None))
 
 
-def test_refined_scores_equal_the_dense_solve_and_the_record_says_how(setup):
-    refine = RefineSettings(method="cg", steps=200, tolerance=1e-10, max_sequences=6)
-    summary = score(setup, "cg", refine)
+@pytest.mark.parametrize("columns", [8, 1])
+def test_refined_scores_equal_the_dense_solve_and_the_record_says_how(setup, columns):
+    """Both queries solved together, and (``refine.columns=1``) one after the other."""
+    refine = RefineSettings(method="cg", steps=200, tolerance=1e-10, max_sequences=6, columns=columns)
+    summary = score(setup, f"cg-{columns}", refine)
     table = pq.read_table(summary.scores_path).to_pylist()
     expected = dense_scores(setup, 6)
     assert len(table) == 2 * 10

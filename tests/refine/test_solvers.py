@@ -32,6 +32,17 @@ def test_cg_reaches_the_dense_solution_and_the_preconditioner_helps():
     assert max(helped.products) < max(plain.products) / 2
 
 
+def test_cg_in_float32_follows_float64():
+    """The solver keeps the right-hand sides' precision: float32 vectors are solved in float32, and ten
+    steps land where float64's do."""
+    matrix, inverse, rhs = spd_system()
+    wide = preconditioned_cg(lambda v: v @ matrix, rhs, lambda v: v @ inverse, 1e-12, 10)
+    narrow = preconditioned_cg(lambda v: v @ matrix.float(), rhs.float(), lambda v: v @ inverse.float(), 1e-12, 10)
+    assert wide.solution.dtype == torch.float64 and narrow.solution.dtype == torch.float32
+    torch.testing.assert_close(narrow.solution.double(), wide.solution, rtol=1e-4, atol=1e-4 * float(wide.solution.abs().max()))
+    assert narrow.products == wide.products
+
+
 def test_cg_first_iterate_is_the_scaled_closed_form():
     matrix, inverse, rhs = spd_system()
     first = preconditioned_cg(lambda v: v @ matrix, rhs, lambda v: v @ inverse, 1e-12, 1)

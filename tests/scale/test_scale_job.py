@@ -13,7 +13,7 @@ from tests.jobs.helpers import run_job
 
 SMALL = ("scale.models=[tiny-neox]", "scale.documents=4", "scale.batch_size=2", "scale.sequence=32", "scale.query_tokens=8")
 STAGES = ["load model", "probe and fingerprint", "covariance pass", "eigendecomposition", "eigenvalue pass", "save store",
-          "load store", "query gradients", "candidate pass", "token scores", "plain forward+backward"]
+          "load store", "query gradients", "candidate pass", "token scores", "refinement", "plain forward+backward"]
 
 
 def test_every_stage_is_measured_and_a_rerun_reuses_the_result(tmp_path):
@@ -25,6 +25,10 @@ def test_every_stage_is_measured_and_a_rerun_reuses_the_result(tmp_path):
     assert all(row["seconds"] >= 0 and row["peak_gib"] >= 0 for row in rows)
     assert all(row["predicted_gib"] > 0 for row in rows if row["stage"] in ("covariance pass", "candidate pass"))
     assert record["result"]["candidate_over_floor"] > 0
+    # The first two queries refined by two CG products each (neither converges in two).
+    assert record["result"]["refined_products"] == 2 * 2
+    refinement = next(row for row in rows if row["stage"] == "refinement")
+    assert refinement["predicted_gib"] > 0
     assert "rehearsing tiny-neox" in result.stdout and "candidate pass throughput" in result.stdout
     # A rerun with the same settings reads the kept result (in this process: one job start is enough).
     said = []
