@@ -138,53 +138,57 @@ PRODUCT_COLUMNS = 8
 PRODUCT_GRAPHS = 3
 
 
+class _Storages:
+    """The distinct storages handed to :meth:`keep`, the model's own weights and buffers left out (what the
+    backward reads of them is the model's, not activations)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.owned = {tensor.untyped_storage().data_ptr() for tensor in (*model.parameters(), *model.buffers())}
+        self.sizes: dict[int, int] = {}
+
+    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.owned:
+            self.sizes[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.sizes.values())
+
+
+def _probe_ids(model: PreTrainedModel, length: int) -> torch.Tensor:
+    """One sequence of ``length`` distinct tokens, (1, length)."""
+    device = next(model.parameters()).device
+    return torch.arange(1, length + 1, device=device).remainder(model.get_input_embeddings().num_embeddings).unsqueeze(0)
+
+
 def saved_bytes(model: PreTrainedModel, length: int) -> int:
     """Bytes kept for the backward of one sequence of ``length`` tokens, as the capture runs it (parameters
     frozen, the graph starting at the embeddings, the output layer applied apart): what autograd saves
-    and the module inputs the capture holds, each storage once. Weights and buffers that the backward
-    reads are the model's own, not activations: they are not counted."""
-    storages: dict[int, int] = {}
-    owned = {tensor.untyped_storage().data_ptr() for tensor in (*model.parameters(), *model.buffers())}
-
-    def keep(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in owned:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    device = next(model.parameters()).device
-    ids = torch.arange(1, length + 1, device=device).remainder(model.get_input_embeddings().num_embeddings).unsqueeze(0)
-    tracked = find_tracked_modules(model)
-    with GradientCapture(model, tracked, lambda *args: None) as capture:
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), identity_output_layer(model):
-            model(input_ids=ids)
+    and the module inputs the capture holds, each storage once."""
+    storages = _Storages(model)
+    with GradientCapture(model, find_tracked_modules(model), lambda *args: None) as capture:
+        with torch.autograd.graph.saved_tensors_hooks(storages.keep, lambda t: t), identity_output_layer(model):
+            model(input_ids=_probe_ids(model, length))
         for tensor in capture.held():
-            keep(tensor)
-    return sum(storages.values())
+            storages.keep(tensor)
+    return storages.bytes
 
 
 def graph_bytes(model: PreTrainedModel, length: int) -> int:
     """Bytes a cached Gauss-Newton linearisation keeps for one sequence of ``length`` tokens: what autograd
     saves for its forward and for the graph of ``u -> J^T u`` (under eager attention, as the products
-    run), and its outputs and dual, each storage once; the model's weights and buffers are not counted."""
-    storages: dict[int, int] = {}
-    owned = {tensor.untyped_storage().data_ptr() for tensor in (*model.parameters(), *model.buffers())}
-
-    def keep(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in owned:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    device = next(model.parameters()).device
-    ids = torch.arange(1, length + 1, device=device).remainder(model.get_input_embeddings().num_embeddings).unsqueeze(0)
+    run), and its outputs and dual, each storage once."""
+    storages = _Storages(model)
+    ids = _probe_ids(model, length)
     ones = torch.ones_like(ids)
     batch = TokenBatch(["probe"], ["probe"], ids, ones, ones.bool(), [False])
-    with eager_attention(model), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+    with eager_attention(model), torch.autograd.graph.saved_tensors_hooks(storages.keep, lambda t: t):
         operator = GaussNewton(model, find_tracked_modules(model), [batch])
         for tensor in operator.held():
-            keep(tensor)
-    return sum(storages.values())
+            storages.keep(tensor)
+    return storages.bytes
 
 
 def _per_token_and_pair(probe: tuple[int, int, int], measured: list[float]) -> tuple[float, float]:
