@@ -14,7 +14,7 @@ import ipaddress
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -335,8 +335,6 @@ class ScoreSettings:
 
 
 REFINE_METHODS = ("auto", "none", "cg", "stochastic")
-# Settings that bound the refinement's memory and change no score.
-MEMORY_ONLY_REFINE_KEYS = ("cached_sequences", "columns")
 
 
 @dataclass(frozen=True)
@@ -382,6 +380,12 @@ class RefineSettings:
     @property
     def enabled(self) -> bool:
         return self.method in ("cg", "stochastic")
+
+    def scoring_settings(self) -> dict[str, Any]:
+        """The settings a refined score depends on: all but those that bound memory and time only
+        (``cached_sequences``, ``columns`` and, for CG, whose products are sums over batches, ``batch_size``)."""
+        memory_only = {"cached_sequences", "columns"} | ({"batch_size"} if self.method == "cg" else set())
+        return {key: value for key, value in asdict(self).items() if key not in memory_only}
 
     def resolved(self, strategy: str, sharded: bool) -> RefineSettings:
         """``auto`` as what runs: cg where a fitted store preconditions the queries and every worker holds

@@ -38,7 +38,6 @@ from attribution.scoring.query_files import read_query_header
 from attribution.scoring.summary import ScoreSummary, finished_summary
 from attribution.scoring.tasks import QueryPlan, pass_batches
 from attribution.settings import (
-    MEMORY_ONLY_REFINE_KEYS,
     ClusterSettings,
     DataSettings,
     FactorSettings,
@@ -151,8 +150,7 @@ def key_inputs(inputs: ScoreInputs, identity: StageIdentity, shards: Sequence[Pa
         "data": asdict(inputs.data),
         "score": {**asdict(inputs.score), "progress": None},
         "prefilter": asdict(inputs.prefilter),
-        # Memory bounds that change no row.
-        "refine": {key: value for key, value in asdict(inputs.refine).items() if key not in MEMORY_ONLY_REFINE_KEYS},
+        "refine": inputs.refine.scoring_settings(),
     }
 
 

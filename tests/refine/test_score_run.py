@@ -189,3 +189,13 @@ def test_a_stochastic_iteration_never_ends_worse_than_the_closed_form(setup, lea
     else:
         assert not any(d["fallback"] for d in diagnostics)
         assert bool((distance(solution) < distance(closed)).all())
+
+
+def test_the_settings_that_bound_memory_leave_the_run_key_alone():
+    """A run planned by ``model.memory_gib`` (fewer columns, kept graphs or CG batches) is the same run; the
+    stochastic iteration's batch is its mini-batch, which changes the scores."""
+    cg = RefineSettings(method="cg")
+    assert cg.scoring_settings() == RefineSettings(method="cg", columns=1, cached_sequences=0, batch_size=1).scoring_settings()
+    assert cg.scoring_settings() != RefineSettings(method="cg", steps=3).scoring_settings()
+    stochastic = RefineSettings(method="stochastic")
+    assert stochastic.scoring_settings() != RefineSettings(method="stochastic", batch_size=1).scoring_settings()
