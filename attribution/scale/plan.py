@@ -1,5 +1,5 @@
-"""Settings that keep every stage inside ``model.memory_gib``: the micro-batch and the refinement's query
-columns, chosen from the memory model.
+"""Settings that keep every stage inside ``model.memory_gib``: the micro-batch, and the refinement's query
+columns, kept graphs and product batch, chosen from the memory model.
 
 The model's shape comes from one of its blocks, built from its ``config.json`` with random weights
 in the model's dtype (the widths, not the weights, set the memory) and probed as
@@ -98,9 +98,9 @@ def plan_refinement(shape: ModelShape, data: DataSettings, score: ScoreSettings,
     Per CG step a query batch of ``Q`` costs ``Q n`` column passes over the graphs of its ``n`` sequences
     whatever ``c`` and ``k`` are, plus one rebuild of each unkept graph per solve, ``ceil(Q / c) (n - k)``:
     the plan minimises the rebuilds over the batches ``b`` (halving), columns and kept graphs that fit (ties:
-    the most columns, then the largest batch). The sample is taken at ``data.max_length`` (the fit's, which the refinement samples
-    by default); an unbounded sample (``refine.max_sequences`` null) counts as larger than any budget keeps.
-    """
+    the most columns, then the largest batch). The sample is taken at ``data.max_length`` (the fit's, which
+    the refinement samples by default); an unbounded sample (``refine.max_sequences`` null) counts as larger
+    than any budget keeps."""
     sequences = refine.max_sequences if refine.max_sequences is not None else UNBOUNDED_SAMPLE
     most_kept = 0 if refine.method == "stochastic" else min(sequences, refine.cached_sequences
                                                               if refine.cached_sequences is not None else sequences)
