@@ -353,8 +353,10 @@ class RefineSettings:
     data_path: str | None = None
     finetune_data_path: str | None = None
     max_sequences: int | None = 64
+    max_length: int | None = None
     cached_sequences: int | None = 64
     columns: int = 8
+    workers: int = 0
     preconditioner_damping: float = 10.0
     learning_rate: float | None = None
     momentum: float = 0.9
@@ -369,8 +371,10 @@ class RefineSettings:
         check.exists("data_path")
         check.exists("finetune_data_path")
         check.integer("max_sequences", 1, none="every document of the sample")
+        check.integer("max_length", 2, none="the sequence length of the stage's factor store")
         check.integer("cached_sequences", 0, none="every sequence of the sample")
         check.integer("columns", 1)
+        check.integer("workers", 0)
         check.number("preconditioner_damping", positive=True)
         check.number("learning_rate", positive=True, none="2 (1 - momentum) / the largest eigenvalue of the preconditioned mini-batch systems")
         check.number("momentum", 0.0, 0.999)
@@ -383,8 +387,9 @@ class RefineSettings:
 
     def scoring_settings(self) -> dict[str, Any]:
         """The settings a refined score depends on: all but those that bound memory and time only
-        (``cached_sequences``, ``columns`` and, for CG, whose products are sums over batches, ``batch_size``)."""
-        memory_only = {"cached_sequences", "columns"} | ({"batch_size"} if self.method == "cg" else set())
+        (``cached_sequences``, ``columns``, ``workers`` and, for CG, whose products are sums over batches,
+        ``batch_size``)."""
+        memory_only = {"cached_sequences", "columns", "workers"} | ({"batch_size"} if self.method == "cg" else set())
         return {key: value for key, value in asdict(self).items() if key not in memory_only}
 
     def resolved(self, strategy: str, sharded: bool) -> RefineSettings:

@@ -145,8 +145,10 @@ def refine_settings(cfg: DictConfig, model: ModelSettings, data: DataSettings) -
         from attribution.scale.plan import refine_within_memory
         from jobs.entry import say
 
+        # The pipeline has no fine-tuned stage; score and sweep do when finetune.model_path is set.
+        stages = 2 if cfg.get("finetune") is not None and cfg.finetune.model_path is not None else 1
         refine, line = refine_within_memory(model, data, score_settings(cfg), refine, cfg.factors.strategy,
-                                            cluster_settings(cfg).sharded)
+                                            cluster_settings(cfg).sharded, stages)
         if line:
             say(line)
     return refine

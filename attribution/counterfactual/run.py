@@ -144,7 +144,9 @@ def run_counterfactual(
     record.fingerprints["model"] = fingerprint
     engine = Engine(model_settings, data_settings, query_settings, score_settings, cluster, settings.fit_sequences,
                     output_dir, doc_ids, query_list, config, tracked, finetune)
-    with _cluster(cluster):
+    # Room beside the score workers for the largest refine.workers of any method, per stage.
+    product_workers = 2 * max((spec.refine.workers for spec in settings.methods if spec.refine.enabled), default=0)
+    with _cluster(cluster, product_workers):
         mean_eigenvalue = engine.mean_eigenvalue()
         sweep = dampings(settings.damping.values, settings.damping.relative, mean_eigenvalue)
         scored = _all_scores(engine, settings, sweep)
@@ -227,9 +229,10 @@ def run_counterfactual(
 
 
 @contextmanager
-def _cluster(cluster: ClusterSettings) -> Iterator[None]:
-    """One Ray session for the score runs and the retraining tasks (none with ``num_workers=0``)."""
-    with ray_session(cluster) if cluster.uses_ray else nullcontext():
+def _cluster(cluster: ClusterSettings, product_workers: int) -> Iterator[None]:
+    """One Ray session for the score runs (and their ``product_workers``) and the retraining tasks (none with
+    ``num_workers=0``: a score run with product workers starts its own)."""
+    with ray_session(cluster, product_workers) if cluster.uses_ray else nullcontext():
         yield
 
 

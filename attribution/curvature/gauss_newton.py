@@ -170,18 +170,23 @@ class GaussNewton:
             yield self._linearise(batch)
 
     def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
-        """``G V`` for V of shape (Q, P) (or (P,)), in V's precision (at least float32): the batches'
-        products are added into the result in place, so it is the only (Q, P) tensor made here besides
-        one chunk's parameter gradients."""
+        """``G V = (1/N) S V`` for V of shape (Q, P) (or (P,)), in V's precision (at least float32)."""
         single = vectors.dim() == 1
-        vectors = vectors.reshape(-1, self.size).to(self.device)
+        result = self.total(vectors.reshape(-1, self.size)).div_(self.num_sequences)
+        return result[0] if single else result
+
+    def total(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``S V = sum_n sum_t J_{n,t}^T H_{n,t} J_{n,t} V`` over this operator's sequences, for (Q, P) V: the
+        unnormalised sum, which parts of a sample split over workers add up (:mod:`attribution.refine.product_pool`).
+        The batches' products are added into the result in place, so it is the only (Q, P) tensor made here
+        besides one chunk's parameter gradients."""
+        vectors = vectors.to(self.device)
         result = torch.zeros(vectors.shape, dtype=torch.promote_types(vectors.dtype, torch.float32), device=self.device)
         for lin in self._linearisations():
             for start in range(0, vectors.shape[0], self.columns_per_product):
                 chunk = vectors[start : start + self.columns_per_product].to(self.dtype)
                 self._add_product(lin, chunk, result[start : start + len(chunk)])
-        result /= self.num_sequences
-        return result[0] if single else result
+        return result
 
     def _add_product(self, lin: _Linearisation, chunk: torch.Tensor, out: torch.Tensor) -> None:
         """``out += sum_t J_t^T H_t J_t v`` of one batch for the (C, P) columns of ``chunk``.

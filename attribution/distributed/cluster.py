@@ -57,9 +57,10 @@ def prepare_worker_process() -> None:
 
 
 @contextmanager
-def ray_session(cluster: ClusterSettings) -> Iterator[None]:
+def ray_session(cluster: ClusterSettings, extra_workers: int = 0) -> Iterator[None]:
     """Join ``cluster.address`` (``auto`` or an address), the cluster of a ``ray job submit``
-    (``RAY_ADDRESS``), or start a local Ray in this process; shut down only what was started here."""
+    (``RAY_ADDRESS``), or start a local Ray in this process, with room for ``cluster.num_workers`` and
+    ``extra_workers`` more workers; shut down only what was started here."""
     if ray.is_initialized():
         yield
         return
@@ -70,7 +71,7 @@ def ray_session(cluster: ClusterSettings) -> Iterator[None]:
         elif os.environ.get("RAY_ADDRESS"):
             ray.init(runtime_env=runtime_env)
         else:
-            cpus = max(os.cpu_count() or 1, int(cluster.num_workers * cluster.cpus_per_worker))
+            cpus = max(os.cpu_count() or 1, int((cluster.num_workers + extra_workers) * cluster.cpus_per_worker))
             start_local_ray(cluster, num_cpus=cpus, runtime_env=runtime_env)
     try:
         yield

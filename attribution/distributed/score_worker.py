@@ -18,9 +18,10 @@ from attribution.scoring.tasks import QueryPlan, ScoreTasks
 class ScoreWorker:
     """Loads the stages once, then computes query batches and scores units, each written to the work directory."""
 
-    def __init__(self, inputs: ScoreInputs, output_dir: str, candidates: Candidates | None) -> None:
+    def __init__(self, inputs: ScoreInputs, output_dir: str, candidates: Candidates | None,
+                 product_workers: dict[str, list] | None = None) -> None:
         prepare_worker_process()
-        self.tasks = ScoreTasks(inputs, output_dir, candidates)
+        self.tasks = ScoreTasks(inputs, output_dir, candidates, product_workers=product_workers)
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()

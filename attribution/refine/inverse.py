@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,13 +34,18 @@ from attribution.models import TrackedModule
 from attribution.refine.solvers import DIVERGED, Operator, SolveResult, preconditioned_cg, preconditioned_momentum
 from attribution.settings import RefineSettings
 
+if TYPE_CHECKING:
+    from attribution.refine.product_pool import RemoteGaussNewton
+
 
 @dataclass
 class StageInverse:
     """``v -> (G + D)^{-1} v`` on (Q, P) vectors of ``ParameterLayout(tracked)``.
 
     ``sample`` None: the closed form ``(G_hat + D)^{-1}``. Otherwise refined on the Gauss-Newton
-    matrix of ``sample`` with ``settings.method``.
+    matrix of ``sample`` with ``settings.method``; with ``products`` (``refine.workers``), that matrix's
+    whole-sample products are taken by the Ray workers that hold the sample's parts
+    (:mod:`attribution.refine.product_pool`), the stochastic iteration's mini-batch steps here.
     """
 
     name: str
@@ -49,6 +54,7 @@ class StageInverse:
     preconditioner: Preconditioner
     settings: RefineSettings
     sample: list[TokenBatch] | None = None
+    products: RemoteGaussNewton | None = None
 
     def __post_init__(self) -> None:
         self.layout = ParameterLayout(self.tracked)
@@ -91,6 +97,7 @@ class StageInverse:
                 "method": self.settings.method,
                 "gauss_newton_products": result.products[column],
                 "sequence_products": result.sequence_passes[column],
+                "product_workers": len(self.products.workers) if self.products is not None else 0,
                 "relative_residual": result.relative_residuals[column],
                 "status": result.status[column],
                 "fallback": "closed form (the solve diverged or ended further from the solution)" if fallback else None,
@@ -98,7 +105,7 @@ class StageInverse:
             })
         return solution, diagnostics
 
-    def _damped(self, operator: GaussNewton) -> Operator:
+    def _damped(self, operator: Operator) -> Operator:
         damping = self.damping
 
         def apply(vectors: torch.Tensor) -> torch.Tensor:
@@ -106,6 +113,14 @@ class StageInverse:
             return product.addcmul_(vectors.to(product.dtype), damping.to(product.dtype))
 
         return apply
+
+    def _whole_sample(self, cached_sequences: int | None) -> Operator:
+        """``V -> G V`` over the whole sample: on the ``refine.workers`` (each keeping its part's graphs as
+        ``refine.cached_sequences`` says), else in this process keeping ``cached_sequences``."""
+        if self.products is not None:
+            return self.products
+        assert self.sample is not None
+        return GaussNewton(self.model, self.tracked, self.sample, cached_sequences=cached_sequences)
 
     def _precondition(self, vectors: torch.Tensor) -> torch.Tensor:
         return self.solver_preconditioner.apply_flat(vectors, self.layout)
@@ -125,8 +140,7 @@ class StageInverse:
         settings = self.settings
         assert self.sample is not None
         if settings.method == "cg":
-            operator = self._damped(GaussNewton(self.model, self.tracked, self.sample,
-                                                cached_sequences=settings.cached_sequences))
+            operator = self._damped(self._whole_sample(settings.cached_sequences))
             result = preconditioned_cg(operator, vectors, self._precondition, settings.tolerance, settings.steps, snapshot_steps)
             result.sequence_passes = [products * self.sample_sequences for products in result.products]
             return result
@@ -136,7 +150,7 @@ class StageInverse:
             batch = self.sample[order[step % len(order)]]
             return self._damped(GaussNewton(self.model, self.tracked, [batch], cache=False))
 
-        whole = self._damped(GaussNewton(self.model, self.tracked, self.sample, cache=False))
+        whole = self._damped(self._whole_sample(cached_sequences=0))
         rate = settings.learning_rate
         if rate is None:
             sharpest = largest_preconditioned_eigenvalue([minibatch(step) for step in range(POWER_ITERATIONS)],

@@ -66,12 +66,13 @@ class ScaleSettings:
     workers: int = 2
     # The refinement's stage (0 sequences: none): CG on the first ``refine_sequences`` documents in batches of
     # ``refine_batch``, ``refine_steps`` products, the first ``refine_cached`` sequences' graphs kept,
-    # ``refine_columns`` queries solved together.
+    # ``refine_columns`` queries solved together, each document cut to ``refine_length`` tokens (None: ``sequence``).
     refine_sequences: int = 4
     refine_steps: int = 2
     refine_cached: int = 2
     refine_columns: int = 2
     refine_batch: int = 1
+    refine_length: int | None = None
     # Refine only the first N queries: its time grows with each one, its memory with refine_columns.
     refine_queries: int = 2
 
@@ -99,6 +100,8 @@ class ScaleSettings:
             raise SettingsError(f"scale.workers must be at least 1, got {self.workers}")
         if self.query_tokens < 2:
             raise SettingsError("scale.query_tokens must be at least 2 (a prompt and a completion token)")
+        if self.refine_length is not None and self.refine_length < 2:
+            raise SettingsError(f"scale.refine_length must be at least 2 or null, got {self.refine_length}")
 
     @property
     def rehearsal_settings(self) -> dict:
@@ -109,7 +112,7 @@ class ScaleSettings:
     def run(self) -> RunShape:
         return RunShape(batch=self.batch_size, sequence=self.sequence, queries=self.queries, query_batch=self.query_batch_size,
                         query_tokens=self.query_tokens, rank=self.rank,
-                        refine_sequences=min(self.refine_sequences, self.documents), refine_length=self.sequence,
+                        refine_sequences=min(self.refine_sequences, self.documents), refine_length=self.refine_length or self.sequence,
                         refine_batch=self.refine_batch, refine_cached=self.refine_cached,
                         refine_columns=min(self.refine_columns, self.refine_queries, self.queries))
 

@@ -115,13 +115,15 @@ class RunShape:
     dense_factors_mib: float = 2048
     # The refinement (0 sequences: none): its sample of ``refine_sequences`` sequences of ``refine_length``
     # tokens in batches of ``refine_batch``, the first ``refine_cached`` kept, ``refine_columns`` queries
-    # solved together through ``refine_stages`` inverses.
+    # solved together through ``refine_stages`` inverses; ``refine_workers`` > 0: the products on that
+    # many workers, each holding every K-th batch (``refine.workers``).
     refine_sequences: int = 0
     refine_length: int = 128
     refine_batch: int = 8
     refine_cached: int = 64
     refine_columns: int = 8
     refine_stages: int = 1
+    refine_workers: int = 0
 
 
 # CG's vectors per query column at its peak, in the solver's precision: the right-hand side, the
@@ -244,11 +246,24 @@ def forward_backward_bytes(shape: ModelShape, batch: int, sequence: int, run: Ru
     return activations + backward + hidden_gradient + head + copies
 
 
+def largest_part(sequences: int, batch: int, workers: int) -> int:
+    """The sequences whose graphs one process holds: the whole sample, or with ``workers`` K the largest
+    part, every K-th of its ``ceil(n / b)`` batches."""
+    if not workers:
+        return sequences
+    return min(sequences, -(-(-(-sequences // batch)) // workers) * batch)
+
+
 def refinement_bytes(shape: ModelShape, run: RunShape) -> float:
     """The refinement's peak beside the weights and the eigen-form: the damping vector, CG's vectors for
     ``refine_columns`` queries, the kept graphs of the first ``refine_cached`` sequences and, when the sample
     is larger, one rebuilt batch's, and one product's temporaries (its traversal of a batch's graphs for up
-    to ``PRODUCT_COLUMNS`` columns together, and a chunk of the output layer per column)."""
+    to ``PRODUCT_COLUMNS`` columns together, and a chunk of the output layer per column).
+
+    With ``refine_workers`` K the graphs go to the workers: the solving process holds the solver's vectors
+    and, per product, the sent copy, the sum and one worker's part (3 c P f more); each worker its
+    ``ceil(n_batches / K)`` batches' graphs, the products' temporaries, and the received vectors and its sum
+    (2 c P f). The larger of the two is the peak of the process that must fit."""
     f = FACTOR_BYTES
     P = shape.tracked_parameters
     T = run.refine_length
@@ -260,13 +275,15 @@ def refinement_bytes(shape: ModelShape, run: RunShape) -> float:
     through = min(columns, PRODUCT_COLUMNS)
     graph = graphs(1)
     # Graphs are kept a whole batch at a time (attribution/curvature/gauss_newton.py).
-    n = run.refine_sequences
+    n = largest_part(run.refine_sequences, run.refine_batch, run.refine_workers)
     kept = n if run.refine_cached >= n else run.refine_cached // run.refine_batch * run.refine_batch
     rebuilt = min(run.refine_batch, n) if n > kept else 0
     tokens = run.refine_batch * T
     temporaries = through * (PRODUCT_GRAPHS * run.refine_batch * graph
                              + 3 * min(head_chunk_positions(shape, run), tokens) * shape.vocabulary * f)
     solver = (SOLVER_VECTORS + run.refine_stages - 1) * columns * P * f
+    if run.refine_workers:
+        return max(P * f + solver + 3 * columns * P * f, graphs(kept) + graphs(rebuilt) + temporaries + 2 * columns * P * f)
     return P * f + solver + graphs(kept) + graphs(rebuilt) + temporaries
 
 
@@ -306,7 +323,9 @@ def stage_bytes(shape: ModelShape, run: RunShape) -> dict[str, float]:
         + max(2 * rows * m.d_out * m.d_in * f for m in modules),
         "candidate pass": weights + query_factors + dense + max(query_factors, score_pass + contraction),
         "token scores": weights + query_factors + dense + max(query_factors, score_pass + contraction + tokens * run.queries * f),
-        **({"refinement": weights + eigen_form + refinement_bytes(shape, run)} if run.refine_sequences else {}),
+        # Multi-stage: every stage's model and eigen-form (a fine-tuned descendant has the pretrained shapes).
+        **({"refinement": run.refine_stages * (weights + eigen_form) + refinement_bytes(shape, run)}
+           if run.refine_sequences else {}),
     }
 
 

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from attribution.errors import UserError
-from attribution.scale.memory_model import ModelShape, RunShape, model_shape, stage_bytes
+from attribution.scale.memory_model import ModelShape, RunShape, largest_part, model_shape, stage_bytes
 from attribution.settings import DataSettings, ModelSettings, RefineSettings, ScoreSettings, torch_dtype
 
 RUNTIME_GIB = 0.75
@@ -88,7 +88,7 @@ def within_memory(model: ModelSettings, data: DataSettings, score: ScoreSettings
 
 
 def plan_refinement(shape: ModelShape, data: DataSettings, score: ScoreSettings, refine: RefineSettings,
-                    budget_gib: float) -> tuple[RefineSettings, str]:
+                    budget_gib: float, stages: int = 1) -> tuple[RefineSettings, str]:
     """``refine`` with the query columns ``c <= refine.columns``, kept graphs ``k <= refine.cached_sequences``
     and (CG only, where it changes no score) product batch ``b <= refine.batch_size`` that fit ``budget_gib``
     at the least rebuilding, and a line saying what was chosen. When nothing fits, ``auto`` becomes the
@@ -98,18 +98,23 @@ def plan_refinement(shape: ModelShape, data: DataSettings, score: ScoreSettings,
     Per CG step a query batch of ``Q`` costs ``Q n`` column passes over the graphs of its ``n`` sequences
     whatever ``c`` and ``k`` are, plus one rebuild of each unkept graph per solve, ``ceil(Q / c) (n - k)``:
     the plan minimises the rebuilds over the batches ``b`` (halving), columns and kept graphs that fit (ties:
-    the most columns, then the largest batch). The sample is taken at ``data.max_length`` (the fit's, which
-    the refinement samples by default); an unbounded sample (``refine.max_sequences`` null) counts as larger
-    than any budget keeps."""
+    the most columns, then the largest batch). The sample is taken at ``refine.max_length``, else at
+    ``data.max_length`` (the fit's, which the refinement samples by default); an unbounded sample
+    (``refine.max_sequences`` null) counts as larger than any budget keeps. With ``refine.workers`` the
+    graphs, their rebuilds and the budget are each worker's, over its part of the sample, and the solving
+    process keeps only the vectors. ``stages`` 2 (multi-stage): both models and eigen-forms are held, and
+    one more vector per column."""
     sequences = refine.max_sequences if refine.max_sequences is not None else UNBOUNDED_SAMPLE
-    most_kept = 0 if refine.method == "stochastic" else min(sequences, refine.cached_sequences
-                                                              if refine.cached_sequences is not None else sequences)
+    # With refine.workers, the graphs and their rebuilds are each worker's, over its part of the sample.
+    held = largest_part(sequences, refine.batch_size, refine.workers)
+    most_kept = 0 if refine.method == "stochastic" else min(held, refine.cached_sequences
+                                                            if refine.cached_sequences is not None else held)
 
     def peak(batch: int, columns: int, kept: int) -> float:
         run = RunShape(batch=data.batch_size, sequence=data.max_length, queries=score.query_batch_size,
                        query_batch=score.query_batch_size, query_tokens=data.max_length,
-                       refine_sequences=sequences, refine_length=data.max_length, refine_batch=batch,
-                       refine_cached=kept, refine_columns=columns)
+                       refine_sequences=sequences, refine_length=refine.max_length or data.max_length, refine_batch=batch,
+                       refine_cached=kept, refine_columns=columns, refine_workers=refine.workers, refine_stages=stages)
         return stage_bytes(shape, run)["refinement"] / 2**30 + RUNTIME_GIB
 
     def most_graphs_kept(batch: int, columns: int) -> int:
@@ -126,15 +131,18 @@ def plan_refinement(shape: ModelShape, data: DataSettings, score: ScoreSettings,
     batches = [refine.batch_size]
     while refine.method != "stochastic" and batches[-1] > 1:
         batches.append(batches[-1] // 2)
-    plans = [(-(-score.query_batch_size // columns) * (sequences - kept), -columns, -batch, kept)
-             for batch in batches for columns in range(1, refine.columns + 1) if peak(batch, columns, 0) <= budget_gib
+    plans = [(-(-score.query_batch_size // columns) * (part - kept), -columns, -batch, kept)
+             for batch in batches for part in [largest_part(sequences, batch, refine.workers)]
+             for columns in range(1, refine.columns + 1) if peak(batch, columns, 0) <= budget_gib
              for kept in [most_graphs_kept(batch, columns)]]
     if plans:
         _, negative_columns, negative_batch, kept = min(plans)
         batch = -negative_batch
-        # The stochastic iteration keeps no graph: its setting is left as the user gave it.
+        # The stochastic iteration keeps no graph, and a process that keeps every graph of its part keeps them
+        # under any larger setting: those are left as the user gave them.
+        every = refine.method == "stochastic" or kept >= largest_part(sequences, batch, refine.workers)
         planned = replace(refine, batch_size=batch, columns=-negative_columns,
-                          cached_sequences=refine.cached_sequences if refine.method == "stochastic" else kept)
+                          cached_sequences=refine.cached_sequences if every else kept)
         changes = [f"{key} {before} -> {after}" if before != after else f"{key} {after} kept"
                    for key, before, after in (("refine.columns", refine.columns, planned.columns),
                                               ("refine.cached_sequences", refine.cached_sequences, planned.cached_sequences),
@@ -155,7 +163,7 @@ UNBOUNDED_SAMPLE = 10**9
 
 
 def refine_within_memory(model: ModelSettings, data: DataSettings, score: ScoreSettings, refine: RefineSettings,
-                         strategy: str, sharded: bool) -> tuple[RefineSettings, str | None]:
+                         strategy: str, sharded: bool, stages: int = 1) -> tuple[RefineSettings, str | None]:
     """``refine`` planned within ``model.memory_gib`` (:func:`plan_refinement`) when a refinement would run."""
     if model.memory_gib is None or model.path is None or not Path(model.path, "config.json").is_file():
         return refine, None
@@ -163,4 +171,4 @@ def refine_within_memory(model: ModelSettings, data: DataSettings, score: ScoreS
         return refine, None
     with torch.random.fork_rng(devices=[]):
         shape = probed_shape(model)
-    return plan_refinement(shape, data, score, refine, model.memory_gib)
+    return plan_refinement(shape, data, score, refine, model.memory_gib, stages)

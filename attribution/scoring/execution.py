@@ -92,8 +92,9 @@ Failures = dict[Task, str]
 class LocalExecutor:
     """Every task in this process, one after the other."""
 
-    def __init__(self, inputs: ScoreInputs, output_dir: Path, candidates: Candidates | None) -> None:
-        self.tasks = ScoreTasks(inputs, output_dir, candidates)
+    def __init__(self, inputs: ScoreInputs, output_dir: Path, candidates: Candidates | None,
+                 product_workers: dict[str, list] | None = None) -> None:
+        self.tasks = ScoreTasks(inputs, output_dir, candidates, product_workers=product_workers)
         self.max_retries = inputs.cluster.max_retries
 
     def identity(self) -> StageIdentity:
@@ -127,6 +128,9 @@ class LocalExecutor:
     def lost_workers(self) -> list[dict]:
         return []
 
+    def close(self) -> None:
+        """Nothing to release: the tasks ran in this process."""
+
 
 class RayExecutor:
     """A pool of ``cluster.num_workers`` actors, each loading the stages once.
@@ -139,7 +143,8 @@ class RayExecutor:
     start leaves the pool smaller; when no worker is left, the tasks not yet done fail.
     """
 
-    def __init__(self, inputs: ScoreInputs, output_dir: Path, candidates: Candidates | None) -> None:
+    def __init__(self, inputs: ScoreInputs, output_dir: Path, candidates: Candidates | None,
+                 product_workers: dict[str, list] | None = None) -> None:
         import ray
 
         from attribution.distributed.cluster import worker_environment
@@ -150,7 +155,7 @@ class RayExecutor:
         self.max_retries = cluster.max_retries
         options = {"num_cpus": cluster.cpus_per_worker, "num_gpus": cluster.gpus_per_worker,
                    "runtime_env": {"env_vars": worker_environment()}}
-        self._create = lambda: ScoreWorker.options(**options).remote(inputs, str(output_dir), candidates)
+        self._create = lambda: ScoreWorker.options(**options).remote(inputs, str(output_dir), candidates, product_workers)
         # Each worker's Ray node, asked first: the answer also says the worker has started.
         self._nodes: dict = {}
         self._tasks_done: Counter = Counter()

@@ -197,12 +197,15 @@ def build_stages(
     output_dir: Path,
     device: torch.device,
     sharding: str = "none",
+    product_workers: dict[str, list] | None = None,
 ) -> Stages:
     """Models, stores and query-side inverses of a score run: single- or multi-stage; ``sharding``
-    (``cluster.sharding``) shards every model over the process group of this run's workers."""
+    (``cluster.sharding``) shards every model over the process group of this run's workers;
+    ``product_workers`` (``refine.workers``, per stage name) take the refined stages' Gauss-Newton products."""
     if finetune_settings.enabled:
-        return multi_stage(model_settings, finetune_settings, factor_settings, refine_settings, output_dir, device, sharding)
-    return single_stage(model_settings, factor_settings, refine_settings, output_dir, device, sharding)
+        return multi_stage(model_settings, finetune_settings, factor_settings, refine_settings, output_dir, device, sharding,
+                           product_workers or {})
+    return single_stage(model_settings, factor_settings, refine_settings, output_dir, device, sharding, product_workers or {})
 
 
 def identity_factor_set(tracked: list[TrackedModule], fingerprint: str) -> FactorSet:
@@ -245,7 +248,7 @@ def stage_inverse(
                                 "or diagonal): the gradient dot product has no damping to solve with")
         path = sample_path(sample_path_setting, factors.manifest, sample_key)
         skips: list[Skip] = []
-        max_length = int(factors.manifest.data.get("max_length") or 128)
+        max_length = refine.max_length or int(factors.manifest.data.get("max_length") or 128)
         sample = sample_batches(tokenizer, path, max_length, refine.batch_size, refine.max_sequences, skips.append, sample_key)
         refinement[name] = {
             "path": path,
@@ -257,13 +260,15 @@ def stage_inverse(
 
 
 def single_stage(model_settings: ModelSettings, factor_settings: FactorSettings, refine: RefineSettings, output_dir: Path,
-                 device: torch.device, sharding: str = "none") -> Stages:
+                 device: torch.device, sharding: str = "none", product_workers: dict[str, list] | None = None) -> Stages:
     model, tokenizer, fingerprint, tracked = _load(model_settings.path, model_settings, device, sharding)
     store = factor_settings.path or output_dir / "factors"
     factors = load_factor_set(factor_settings, store, tracked, fingerprint)
     refinement: dict[str, Any] = {}
     inverse = stage_inverse("model", model, tokenizer, tracked, factors, factor_settings.damping, refine, "refine.data_path",
                             refine.data_path, refinement, lambda: load_factor_set(factor_settings, store, tracked, fingerprint))
+    _products_on_workers(inverse, (product_workers or {}).get("model"), model_settings.path, model_settings, fingerprint,
+                         refinement, "refine.data_path")
     return Stages(model, tokenizer, model, tokenizer, tracked, tracked, [inverse], factors.manifest.strategy,
                   {"model": fingerprint}, {"model": inverse.preconditioner.damping}, refinement=refinement)
 
@@ -276,6 +281,7 @@ def multi_stage(
     output_dir: Path,
     device: torch.device,
     sharding: str = "none",
+    product_workers: dict[str, list] | None = None,
 ) -> Stages:
     """Query side on the fine-tuned model, candidates on the pretrained one, over the modules both share."""
     pretrained, pretrained_tokenizer, pretrained_fingerprint, pretrained_tracked = _load(model_settings.path, model_settings,
@@ -302,10 +308,31 @@ def multi_stage(
     pretrained_inverse = stage_inverse(
         "model", pretrained, pretrained_tokenizer, tracked, pretrained_factors, factor_settings.damping, refine, "refine.data_path",
         refine.data_path, refinement, lambda: load_factor_set(factor_settings, pretrained_store, tracked, fingerprints["model"]))
+    workers = product_workers or {}
+    _products_on_workers(finetuned_inverse, workers.get("finetuned_model"), finetune_settings.model_path, model_settings,
+                         fingerprints["finetuned_model"], refinement, "refine.finetune_data_path")
+    _products_on_workers(pretrained_inverse, workers.get("model"), model_settings.path, model_settings, fingerprints["model"],
+                         refinement, "refine.data_path")
     method = "multi_stage_identity" if factor_settings.strategy == "identity" else "multi_stage"
     damping = {"model": pretrained_inverse.preconditioner.damping, "finetuned_model": finetuned_inverse.preconditioner.damping}
     return Stages(pretrained, pretrained_tokenizer, finetuned, finetuned_tokenizer, tracked, query_tracked,
                   [finetuned_inverse, pretrained_inverse], method, fingerprints, damping, excluded, refinement)
+
+
+def _products_on_workers(inverse: StageInverse, workers: list | None, model_path: str | None, model_settings: ModelSettings,
+                         fingerprint: str, refinement: dict[str, Any], key: str) -> None:
+    """Hand a refined stage's whole-sample Gauss-Newton products to its ``refine.workers`` (none: this process)."""
+    if not workers or inverse.sample is None:
+        return
+    from attribution.refine.product_pool import ProductSource, RemoteGaussNewton
+
+    assert model_path is not None
+    record = refinement[inverse.name]
+    source = ProductSource(model_path, model_settings, fingerprint, tuple(m.name for m in inverse.tracked), record["path"],
+                           record["max_length"], inverse.settings.batch_size, inverse.settings.max_sequences,
+                           inverse.settings.cached_sequences, key)
+    inverse.products = RemoteGaussNewton(workers, source, len(inverse.sample), inverse.sample_sequences, inverse.layout.size,
+                                         inverse.device)
 
 
 def shared_modules(

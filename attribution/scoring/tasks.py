@@ -52,15 +52,16 @@ class ScoreTasks:
     """A process's models, stores and caches for the tasks of one score run."""
 
     def __init__(self, inputs: ScoreInputs, output_dir: str | Path, candidates: Candidates | None,
-                 collective: Collective | None = None) -> None:
-        """``collective``: the workers this one shards the models with (``cluster.sharding``), or None."""
+                 collective: Collective | None = None, product_workers: dict[str, list] | None = None) -> None:
+        """``collective``: the workers this one shards the models with (``cluster.sharding``), or None;
+        ``product_workers``: the Ray workers of ``refine.workers``, per refined stage."""
         self.inputs = inputs
         self.output_dir = Path(output_dir)
         self.collective = collective
         device = resolve_device(inputs.model.device)
         sharding = inputs.cluster.sharding if collective is not None else "none"
         self.stages = build_stages(inputs.model, inputs.factors, inputs.finetune, inputs.refine, self.output_dir, device,
-                                   sharding)
+                                   sharding, product_workers)
         lockstep = None
         if collective is not None:
             model, tracked = self.stages.candidate_model, self.stages.tracked

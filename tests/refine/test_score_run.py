@@ -4,6 +4,7 @@ record keeps per query, and each bad input as the user meets it."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pyarrow.parquet as pq
 import pytest
@@ -56,21 +57,21 @@ def setup(tmp_path_factory):
 
 def score(setup, name, refine, strategy="ekfac"):
     root, model, data, factors, queries = setup
-    from dataclasses import replace
-
     return run_score(model, data, replace(factors, strategy=strategy), queries,
                      ScoreSettings(rank=None, top_k=10, token_scores=False, progress=False, dtype="float64"), root / name, {},
                      refine_settings=refine)
 
 
-def dense_scores(setup, max_sequences: int) -> dict[tuple[str, str], float]:
-    """``g_q^T (G + D)^{-1} g_z`` with the explicit G of the first ``max_sequences`` documents of the store's data."""
+def dense_scores(setup, max_sequences: int, sample_length: int | None = None) -> dict[tuple[str, str], float]:
+    """``g_q^T (G + D)^{-1} g_z`` with the explicit G of the first ``max_sequences`` documents of the store's data
+    (cut to their first ``sample_length`` tokens)."""
     root, model_settings, data, factors, queries = setup
     model, tokenizer = load_model(model_settings.path, False, torch.float64, "cpu")
     tracked = find_tracked_modules(model)
     layout = ParameterLayout(tracked)
     preconditioner = Preconditioner(load_factors(factors.path, tracked, model_fingerprint(model)), factors.damping)
-    sample = list(training_batches(tokenizer, list_shards(data.path), data, lambda skip: None, max_sequences))
+    sample_data = replace(data, max_length=sample_length or data.max_length)
+    sample = list(training_batches(tokenizer, list_shards(data.path), sample_data, lambda skip: None, max_sequences))
     matrix = dense_gauss_newton(GaussNewton(model, tracked, sample)) + torch.diag(preconditioner.damping_vector(layout))
     [query_batch] = batch_queries(tokenizer, read_queries(queries.path, lambda skip: None), 8, 16, lambda skip: None)
     gradients = layout.join(per_sequence_gradients(model, tracked, query_batch))
@@ -109,6 +110,20 @@ def test_refined_scores_equal_the_dense_solve_and_the_record_says_how(setup, col
         assert diagnostic["fallback"] is None
     assert record["refinement"]["model"]["sequences"] == 6
     assert record["refinement"]["model"]["path"] == setup[2].path  # the store's fit data, by default
+
+
+def test_a_shorter_refinement_sample_solves_on_the_documents_first_tokens(setup):
+    """``refine.max_length``: the Gauss-Newton matrix of the sample's documents cut to 6 tokens (the store's
+    data has 16), which is another matrix, so another score and another run key."""
+    refine = RefineSettings(method="cg", steps=200, tolerance=1e-10, max_sequences=6, max_length=6)
+    summary = score(setup, "cg-short", refine)
+    short, full = dense_scores(setup, 6, sample_length=6), dense_scores(setup, 6)
+    scale = max(abs(value) for value in short.values())
+    for row in pq.read_table(summary.scores_path).to_pylist():
+        assert row["score"] == pytest.approx(short[(row["query_id"], row["doc_id"])], rel=1e-6, abs=1e-6 * scale)
+    assert max(abs(short[key] - full[key]) / abs(full[key]) for key in full) > 1e-3
+    assert json.loads(summary.run_record.read_text())["config"]["refinement"]["model"]["max_length"] == 6
+    assert refine.scoring_settings() != replace(refine, max_length=None).scoring_settings()
 
 
 def test_closed_form_differs_from_the_refined_solve(setup):

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from attribution.scale.memory_model import SOLVER_VECTORS, RunShape, stage_bytes
+from attribution.scale.memory_model import SOLVER_VECTORS, RunShape, largest_part, stage_bytes
 from attribution.scale.plan import (
     RUNTIME_GIB,
     MemoryBudgetError,
@@ -56,7 +56,7 @@ def refinement_gib(shape, data, score, refine, columns):
     run = RunShape(batch=data.batch_size, sequence=data.max_length, queries=score.query_batch_size,
                    query_batch=score.query_batch_size, query_tokens=data.max_length, refine_sequences=refine.max_sequences,
                    refine_length=data.max_length, refine_batch=refine.batch_size, refine_cached=refine.cached_sequences,
-                   refine_columns=columns)
+                   refine_columns=columns, refine_workers=refine.workers)
     return stage_bytes(shape, run)["refinement"] / 2**30 + RUNTIME_GIB
 
 
@@ -106,6 +106,38 @@ def test_the_refinement_is_planned_at_the_fewest_graph_rebuilds_or_auto_becomes_
                                                  r"refine.columns=1, refine.cached_sequences=0 and refine.batch_size=1 "
                                                  r".*set refine.method=none$"):
         plan_refinement(shape, data, score, refine, small)
+
+
+def test_refine_workers_hold_the_graphs_of_their_parts_so_a_budget_keeps_more(tmp_path):
+    """A budget in which one process keeps 16 of the sample's 64 graphs keeps them all on 4 workers (16 each,
+    nothing rebuilt), and the solving process, which keeps none, still has to fit its vectors."""
+    assert [largest_part(64, 8, workers) for workers in (0, 1, 3, 4, 16)] == [64, 64, 24, 16, 8]
+    assert largest_part(5, 8, 2) == 5
+    inputs = tiny_inputs(tmp_path)
+    shape = probed_shape(ModelSettings(path=inputs["model.path"]))
+    data, score = DataSettings(max_length=512, batch_size=8), ScoreSettings(query_batch_size=1)
+    refine = RefineSettings(method="cg", columns=1, cached_sequences=64, max_sequences=64, batch_size=1)
+    sixteen = refinement_gib(shape, data, score, replace(refine, cached_sequences=16), 1)
+    alone, _ = plan_refinement(shape, data, score, refine, sixteen)
+    assert alone.cached_sequences == 16
+    pooled, line = plan_refinement(shape, data, score, replace(refine, workers=4), sixteen)
+    assert pooled.cached_sequences == 64 and "refine.cached_sequences 64 kept" in line
+    assert refinement_gib(shape, data, score, replace(refine, workers=4), 1) <= sixteen
+    assert refinement_gib(shape, data, score, replace(refine, workers=64), 1) < refinement_gib(
+        shape, data, score, replace(refine, workers=4), 1)
+
+
+def test_a_multi_stage_refinement_is_planned_with_both_models(tmp_path):
+    """Two stages hold two models and eigen-forms and one more vector per query: the same budget keeps less."""
+    inputs = tiny_inputs(tmp_path)
+    shape = probed_shape(ModelSettings(path=inputs["model.path"]))
+    data, score = DataSettings(max_length=512, batch_size=8), ScoreSettings()
+    refine = RefineSettings(method="cg", columns=4, cached_sequences=64, max_sequences=64)
+    budget = refinement_gib(shape, data, score, refine, 4)
+    single, _ = plan_refinement(shape, data, score, refine, budget)
+    double, _ = plan_refinement(shape, data, score, refine, budget, stages=2)
+    assert (single.columns, single.cached_sequences) == (4, 64)
+    assert (double.columns, double.cached_sequences, double.batch_size) < (4, 64, 8)
 
 
 def test_a_score_job_says_how_the_refinement_was_planned(tmp_path):
