@@ -312,6 +312,8 @@ class ScoreSettings:
     # influence: I(q, z) on every document (or the prefilter's candidates); prefilter: the
     # prefilter's own ranking as the score table (method column = prefilter.kind), for comparison.
     method: str = "influence"
+    # Every score divided by its document's gradient norm, I(q, z) / ||grad log p(z)|| (conf/score/default.yaml).
+    normalize: bool = False
 
     @property
     def all_pairs(self) -> bool:
@@ -332,6 +334,7 @@ class ScoreSettings:
         check.dtype("dtype")
         check.boolean("progress")
         check.choice("method", ("influence", "prefilter"))
+        check.boolean("normalize")
 
 
 REFINE_METHODS = ("auto", "none", "cg", "stochastic")

@@ -189,7 +189,8 @@ class Engine:
         if refine.enabled and refine.data_path is None:
             refine = replace(refine, max_sequences=self.fit_sequences)
         prefilter = self.prefilter(spec, folder, model)
-        summary = run_score(model, self.data, factors, self.queries, self.score_settings, folder, self.config,
+        score = replace(self.score_settings, normalize=spec.normalize)
+        summary = run_score(model, self.data, factors, self.queries, score, folder, self.config,
                             finetune_settings=finetune, prefilter_settings=prefilter, cluster=self.cluster,
                             refine_settings=refine)
         record = json.loads(Path(summary.run_record).read_text())
@@ -198,6 +199,8 @@ class Engine:
         detail = _refinement_detail(refine, record["config"].get("query_diagnostics", {}))
         if spec.stage != "pretrained":
             detail = f"{STAGE_DETAIL[spec.stage]}; {detail}"
+        if spec.normalize:
+            detail = f"{detail}; unit-normalised: each document's scores divided by its gradient norm"
         return MethodScores(spec.name, spec, damping if spec.damped else None, refine.steps if refine.enabled else None,
                             scores, fit_seconds + summary.seconds, detail, module_damping, summary.run_id,
                             str(summary.scores_path))

@@ -116,7 +116,10 @@ class MethodSpec:
     ``prefilter`` the engine's retrieval first (``prefilter.*`` keys): only each query's ``top_m``
     candidates are scored, the pipeline's shape. ``stage`` (one of :data:`STAGES`) and, for a multi-stage
     method, ``finetune_damping`` (the fine-tuned stage's, as a multiple of that stage's own mean
-    eigenvalue; null: the same multiple as the pretrained stage's) apply with ``finetune_stage=true``."""
+    eigenvalue; null: the same multiple as the pretrained stage's) apply with ``finetune_stage=true``.
+    ``normalize``: the engine's ``score.normalize``, every score divided by its document's gradient norm,
+    ``I(q, z) / ||grad log p(z)||`` (with ``identity``, the cosine of the two gradients up to a per-query
+    constant, which no ranking sees)."""
 
     name: str
     kind: str
@@ -124,6 +127,7 @@ class MethodSpec:
     prefilter: PrefilterSettings = PrefilterSettings()
     stage: str = "pretrained"
     finetune_damping: float | None = None
+    normalize: bool = False
 
     @property
     def damped(self) -> bool:
@@ -246,7 +250,7 @@ class CounterfactualSettings:
 def _method(name: str, spec: Mapping[str, Any] | None) -> MethodSpec:
     spec = dict(spec or {})
     group = f"methods.{name}"
-    known = ("kind", "refine", "prefilter", "stage", "finetune_damping")
+    known = ("kind", "refine", "prefilter", "stage", "finetune_damping", "normalize")
     unknown = set(spec) - set(known)
     if unknown:
         raise SettingsError(f"unknown key(s) in {group}: {', '.join(sorted(unknown))}; known: {', '.join(known)}")
@@ -284,7 +288,12 @@ def _method(name: str, spec: Mapping[str, Any] | None) -> MethodSpec:
                                          or finetune_damping <= 0):
         raise SettingsError(f"{group}.finetune_damping={show(finetune_damping)}: expected a positive multiple of the "
                             "fine-tuned stage's mean eigenvalue, or null")
-    return MethodSpec(name, kind, refine, prefilter, stage, finetune_damping)
+    normalize = spec.get("normalize", False)
+    if not isinstance(normalize, bool):
+        raise SettingsError(f"{group}.normalize={show(normalize)}: expected true or false")
+    if normalize and kind == "bm25":
+        raise SettingsError(f"{group}.normalize=true: bm25 has no gradient to normalise by")
+    return MethodSpec(name, kind, refine, prefilter, stage, finetune_damping, normalize)
 
 
 def _section(kind: type, spec: Mapping[str, Any], key: str, group: str) -> Any:

@@ -98,7 +98,8 @@ class RemoteGaussNewton:
         shared = ray.put(vectors.detach().cpu())
         parts = len(self.workers)
         pending = [worker.total.remote(self.source, part, parts, shared) for part, worker in enumerate(self.workers)]
-        result, sequences = torch.zeros((), device=self.device), 0
+        result: torch.Tensor | None = None
+        sequences = 0
         while pending:
             [done], pending = ray.wait(pending, num_returns=1)
             try:
@@ -106,11 +107,12 @@ class RemoteGaussNewton:
             except ray.exceptions.RayError as error:
                 raise_user_error_of(error)
                 raise
-            result = result + partial.to(self.device)
+            result = partial.to(self.device) if result is None else result.add_(partial.to(self.device))
             sequences += count
         if sequences != self.num_sequences:
             raise SettingsError(f"{self.source.key}={self.source.data_path} changed during the run: the refinement workers "
                                 f"read {sequences} sequences, the run {self.num_sequences}")
+        assert result is not None
         return result.div_(sequences)
 
 

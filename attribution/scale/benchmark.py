@@ -73,6 +73,8 @@ class ScaleSettings:
     refine_columns: int = 2
     refine_batch: int = 1
     refine_length: int | None = None
+    # score.normalize: each document's gradient norm taken in the candidate pass.
+    normalize: bool = False
     # Refine only the first N queries: its time grows with each one, its memory with refine_columns.
     refine_queries: int = 2
 
@@ -112,9 +114,10 @@ class ScaleSettings:
     def run(self) -> RunShape:
         return RunShape(batch=self.batch_size, sequence=self.sequence, queries=self.queries, query_batch=self.query_batch_size,
                         query_tokens=self.query_tokens, rank=self.rank,
-                        refine_sequences=min(self.refine_sequences, self.documents), refine_length=self.refine_length or self.sequence,
+                        refine_sequences=min(self.refine_sequences, self.documents),
+                        refine_length=self.refine_length or self.sequence,
                         refine_batch=self.refine_batch, refine_cached=self.refine_cached,
-                        refine_columns=min(self.refine_columns, self.refine_queries, self.queries))
+                        refine_columns=min(self.refine_columns, self.refine_queries, self.queries), normalize=self.normalize)
 
 
 @dataclass
@@ -183,7 +186,7 @@ def rehearse(name: str, root: Path, run: RunShape, documents: int, device: str =
         peaks.stage("candidate pass")
         stages.release_curvature()
         scorer = CandidateScorer(model, tracked, query_factors, run.sequence, torch.float32,
-                                 dense_budget_mib=run.dense_factors_mib)
+                                 dense_budget_mib=run.dense_factors_mib, normalize=run.normalize)
         del query_factors  # the scorer keeps its own layout of them, as a score run's worker does
         started = time.perf_counter()
         for batch in batches:

@@ -113,6 +113,8 @@ class RunShape:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     query_chunk_bytes: int = QUERY_CHUNK_BYTES
     dense_factors_mib: float = 2048
+    # score.normalize: each document's gradient norm, taken in the candidate pass.
+    normalize: bool = False
     # The refinement (0 sequences: none): its sample of ``refine_sequences`` sequences of ``refine_length``
     # tokens in batches of ``refine_batch``, the first ``refine_cached`` kept, ``refine_columns`` queries
     # solved together through ``refine_stages`` inverses; ``refine_workers`` > 0: the products on that
@@ -251,7 +253,8 @@ def largest_part(sequences: int, batch: int, workers: int) -> int:
     part, every K-th of its ``ceil(n / b)`` batches."""
     if not workers:
         return sequences
-    return min(sequences, -(-(-(-sequences // batch)) // workers) * batch)
+    batches = -(-sequences // batch)
+    return min(sequences, -(-batches // workers) * batch)
 
 
 def refinement_bytes(shape: ModelShape, run: RunShape) -> float:
@@ -312,6 +315,8 @@ def stage_bytes(shape: ModelShape, run: RunShape) -> dict[str, float]:
     dense = sum(run.queries * m.d_out * m.d_in for m in per_document) * f
     contraction = max([3 * tokens * run.queries * run.rank * f, *(run.batch * m.d_out * m.d_in * f for m in per_document),
                        *(run.batch * m.d_out * (m.d_in + 2 * run.queries * run.rank) * f for m in document_low_rank)])
+    # A document's gradient norm, one sequence at a time: its two (T, T) Gram matrices or its gradient.
+    contraction += max(min(2 * run.sequence**2, m.d_out * m.d_in) for m in modules) * f if run.normalize else 0
     return {
         "load model": weights,
         "covariance pass": weights + fit_pass + covariances + max(tokens * (m.d_in + m.d_out) for m in modules) * f,
@@ -348,7 +353,11 @@ def stage_multiply_adds(shape: ModelShape, run: RunShape) -> dict[str, float]:
         "eigenvalue pass": fit_pass + rotations + tokens * sum(m.d_in * m.d_out for m in modules),
         "query gradients": forward_backward(run.queries, run.query_tokens, query_tokens // 2)
         + query_tokens * sum(m.d_in**2 + m.d_out**2 + m.d_in * m.d_out for m in modules),
-        "candidate pass": fit_pass + run.batch * sum(_contraction_cost(m, run) for m in modules),
+        # score.normalize adds, per module, at most the cheaper of the Gram matrices and the gradient (gradient_square_norms;
+        # nothing but the squares where the contraction forms the gradient anyway).
+        "candidate pass": fit_pass + run.batch * sum(_contraction_cost(m, run) + (min(run.sequence**2 * (m.d_in + m.d_out),
+                                                                                      run.sequence * m.d_in * m.d_out)
+                                                                                  if run.normalize else 0) for m in modules),
         "plain forward+backward": 1.5 * fit_pass,
     }
 

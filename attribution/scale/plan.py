@@ -63,7 +63,7 @@ def plan_memory(shape: ModelShape, data: DataSettings, score: ScoreSettings, bud
     for batch in range(data.batch_size, 0, -1):
         run = RunShape(batch=batch, sequence=data.max_length, queries=score.query_batch_size * score.query_batches_per_pass,
                        query_batch=score.query_batch_size, query_tokens=data.max_length, rank=rank,
-                       dense_factors_mib=score.dense_factors_mib)
+                       dense_factors_mib=score.dense_factors_mib, normalize=score.normalize)
         stage, peak = max(((name, value) for name, value in stage_bytes(shape, run).items() if name in stages),
                           key=lambda item: item[1])
         if peak <= budget:

@@ -11,7 +11,7 @@ from attribution.curvature.capture import GradientCapture
 from attribution.data.batching import TokenBatch
 from attribution.log_prob import backward_log_prob
 from attribution.models import TrackedModule
-from attribution.scoring.contraction import Contraction, ModuleContraction, plan_contractions
+from attribution.scoring.contraction import Contraction, ModuleContraction, gradient_square_norms, plan_contractions
 from attribution.scoring.query_factors import QueryFactors
 
 
@@ -20,6 +20,10 @@ class CandidateScorer:
 
     The objective of a document is ``log p(z)`` summed over its tokens; its gradient is
     never formed unless the per-document contraction is the cheaper one for a module.
+
+    ``normalize`` (``score.normalize``): every score of a document, its layer and token parts too, is
+    divided by the norm of its gradient over the tracked parameters, ``I(q, z) / ||grad log p(z)||``,
+    taken in the same backward pass (:func:`~attribution.scoring.contraction.gradient_square_norms`).
     """
 
     def __init__(
@@ -30,8 +34,10 @@ class CandidateScorer:
         expected_tokens: int,
         dtype: torch.dtype = torch.float32,
         dense_budget_mib: float | None = None,
+        normalize: bool = False,
     ) -> None:
         self.model = model
+        self.normalize = normalize
         self.tracked = list(tracked)
         self.dtype = dtype
         self.query_ids = factors.query_ids
@@ -52,24 +58,41 @@ class CandidateScorer:
     def layer_scores(self, batch: TokenBatch) -> torch.Tensor:
         """``I_m(q, z)`` per document, query and module: (B, Q, M); sums over M to the score."""
         result = torch.zeros(len(batch.ids), len(self.query_ids), len(self.tracked), dtype=self.dtype, device=batch.input_ids.device)
+        squares = self._square_norms(batch)
 
         def contract(module: TrackedModule, activations: torch.Tensor, output_gradients: torch.Tensor) -> None:
             masked = activations * batch.attention_mask.unsqueeze(-1).to(self.dtype)
-            result[:, :, self.module_index[module.name]] = self.contractions[module.name].scores(masked, output_gradients)
+            scores = self.contractions[module.name].scores(masked, output_gradients, squares)
+            result[:, :, self.module_index[module.name]] = scores
 
         self._backward(batch, contract)
-        return result
+        return self._normalized(result, squares)
 
     def token_scores(self, batch: TokenBatch) -> torch.Tensor:
         """Each token's contribution ``sum_m (L^T ds_t) . (R^T a_t)``: (B, T, Q); sums over T to the score."""
         result = torch.zeros(len(batch.ids), batch.input_ids.shape[1], len(self.query_ids), dtype=self.dtype, device=batch.input_ids.device)
+        squares = self._square_norms(batch)
 
         def contract(module: TrackedModule, activations: torch.Tensor, output_gradients: torch.Tensor) -> None:
             masked = activations * batch.attention_mask.unsqueeze(-1).to(self.dtype)
             result.add_(self.contractions[module.name].token_scores(masked, output_gradients))
+            if squares is not None:
+                squares.add_(gradient_square_norms(masked, output_gradients))
 
         self._backward(batch, contract)
-        return result
+        return self._normalized(result, squares)
+
+    def _square_norms(self, batch: TokenBatch) -> torch.Tensor | None:
+        """(B,) zeros to add each module's ``||dW(z)||_F^2`` into, with ``normalize``."""
+        return torch.zeros(len(batch.ids), dtype=self.dtype, device=batch.input_ids.device) if self.normalize else None
+
+    @staticmethod
+    def _normalized(result: torch.Tensor, squares: torch.Tensor | None) -> torch.Tensor:
+        """``result`` (B, ...) divided by each document's gradient norm (a zero gradient's scores stay zero)."""
+        if squares is None:
+            return result
+        norms = squares.sqrt().clamp_min(torch.finfo(result.dtype).tiny)
+        return result / norms.view(-1, *[1] * (result.dim() - 1))
 
     def _backward(self, batch: TokenBatch, contract) -> None:
         with GradientCapture(self.model, self.tracked, contract, dtype=self.dtype):

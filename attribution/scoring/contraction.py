@@ -10,7 +10,9 @@ For document z and module m, ``<L R^T, dW(z)> = sum_t (L^T ds_t) . (R^T a_t) = s
 - ``per_document``: form ``dW(z)`` and dot it with the dense ``L R^T``; cost per sequence
   ``(T + Q) d_out d_in'`` and memory ``Q d_out d_in'`` for the dense factors.
 
-All compute the same number on the same rank-r factors.
+All compute the same number on the same rank-r factors. With ``score.normalize`` each also adds the
+document's squared gradient norm ``||dW(z)||_F^2`` (:func:`gradient_square_norms`), from ``dW(z)`` where
+its contraction forms it.
 """
 
 from __future__ import annotations
@@ -86,13 +88,38 @@ class ModuleContraction:
         products = (projected_a * projected_ds).unflatten(-1, (self.num_queries, self.rank))
         return products.sum(-1)
 
-    def scores(self, activations: torch.Tensor, output_gradients: torch.Tensor) -> torch.Tensor:
-        """``<L_q R_q^T, dW(z)>`` per document and query: (B, Q)."""
+    def scores(self, activations: torch.Tensor, output_gradients: torch.Tensor,
+               square_norms: torch.Tensor | None = None) -> torch.Tensor:
+        """``<L_q R_q^T, dW(z)>`` per document and query: (B, Q); ``||dW(z)||_F^2`` added into ``square_norms``
+        (B,) when given."""
         if self.contraction == "low_rank":
+            if square_norms is not None:
+                square_norms += gradient_square_norms(activations, output_gradients)
             return self.token_scores(activations, output_gradients).sum(1)
         # Explicit (b)mm: torch.einsum picked a path an order of magnitude slower on CPU here.
         per_document_gradient = output_gradients.mT @ activations
+        if square_norms is not None:
+            square_norms += per_document_gradient.square().sum((1, 2))
         if self.dense is not None:
             return per_document_gradient.flatten(1) @ self.dense
         projected = (per_document_gradient @ self.right) * self.left  # (B, d_out, Q r)
         return projected.sum(1).unflatten(-1, (self.num_queries, self.rank)).sum(-1)
+
+
+def gradient_square_norms(activations: torch.Tensor, output_gradients: torch.Tensor) -> torch.Tensor:
+    """``||dW(z)||_F^2 = ||sum_t ds_t a_t^T||_F^2`` per document of (B, T, d_in') ``a`` and (B, T, d_out) ``ds``: (B,).
+
+    The cheaper of forming ``dW(z)`` (``T d_out d_in'`` per sequence) and the token Gram matrices,
+    ``sum_{t,t'} (a_t . a_t') (ds_t . ds_t')`` (``T^2 (d_in' + d_out)``), one sequence at a time, so the
+    largest temporary is one (d_out, d_in') gradient or two (T, T) Gram matrices.
+    """
+    tokens, d_in = activations.shape[1:]
+    d_out = output_gradients.shape[-1]
+    result = torch.empty(activations.shape[0], dtype=activations.dtype, device=activations.device)
+    for b in range(activations.shape[0]):
+        a, ds = activations[b], output_gradients[b]
+        if tokens * (d_in + d_out) < d_in * d_out:
+            result[b] = ((a @ a.T) * (ds @ ds.T)).sum()
+        else:
+            result[b] = (ds.T @ a).square().sum()
+    return result

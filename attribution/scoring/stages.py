@@ -204,8 +204,8 @@ def build_stages(
     ``product_workers`` (``refine.workers``, per stage name) take the refined stages' Gauss-Newton products."""
     if finetune_settings.enabled:
         return multi_stage(model_settings, finetune_settings, factor_settings, refine_settings, output_dir, device, sharding,
-                           product_workers or {})
-    return single_stage(model_settings, factor_settings, refine_settings, output_dir, device, sharding, product_workers or {})
+                           product_workers)
+    return single_stage(model_settings, factor_settings, refine_settings, output_dir, device, sharding, product_workers)
 
 
 def identity_factor_set(tracked: list[TrackedModule], fingerprint: str) -> FactorSet:

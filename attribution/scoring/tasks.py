@@ -124,6 +124,7 @@ class ScoreTasks:
                     start += len(part.query_ids)
             score = self.inputs.score
             scorer = CandidateScorer(self.stages.candidate_model, self.stages.tracked, concatenate(parts),
-                                     self.inputs.data.max_length, torch_dtype(score.dtype), score.dense_factors_mib)
+                                     self.inputs.data.max_length, torch_dtype(score.dtype), score.dense_factors_mib,
+                                     score.normalize)
             self._pass = (group, PassQueries(scorer, columns))
         return self._pass[1]

@@ -15,7 +15,7 @@ import torch
 from tests.counterfactual.test_job import TINY_DEMO, latest_record, pairs_by_query
 from tests.jobs.helpers import run_job
 
-STAGED_METHODS = ("~methods.refined_cg", "~methods.refined_stochastic", "~methods.kfac", "~methods.identity",
+STAGED_METHODS = ("~methods.refined_cg", "~methods.refined_stochastic", "~methods.kfac", "~methods.identity", "~methods.cosine",
                   "~methods.bm25_then_ekfac", "+methods.finetuned_ekfac={kind: ekfac, stage: finetuned}",
                   "+methods.multi_ekfac={kind: ekfac, stage: multi}",
                   "+methods.multi_small={kind: ekfac, stage: multi, finetune_damping: 0.01}")

@@ -62,8 +62,8 @@ def test_killed_run_resumes_without_retraining_and_same_seeds_give_the_same_lds(
     removal = second["config"]["results"]["removal"]
     assert removal["k"] == 1 and len(removal["query_ids"]) == 2
     assert removal["results"] == first["config"]["results"]["removal"]["results"]
-    assert [r["ranking"] for r in removal["results"]] == ["ekfac", "refined_cg", "identity", "bm25", "bm25_then_ekfac",
-                                                          "random"]
+    assert [r["ranking"] for r in removal["results"]] == ["ekfac", "refined_cg", "identity", "cosine", "bm25",
+                                                          "bm25_then_ekfac", "random"]
     assert all(math.isfinite(r["mean"]) and r["low"] <= r["mean"] <= r["high"] for r in removal["results"])
     assert not any(m["trained"] for m in removal["models"]) and removal["models"][0]["training_set"] == 0
     assert "top-k removal: increase of -log p(completion | prompt)" in again.stdout and "| random | 1 | 2 |" in again.stdout
@@ -72,14 +72,15 @@ def test_killed_run_resumes_without_retraining_and_same_seeds_give_the_same_lds(
 
     table = pq.read_table(second["outputs"]["table"]).to_pylist()
     rows = {(row["method"], row["damping"]) for row in table}
-    assert rows == {("ekfac", "10x"), ("refined_cg", "10x"), ("identity", "-"), ("bm25", "-"), ("bm25_then_ekfac", "10x"),
-                    ("ekfac", "1x"), ("refined_cg@1", "10x")}
+    assert rows == {("ekfac", "10x"), ("refined_cg", "10x"), ("identity", "-"), ("cosine", "-"), ("bm25", "-"),
+                    ("bm25_then_ekfac", "10x"), ("ekfac", "1x"), ("refined_cg@1", "10x")}
     for row in table:
         assert math.isfinite(row["lds"]) and row["lds_low"] <= row["lds"] <= row["lds_high"]
         # The PBRF is solved at the headline damping: rows at another damping have no agreement.
         assert math.isfinite(row["pbrf_spearman"]) == (row["damping"] != "1x")
         # Damped methods are compared with the PBRF in scale too; the dot product and BM25 only in rank.
-        assert math.isfinite(row["pbrf_relative_error"]) == (row["method"] not in ("identity", "bm25") and row["damping"] != "1x")
+        assert math.isfinite(row["pbrf_relative_error"]) == (row["method"] not in ("identity", "cosine", "bm25")
+                                                             and row["damping"] != "1x")
     refined = next(row for row in table if row["method"] == "refined_cg")
     assert "cg: 3-3 products" in refined["detail"]
     # Every method's pairs dataset is recorded, for a user to read every pair's score.

@@ -9,7 +9,7 @@ from attribution.curvature.precondition import Preconditioner
 from attribution.data.batching import sequence_log_prob
 from attribution.models import find_tracked_modules
 from attribution.scoring.candidates import CandidateScorer
-from attribution.scoring.contraction import ModuleContraction, choose_contraction, plan_contractions
+from attribution.scoring.contraction import ModuleContraction, choose_contraction, gradient_square_norms, plan_contractions
 from attribution.scoring.query_factors import ModuleQueryFactors, compress, query_factors
 from attribution.scoring.stages import identity_factor_set
 from tests.curvature.test_fit import fit
@@ -42,12 +42,12 @@ def brute_force_scores(model, factors, damping=None):
     return scores
 
 
-def engine_scores(model, factors, rank=None, damping=None, batch_size=2):
+def engine_scores(model, factors, rank=None, damping=None, batch_size=2, normalize=False):
     tracked = find_tracked_modules(model)
     preconditioner = Preconditioner(factors, damping)
     query_set, rejected = query_factors(model, tracked, query_batch(PROMPTS, COMPLETIONS), preconditioner.apply, rank)
     assert rejected == []
-    scorer = CandidateScorer(model, tracked, query_set, expected_tokens=8, dtype=torch.float64)
+    scorer = CandidateScorer(model, tracked, query_set, expected_tokens=8, dtype=torch.float64, normalize=normalize)
     chunks = [DOCUMENTS[i : i + batch_size] for i in range(0, len(DOCUMENTS), batch_size)]
     return scorer, torch.cat([scorer.layer_scores(make_batch(chunk)) for chunk in chunks])
 
@@ -89,6 +89,39 @@ def test_token_scores_and_layer_scores_sum_to_the_score():
     scorer, layers = engine_scores(model, factors, rank=3)
     tokens = torch.cat([scorer.token_scores(make_batch(DOCUMENTS[i : i + 2])).sum(1) for i in range(0, len(DOCUMENTS), 2)])
     torch.testing.assert_close(tokens, layers.sum(-1), rtol=1e-9, atol=1e-12)
+
+
+def test_normalized_scores_divide_by_each_documents_gradient_norm():
+    """``score.normalize``: I(q, z) / ||g_z||, g_z the document's autograd gradient over every tracked module; its
+    layer and token parts divided alike, so they still sum to it."""
+    model = tiny_model("gpt_neox")
+    factors = fit(model)
+    tracked = find_tracked_modules(model)
+    norms = torch.stack([sum(g.square().sum() for g in autograd_gradient(model, tracked, make_batch([d])).values()).sqrt()
+                         for d in DOCUMENTS])
+    expected = brute_force_scores(model, factors) / norms.view(-1, 1, 1)
+    scorer, actual = engine_scores(model, factors, normalize=True)
+    torch.testing.assert_close(actual, expected, rtol=1e-8, atol=1e-10 * float(expected.abs().max()))
+    assert not torch.allclose(norms, torch.ones_like(norms), rtol=0.1)
+    tokens = torch.cat([scorer.token_scores(make_batch(DOCUMENTS[i : i + 2])).sum(1) for i in range(0, len(DOCUMENTS), 2)])
+    torch.testing.assert_close(tokens, actual.sum(-1), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(("tokens", "d_in", "d_out"), [(3, 9, 8), (12, 4, 5)])
+def test_gradient_square_norms_by_gram_matrices_or_the_gradient(tokens, d_in, d_out):
+    """Both routes (token Gram matrices for short documents of wide modules, the gradient otherwise), and every
+    contraction adding the same norms."""
+    generator = torch.Generator().manual_seed(1)
+    a = torch.randn(3, tokens, d_in, generator=generator, dtype=torch.float64)
+    ds = torch.randn(3, tokens, d_out, generator=generator, dtype=torch.float64)
+    expected = (ds.mT @ a).square().sum((1, 2))
+    torch.testing.assert_close(gradient_square_norms(a, ds), expected)
+    factors = ModuleQueryFactors(torch.randn(2, d_out, 2, generator=generator, dtype=torch.float64),
+                                 torch.randn(2, d_in, 2, generator=generator, dtype=torch.float64))
+    for contraction in ("low_rank", "document_low_rank", "per_document"):
+        squares = torch.zeros(3, dtype=torch.float64)
+        ModuleContraction(factors, contraction).scores(a, ds, squares)
+        torch.testing.assert_close(squares, expected)
 
 
 def test_scores_do_not_depend_on_document_batching():
