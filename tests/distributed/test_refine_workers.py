@@ -14,40 +14,25 @@ import torch
 from attribution.curvature.gauss_newton import GaussNewton
 from attribution.data.corpus import list_shards
 from attribution.data.stream import training_batches
-from attribution.fitting import run_fit
 from attribution.models import find_tracked_modules, load_model, model_fingerprint
 from attribution.refine.product_pool import ProductSource, RemoteGaussNewton, start_product_workers, stop_product_workers
 from attribution.scoring.run import run_score
 from attribution.settings import (
     ClusterSettings,
-    DataSettings,
-    FactorSettings,
-    ModelSettings,
-    QuerySettings,
     RefineSettings,
     ScoreSettings,
     SettingsError,
 )
-from tests.scoring.test_run import WORDS, corpus_rows, write_shards
-from tests.tiny import save_tiny_lm
+from tests.refine.test_score_run import fitted_tiny
 
 SAMPLE = 7  # sequences, in batches of 2: an odd count, so the workers' parts differ in size
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refine-workers")
-    rows = corpus_rows(10)
-    model_dir = save_tiny_lm(root / "model", [r["text"] for r in rows] + WORDS)
-    corpus = write_shards(root / "corpus", [rows[:5], rows[5:]])
-    queries = root / "queries.jsonl"
-    pairs = [("the cat sat on", " a mat"), ("dogs ran in", " parks"), ("birds sang over", " hills")]
-    queries.write_text("".join(json.dumps({"id": f"q{i}", "prompt": p, "completion": c}) + "\n"
-                               for i, (p, c) in enumerate(pairs)))
-    model = ModelSettings(path=str(model_dir), device="cpu", dtype="float64")
-    data = DataSettings(path=corpus, max_length=16, batch_size=2)
-    fit = run_fit(model, data, FactorSettings(path=str(root / "factors"), damping=0.05), root / "fit", {}, progress=False)
-    return root, model, data, FactorSettings(path=str(fit.factors_path), damping=0.05), QuerySettings(path=str(queries))
+    queries = [{"id": f"q{i}", "prompt": prompt, "completion": completion} for i, (prompt, completion) in
+               enumerate([("the cat sat on", " a mat"), ("dogs ran in", " parks"), ("birds sang over", " hills")])]
+    return fitted_tiny(tmp_path_factory.mktemp("refine-workers"), queries, batch_size=2)
 
 
 def test_split_products_equal_one_process_and_survive_a_killed_worker(setup, ray_local):

@@ -40,19 +40,24 @@ QUERIES = [{"id": "q-cat", "prompt": "the cat sat on", "completion": " a mat"},
            {"id": "q-dog", "prompt": "dogs ran in", "completion": " parks"}]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refined")
+def fitted_tiny(root, queries: list[dict], batch_size: int):
+    """A float64 tiny model, a 10-document corpus in two shards, ``queries`` and an EK-FAC store damped by 0.05:
+    ``(root, model, data, factors, queries)`` settings."""
     rows = corpus_rows(10)
     model_dir = save_tiny_lm(root / "model", [r["text"] for r in rows] + WORDS)
     corpus = write_shards(root / "corpus", [rows[:5], rows[5:]])
-    queries = root / "queries.jsonl"
-    queries.write_text("".join(json.dumps(r) + "\n" for r in QUERIES))
+    query_file = root / "queries.jsonl"
+    query_file.write_text("".join(json.dumps(r) + "\n" for r in queries))
     model = ModelSettings(path=str(model_dir), device="cpu", dtype="float64")
-    data = DataSettings(path=corpus, max_length=16, batch_size=4)
+    data = DataSettings(path=corpus, max_length=16, batch_size=batch_size)
     fit = run_fit(model, data, FactorSettings(path=str(root / "factors"), damping=0.05), root / "fit", {}, progress=False)
     factors = FactorSettings(path=str(fit.factors_path), damping=0.05)
-    return root, model, data, factors, QuerySettings(path=str(queries))
+    return root, model, data, factors, QuerySettings(path=str(query_file))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return fitted_tiny(tmp_path_factory.mktemp("refined"), QUERIES, batch_size=4)
 
 
 def score(setup, name, refine, strategy="ekfac"):
