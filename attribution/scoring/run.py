@@ -247,6 +247,9 @@ class _Run:
         if inputs.score.all_pairs and inputs.score.bottom_k:
             notes.append("score.bottom_k is implied by score.top_k=all (every pair is written)")
         notes.extend(_rows_beyond_documents(inputs.score, self._documents_per_query(record.counts)))
+        if inputs.score.normalize:
+            notes.append("score.normalize: every score (its layer and token parts too) is divided by its document's "
+                         "gradient norm")
         record.config["notes"] = notes
         if self.candidates is not None:
             record.counts.update(self.candidates.counts())

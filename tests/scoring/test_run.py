@@ -105,6 +105,16 @@ def test_same_table_whatever_the_batching_or_shard_layout(setup, tmp_path):
     assert reference_scores
 
 
+def test_a_normalized_run_is_another_run_and_says_so(setup):
+    """``score.normalize`` changes every score, so it is in the run key, and the score line says what the table holds."""
+    plain, plain_table = score(setup, "plain")
+    normalized, normalized_table = score(setup, "plain", normalize=True)
+    assert not normalized.reused and normalized.run_id != plain.run_id
+    assert "note: score.normalize: every score (its layer and token parts too) is divided" in normalized.line()
+    assert "score.normalize" not in plain.line()
+    assert plain_table["score"].to_pylist() != normalized_table["score"].to_pylist()
+
+
 def test_factors_missing_a_tracked_module(setup, tmp_path):
     root, _, model, data, _, queries = setup
     mlp_only = run_fit(ModelSettings(path=model.path, tracked_modules="mlp", device="cpu"), data,
