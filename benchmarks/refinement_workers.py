@@ -46,23 +46,23 @@ def main(sequences: int, cached: int, columns: int, products: int, worker_counts
     size = sum(m.d_out * m.d_in_augmented for m in tracked)
     vectors = torch.randn(columns, size, generator=torch.Generator().manual_seed(0))
     reference = None
+
+    def operator(pool: dict[str, list]) -> GaussNewton | RemoteGaussNewton:
+        """The products on the pool's workers, or in this process with every core's threads."""
+        if pool:
+            return RemoteGaussNewton(pool["model"], source, len(sample), count, size, torch.device("cpu"))
+        torch.set_num_threads(os.cpu_count() or 1)
+        return GaussNewton(model, tracked, sample, cached_sequences=cached)
+
     with ray_session(ClusterSettings(num_workers=max(worker_counts))):
         for workers in worker_counts:
             pool = start_product_workers(ClusterSettings(num_workers=0), workers, ["model"]) if workers else {}
-            if workers:
-                def build():
-                    return RemoteGaussNewton(pool["model"], source, len(sample), count, size, torch.device("cpu"))
-            else:
-                torch.set_num_threads(os.cpu_count() or 1)
-
-                def build():
-                    return GaussNewton(model, tracked, sample, cached_sequences=cached)
             times = []
             with eager_attention(model):
                 started = time.perf_counter()
-                operator = build()
+                products_of = operator(pool)
                 for _ in range(products):
-                    result = operator(vectors)
+                    result = products_of(vectors)
                     times.append(time.perf_counter() - started)
                     started = time.perf_counter()
             reference = result if reference is None else reference
@@ -74,8 +74,9 @@ def main(sequences: int, cached: int, columns: int, products: int, worker_counts
                 "worker_peak_mib": [round(peak) for peak in peaks],
                 "largest_relative_difference": float(((result - reference).norm(dim=1) / reference.norm(dim=1)).max()),
             }), flush=True)
-            del operator
+            del products_of
             stop_product_workers(pool)
+
 
 if __name__ == "__main__":
     main(*map(int, sys.argv[1:5]), [int(k) for k in sys.argv[5:]])
