@@ -102,8 +102,11 @@ class ScaleSettings:
             raise SettingsError(f"scale.workers must be at least 1, got {self.workers}")
         if self.query_tokens < 2:
             raise SettingsError("scale.query_tokens must be at least 2 (a prompt and a completion token)")
-        if self.refine_length is not None and self.refine_length < 2:
-            raise SettingsError(f"scale.refine_length must be at least 2 or null, got {self.refine_length}")
+        if self.refine_length is not None and (isinstance(self.refine_length, bool) or not isinstance(self.refine_length, int)
+                                               or self.refine_length < 2):
+            raise SettingsError(f"scale.refine_length must be an integer of at least 2 or null, got {self.refine_length!r}")
+        if not isinstance(self.normalize, bool):
+            raise SettingsError(f"scale.normalize must be true or false, got {self.normalize!r}")
 
     @property
     def rehearsal_settings(self) -> dict:

@@ -16,18 +16,14 @@ from attribution.data.corpus import iter_documents, list_shards
 from attribution.data.queries import read_queries
 from attribution.models import find_tracked_modules, load_model
 from attribution.settings import ClusterSettings, DataSettings, ModelSettings, QuerySettings, ScoreSettings, SettingsError
+from tests.scoring.test_engine import autograd_gradient
 from tests.scoring.test_run import WORDS, corpus_rows, write_shards
 from tests.tiny import save_tiny_lm
 
 
 def brute_force_norm(model, tracked, batch) -> float:
-    """``||grad log p(z)||`` over the tracked weights and biases, from the model's own logits and autograd."""
-    model.zero_grad()
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    log_p = torch.log_softmax(logits, -1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
-    (log_p * batch.target_mask[:, 1:]).sum().backward()
-    parameters = [p for m in tracked for p in (m.module.weight, m.module.bias) if p is not None]
-    return float(sum(p.grad.square().sum() for p in parameters).sqrt())
+    """``||grad log p(z)||`` over the tracked weights and biases, by plain autograd on a batch of one."""
+    return float(sum(g.square().sum() for g in autograd_gradient(model, tracked, batch).values()).sqrt())
 
 
 def test_a_normalized_method_divides_by_each_documents_gradient_norm(tmp_path):

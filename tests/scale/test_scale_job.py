@@ -38,6 +38,17 @@ def test_every_stage_is_measured_and_a_rerun_reuses_the_result(tmp_path):
     assert not any(line.startswith("rehearsing") for line in said) and "candidate pass throughput" in said[-1]
 
 
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("normalize", "maybe", "scale.normalize must be true or false, got 'maybe'"),
+    ("refine_length", 1, "scale.refine_length must be an integer of at least 2 or null, got 1"),
+])
+def test_bad_refinement_and_normalize_settings_are_one_line(key, value, message):
+    with pytest.raises(SettingsError) as raised:
+        ScaleSettings(models=(), documents=1, batch_size=1, sequence=8, queries=1, query_batch_size=1, query_tokens=2,
+                      rank=1, device="cpu", **{key: value})
+    assert one_line(str(raised.value)) == message
+
+
 def test_an_unknown_model_is_one_line():
     with pytest.raises(SettingsError) as raised:
         ScaleSettings(models=("llama-9000",), documents=1, batch_size=1, sequence=8, queries=1, query_batch_size=1,
