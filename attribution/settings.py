@@ -429,10 +429,14 @@ class PrefilterSettings:
     ef_search: int = 128
     batch_size: int = 256
     # gradient: each module's sketch is sketch_dim x sketch_dim, its projections drawn from sketch_seed.
-    sketch_dim: int = 16
+    sketch_dim: int = 64
     sketch_seed: int = 0
     # gradient: whiten both sides by the factor store's covariances (the index is then tied to that store).
     sketch_whiten: bool = True
+    # gradient: keep each module's sketch as its C coordinates in the principal directions of the
+    # first sketch_basis_documents documents' sketches (null, or at least sketch_dim^2: the whole sketch).
+    sketch_components: int | None = 256
+    sketch_basis_documents: int = 2048
 
     def __post_init__(self) -> None:
         check = Check("prefilter", self)
@@ -455,7 +459,16 @@ class PrefilterSettings:
         check.integer("sketch_dim", 1)
         check.integer("sketch_seed", 0)
         check.boolean("sketch_whiten")
+        check.integer("sketch_components", 1, none="all sketch_dim^2 numbers")
+        check.integer("sketch_basis_documents", 1)
         check.done()
+
+    @property
+    def stored_components(self) -> int | None:
+        """The principal coordinates a gradient index keeps per module; None: the whole ``sketch_dim^2``."""
+        if self.sketch_components is None or self.sketch_components >= self.sketch_dim**2:
+            return None
+        return self.sketch_components
 
     def index_path(self, output_dir: str | Path) -> Path:
         """Where the index lives: ``path``, else ``<output_dir>/prefilter/<kind>``."""

@@ -115,7 +115,10 @@ def update_index(
     started = time.perf_counter()
     directory = Path(directory)
     sketcher = DocumentSketcher(model or ModelSettings(), data, settings, store) if settings.kind == "gradient" else None
-    if (directory / MANIFEST_NAME).exists():
+    create = not (directory / MANIFEST_NAME).exists()
+    if sketcher is not None:
+        sketcher.use_basis(directory, create, shards)
+    if not create:
         manifest = read_manifest(directory)
         _check_encoder(directory, manifest, settings, sketcher)
         wanted = (_structure(settings), data.id_field, data.text_field)

@@ -20,6 +20,7 @@ store, seed or size is refused, naming both encoder fingerprints.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import torch
 
 from attribution.curvature.store import MANIFEST, load_factors, store_fingerprint
 from attribution.data.batching import batch_documents
-from attribution.data.corpus import Document, SkipHandler
+from attribution.data.corpus import Document, SkipHandler, iter_documents
 from attribution.models import TrackedModule, find_tracked_modules, load_model, model_fingerprint
 from attribution.prefilter.manifest import (
     IndexedShard,
@@ -43,6 +44,7 @@ from attribution.prefilter.manifest import (
 )
 from attribution.prefilter.ranking import Hit, TopM
 from attribution.settings import DataSettings, ModelSettings, PrefilterSettings, resolve_device, torch_dtype
+from attribution.sketch.basis import load_basis, principal_directions, save_basis
 from attribution.sketch.sketcher import Sketcher
 from attribution.sketch.whitening import module_whitening
 
@@ -71,8 +73,14 @@ def whitening_of(store: Path | None, tracked: Sequence[TrackedModule], fingerpri
 
 
 def encoder_description(fingerprint: str, tracked: Sequence[TrackedModule], settings: PrefilterSettings, data: DataSettings,
-                        store: Path | None) -> dict[str, Any]:
-    """What a gradient sketch depends on: the model, modules, projections, sequence length and whitening store."""
+                        store: Path | None, basis_sha256: str | None = None) -> dict[str, Any]:
+    """What a gradient sketch depends on: the model, modules, projections, sequence length, whitening store
+    and, when the sketches are compressed, the basis (the sha256 of the index's basis file)."""
+    compression = {} if settings.stored_components is None else {
+        "sketch_components": settings.stored_components,
+        "sketch_basis_documents": settings.sketch_basis_documents,
+        "basis_sha256": basis_sha256,
+    }
     return {
         "model_fingerprint": fingerprint,
         "modules": [module.name for module in tracked],
@@ -82,6 +90,7 @@ def encoder_description(fingerprint: str, tracked: Sequence[TrackedModule], sett
         "objective": "log p(z)",
         "stored": "float16",
         "whitened_by": store_fingerprint(store) if settings.sketch_whiten and store is not None else None,
+        **compression,
     }
 
 
@@ -92,17 +101,44 @@ class DocumentSketcher:
         if model.path is None:
             raise PrefilterError("prefilter.kind=gradient sketches with the scored model: set model.path")
         self.data = data
+        self.settings = settings
+        self.store = store
         loaded, self.tokenizer = load_model(model.path, model.trust_remote_code, torch_dtype(model.dtype),
                                             resolve_device(model.device))
-        tracked = find_tracked_modules(loaded, model.tracked_modules)
-        fingerprint = model_fingerprint(loaded)
-        whitening = whitening_of(store, tracked, fingerprint) if settings.sketch_whiten else None
-        self.sketcher = Sketcher(loaded, tracked, settings.sketch_seed, settings.sketch_dim, whitening=whitening)
-        self.description = encoder_description(fingerprint, tracked, settings, data, store)
+        self.tracked = find_tracked_modules(loaded, model.tracked_modules)
+        self.model_fingerprint = model_fingerprint(loaded)
+        whitening = whitening_of(store, self.tracked, self.model_fingerprint) if settings.sketch_whiten else None
+        self.sketcher = Sketcher(loaded, self.tracked, settings.sketch_seed, settings.sketch_dim, whitening=whitening)
+        self.basis_sha256: str | None = None
+
+    @property
+    def description(self) -> dict[str, Any]:
+        return encoder_description(self.model_fingerprint, self.tracked, self.settings, self.data, self.store,
+                                   self.basis_sha256)
 
     @property
     def fingerprint(self) -> str:
         return json_fingerprint(self.description)
+
+    def use_basis(self, directory: Path, create: bool, shards: Sequence[Path]) -> None:
+        """With ``prefilter.sketch_components``: a new index fits its basis from the first
+        ``sketch_basis_documents`` documents of ``shards`` and stores it; an existing one reads its own."""
+        if self.settings.stored_components is None:
+            return
+        names = [module.name for module in self.tracked]
+        if create:
+            documents = iter_documents(shards, self.data.id_field, self.data.text_field, on_skip=lambda skip: None,
+                                       on_bad_row=self.data.on_bad_row)
+            # Skips are recorded by the indexing pass that follows, not by this sample.
+            _, sample = self.sketch(itertools.islice(documents, self.settings.sketch_basis_documents), lambda skip: None)
+            per_module = torch.from_numpy(sample).view(len(sample), len(names), -1)
+            basis = {name: principal_directions(per_module[:, index], self.settings.stored_components)
+                     for index, name in enumerate(names)}
+            self.basis_sha256 = save_basis(directory, basis)
+        else:
+            basis, self.basis_sha256 = load_basis(directory, names)
+        if basis is not None:
+            self.sketcher = self.sketcher.with_basis(basis)
 
     def sketch(self, documents: Iterable[Document], on_skip: SkipHandler) -> tuple[list[str], np.ndarray]:
         """Ids and float32 sketches (N, dim) of the documents that have a prediction target."""

@@ -19,6 +19,7 @@ from attribution.prefilter.manifest import IndexManifest
 from attribution.scoring.inputs import ScoreInputs
 from attribution.scoring.stages import build_stages
 from attribution.settings import resolve_device
+from attribution.sketch.basis import load_basis
 from attribution.sketch.index import QuerySketches, check_encoder, encoder_description, to_numpy, whitening_of
 from attribution.sketch.sketcher import Sketcher
 
@@ -29,10 +30,15 @@ def query_sketcher(inputs: ScoreInputs, directory: Path, manifest: IndexManifest
                           resolve_device(inputs.model.device))
     store = Path(inputs.factors.path) if inputs.factors.path is not None else output_dir / "factors"
     fingerprint = stages.fingerprints["model"]
-    check_encoder(directory, manifest, encoder_description(fingerprint, stages.tracked, inputs.prefilter, inputs.data, store))
+    basis, basis_sha256 = (None, None) if inputs.prefilter.stored_components is None else \
+        load_basis(directory, [module.name for module in stages.tracked])
+    check_encoder(directory, manifest, encoder_description(fingerprint, stages.tracked, inputs.prefilter, inputs.data, store,
+                                                           basis_sha256))
     whitening = whitening_of(store, stages.tracked, fingerprint) if inputs.prefilter.sketch_whiten else None
     sketcher = Sketcher(stages.candidate_model, stages.tracked, inputs.prefilter.sketch_seed, inputs.prefilter.sketch_dim,
                         whitening=whitening)
+    if basis is not None:
+        sketcher = sketcher.with_basis(basis)
 
     def sketch(queries: Sequence[Query]) -> dict[str, np.ndarray]:
         sketches: dict[str, np.ndarray] = {}

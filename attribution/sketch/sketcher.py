@@ -6,12 +6,15 @@ the order of the tracked modules, so that
     <sketch(q), sketch(z)> = sum_m <S_m(X_q), S_m(dW_m(z))>  ~  sum_m <X_q, dW_m(z)> = I(q, z)
 
 for a query's preconditioned gradient ``X_q`` (its rank-r factors, as scoring uses them) and a
-document's gradient of ``log p(z)``: the candidate pass's own score, estimated.
+document's gradient of ``log p(z)``: the candidate pass's own score, estimated. With a ``basis``
+(:mod:`attribution.sketch.basis`), each module's ``k^2`` numbers are replaced by their C
+coordinates in its principal directions, ``V_m^T s_m``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Mapping, Sequence
 
 import torch
 from transformers import PreTrainedModel
@@ -38,6 +41,7 @@ class Sketcher:
         self.dtype = dtype
         self.k = k
         device = next(model.parameters()).device
+        self.basis: dict[str, torch.Tensor] | None = None
         self.projections: dict[str, ModuleProjection] = projections(seed, self.tracked, k, device, dtype)
         self.document_projections = self.query_projections = self.projections
         if whitening is not None:
@@ -49,8 +53,27 @@ class Sketcher:
                                       for name, projection in self.projections.items()}
 
     @property
+    def module_dim(self) -> int:
+        """Numbers per module: ``k^2``, or the basis' C."""
+        return self.k * self.k if self.basis is None else next(iter(self.basis.values())).shape[1]
+
+    @property
     def dim(self) -> int:
-        return len(self.tracked) * self.k * self.k
+        return len(self.tracked) * self.module_dim
+
+    def with_basis(self, basis: Mapping[str, torch.Tensor]) -> Sketcher:
+        """The same projections, compressed by ``basis``."""
+        compressed = copy.copy(self)
+        device = next(self.model.parameters()).device
+        compressed.basis = {name: matrix.to(device, self.dtype) for name, matrix in basis.items()}
+        return compressed
+
+    def compress(self, sketches: torch.Tensor) -> torch.Tensor:
+        """(N, modules, k, k) -> (N, dim): flattened, or each module's ``V_m^T s_m`` with a basis."""
+        if self.basis is None:
+            return sketches.flatten(1)
+        flat = sketches.flatten(2)
+        return torch.cat([flat[:, index] @ self.basis[module.name] for index, module in enumerate(self.tracked)], dim=1)
 
     def documents(self, batch: TokenBatch) -> torch.Tensor:
         """(B, dim): each document's sketched gradient of ``log p(z)``, from one forward and backward pass."""
@@ -64,7 +87,7 @@ class Sketcher:
 
         with GradientCapture(self.model, self.tracked, sketch, dtype=self.dtype):
             backward_log_prob(self.model, batch, tracked=self.tracked)
-        return sketches.flatten(1)
+        return self.compress(sketches)
 
     def queries(self, factors: QueryFactors) -> torch.Tensor:
         """(Q, dim): each query's sketched preconditioned gradient, from its low-rank factors."""
@@ -72,5 +95,5 @@ class Sketcher:
         parts = []
         for module in self.tracked:
             stacked = factors.modules[module.name].to(device, self.dtype)
-            parts.append(self.query_projections[module.name].factors(stacked.left, stacked.right).flatten(1))
-        return torch.cat(parts, dim=1)
+            parts.append(self.query_projections[module.name].factors(stacked.left, stacked.right))
+        return self.compress(torch.stack(parts, dim=1))

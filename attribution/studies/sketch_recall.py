@@ -61,10 +61,14 @@ class SketchRecallSettings:
     documents: int = 50_000
     shards: int = 25
     sketch_dims: tuple[int, ...] = (16, 32, 64)
+    # Sketches of component_sketch_dim compressed to each of these many principal components per module.
+    component_sketch_dim: int = 64
+    components: tuple[int, ...] = (64, 128, 256)
     fractions: tuple[float, ...] = (0.01, 0.05, 0.1)
     top: int = 100
     rank: int = 32
-    cost_sketch_dim: int = 32
+    cost_sketch_dim: int = 64
+    cost_components: int | None = 256
     cost_fractions: tuple[float, ...] = (0.002, 0.01, 0.05)
     dense_max_documents: int = 5_000
     seed: int = 0
@@ -76,6 +80,10 @@ class SketchRecallSettings:
         check.integer("top", 1)
         check.integer("rank", 1)
         check.integer("cost_sketch_dim", 1)
+        check.integer("component_sketch_dim", 1)
+        check.integer("cost_components", 1, none="the whole sketch")
+        if any(not isinstance(c, int) or not 1 <= c <= self.component_sketch_dim**2 for c in self.components):
+            check.fail("components", f"a list of integers from 1 to component_sketch_dim^2 = {self.component_sketch_dim**2}")
         check.integer("dense_max_documents", 0)
         check.integer("seed", 0)
         if not self.sketch_dims or any(not isinstance(k, int) or k < 1 for k in self.sketch_dims):
@@ -174,16 +182,18 @@ def run_sketch_recall(settings: SketchRecallSettings, demo: DemoPaths, output_di
         floor = stage(f"{name}-floor", lambda: {"seconds": floor_seconds(model, data)})
         sizes = {fraction: max(1, round(fraction * truth["documents"])) for fraction in settings.fractions}
         rows = []
-        for k in settings.sketch_dims:
-            rows.append(stage(f"{name}-gradient-k{k}", lambda: _gradient_row(
-                k, model, data, factors, queries, score, work, sizes, truth, floor["seconds"])))
-            log(f"{name}: gradient k={k}: {rows[-1]['recall']}")
+        sketches = [(k, None) for k in settings.sketch_dims] + [(settings.component_sketch_dim, c) for c in settings.components]
+        for k, components in sketches:
+            rows.append(stage(f"{name}-{_sketch_name(k, components)}", lambda: _gradient_row(
+                k, components, model, data, factors, queries, score, work, sizes, truth, floor["seconds"])))
+            log(f"{name}: {rows[-1]['method']}: {rows[-1]['recall']}")
         kinds = ["bm25"] + (["dense"] if truth["documents"] <= settings.dense_max_documents else [])
         for kind in kinds:
             rows.append(stage(f"{name}-{kind}", lambda: _text_row(kind, data, queries, work, sizes, truth)))
             log(f"{name}: {kind}: {rows[-1]['recall']}")
-        costs = [stage(f"{name}-cost-{fraction}", lambda: _cost(settings.cost_sketch_dim, fraction, model, data, factors,
-                                                                 queries, score, work, truth))
+        costs = [stage(f"{name}-cost-{_sketch_name(settings.cost_sketch_dim, settings.cost_components)}-{fraction}",
+                       lambda: _cost(settings.cost_sketch_dim, settings.cost_components, fraction, model, data, factors,
+                                     queries, score, work, truth))
                  for fraction in settings.cost_fractions]
         results[name] = {"documents": truth["documents"], "full_pass_seconds": truth["seconds"],
                          "floor_seconds": floor["seconds"], "rows": rows, "costs": costs}
@@ -191,17 +201,22 @@ def run_sketch_recall(settings: SketchRecallSettings, demo: DemoPaths, output_di
     return results
 
 
-def _gradient_row(k: int, model: ModelSettings, data: DataSettings, factors: FactorSettings, queries: QuerySettings,
-                  score: ScoreSettings, work: Path, sizes: dict[float, int], truth: dict[str, Any],
+def _sketch_name(k: int, components: int | None) -> str:
+    return f"gradient-k{k}" + (f"-c{components}" if components is not None else "")
+
+
+def _gradient_row(k: int, components: int | None, model: ModelSettings, data: DataSettings, factors: FactorSettings,
+                  queries: QuerySettings, score: ScoreSettings, work: Path, sizes: dict[float, int], truth: dict[str, Any],
                   floor: float) -> dict[str, Any]:
-    prefilter = PrefilterSettings(kind="gradient", path=str(work / f"gradient-k{k}"), sketch_dim=k)
-    built = update_index(work / f"gradient-k{k}", prefilter, data, list_shards(str(data.path)), lambda skip: None, model,
+    directory = work / _sketch_name(k, components)
+    prefilter = PrefilterSettings(kind="gradient", path=str(directory), sketch_dim=k, sketch_components=components)
+    built = update_index(directory, prefilter, data, list_shards(str(data.path)), lambda skip: None, model,
                          Path(str(factors.path)))
     inputs = ScoreInputs(model, data, factors, queries, score, prefilter=prefilter)
-    index = open_index(work / f"gradient-k{k}", prefilter)
+    index = open_index(directory, prefilter)
     query_list = read_queries(str(queries.path), on_skip=lambda skip: None)
     started = time.perf_counter()
-    sketches = query_sketcher(inputs, work / f"gradient-k{k}", index.manifest, work)(query_list)
+    sketches = query_sketcher(inputs, directory, index.manifest, work)(query_list)
     query_seconds = time.perf_counter() - started
     started = time.perf_counter()
     hits = index.search(sketches, [query.id for query in query_list], max(sizes.values()))
@@ -209,10 +224,10 @@ def _gradient_row(k: int, model: ModelSettings, data: DataSettings, factors: Fac
     modules = index.manifest.encoder["modules"]
     layers = len({name.split(".layers.")[-1].split(".")[0] for name in modules})
     return {
-        "method": f"gradient k={k}",
+        "method": f"gradient k={k}" + (f", C={components}" if components is not None else ""),
         "recall": {str(fraction): recall(truth["top"], {q.id: [h.doc_id for h in found[:m]] for q, found in zip(query_list, hits)})
                    for fraction, m in sizes.items()},
-        "bytes_per_document_per_layer": 2 * k * k * len(modules) / layers,
+        "bytes_per_document_per_layer": 2 * (components or k * k) * len(modules) / layers,
         "build_seconds": built.seconds,
         "build_over_floor": built.seconds / floor,
         "query_side_seconds": query_seconds,
@@ -234,19 +249,20 @@ def _text_row(kind: str, data: DataSettings, queries: QuerySettings, work: Path,
     }
 
 
-def _cost(k: int, fraction: float, model: ModelSettings, data: DataSettings, factors: FactorSettings,
-          queries: QuerySettings, score: ScoreSettings, work: Path, truth: dict[str, Any]) -> dict[str, Any]:
+def _cost(k: int, components: int | None, fraction: float, model: ModelSettings, data: DataSettings,
+          factors: FactorSettings, queries: QuerySettings, score: ScoreSettings, work: Path,
+          truth: dict[str, Any]) -> dict[str, Any]:
     """A new batch of queries through the index, end to end, against the full pass."""
     m = max(1, round(fraction * truth["documents"]))
-    prefilter = PrefilterSettings(kind="gradient", path=str(work / f"gradient-k{k}"), sketch_dim=k, top_m=m)
+    directory = work / _sketch_name(k, components)
+    prefilter = PrefilterSettings(kind="gradient", path=str(directory), sketch_dim=k, sketch_components=components, top_m=m)
     # Built by the recall stage; built again here if that stage's result was kept but not its index.
-    update_index(work / f"gradient-k{k}", prefilter, data, list_shards(str(data.path)), lambda skip: None, model,
-                 Path(str(factors.path)))
+    update_index(directory, prefilter, data, list_shards(str(data.path)), lambda skip: None, model, Path(str(factors.path)))
     started = time.perf_counter()
     summary = run_score(model, data, factors, queries, score, work / f"through-index-{m}", {}, prefilter_settings=prefilter)
     seconds = time.perf_counter() - started
     found = {query: [row.doc_id for row in rows] for query, rows in read_ranked(summary.scores_path).items()}
-    return {"top_m": m, "sketch_dim": k, "seconds": seconds, "full_pass_seconds": truth["seconds"],
+    return {"top_m": m, "sketch_dim": k, "components": components, "seconds": seconds, "full_pass_seconds": truth["seconds"],
             "speedup": truth["seconds"] / seconds, "documents_scored": summary.counts["documents_scored"],
             "recall_of_true_top": recall(truth["top"], found)}
 
@@ -264,7 +280,8 @@ def format_results(results: dict[str, Any], settings: SketchRecallSettings) -> s
             ratio = f"{row['build_over_floor']:.2f}" if "build_over_floor" in row else "-"
             lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {size} | {ratio} |")
         for cost in result["costs"]:
-            lines.append(f"64 queries through the index (k={cost['sketch_dim']}, each query's top {cost['top_m']} scored "
+            sketch = f"k={cost['sketch_dim']}" + (f", C={cost['components']}" if cost.get("components") else "")
+            lines.append(f"64 queries through the index ({sketch}, each query's top {cost['top_m']} scored "
                          f"exactly, {cost['documents_scored']} distinct documents): {cost['seconds']:.0f} s against "
                          f"{cost['full_pass_seconds']:.0f} s for the full pass ({cost['speedup']:.1f}x), finding "
                          f"{cost['recall_of_true_top']:.3f} of the true top documents")

@@ -10,6 +10,7 @@ from tests.jobs.helpers import run_job
 
 SMALL = ("sketch_benchmark.documents=850", "sketch_benchmark.shards=2", "sketch_benchmark.sketch_dims=[4]",
          "sketch_benchmark.fractions=[0.1]", "sketch_benchmark.cost_sketch_dim=4", "sketch_benchmark.cost_fractions=[0.05]",
+         "sketch_benchmark.component_sketch_dim=4", "sketch_benchmark.components=[8]", "sketch_benchmark.cost_components=8",
          "sketch_benchmark.top=10", "sketch_benchmark.dense_max_documents=0")
 
 
@@ -21,9 +22,10 @@ def test_the_sketch_benchmark_reports_recall_and_cost_and_resumes(tmp_path):
     assert set(results) == {"demo", "large"} and results["large"]["documents"] == 850
     for result in results.values():
         methods = [row["method"] for row in result["rows"]]
-        assert methods == ["gradient k=4", "bm25"]
+        assert methods == ["gradient k=4", "gradient k=4, C=8", "bm25"]
         assert all(0 <= row["recall"]["0.1"] <= 1 for row in result["rows"])
         assert result["costs"][0]["top_m"] == round(0.05 * result["documents"])
-    assert "| gradient k=4 |" in first.stdout
+    assert "| gradient k=4 |" in first.stdout and "| gradient k=4, C=8 |" in first.stdout
+    assert "64 queries through the index (k=4, C=8," in first.stdout
     again, _ = run_job("sketch_benchmark", *SMALL, f"output_dir={tmp_path}")
     assert again.returncode == 0 and json.loads((tmp_path / "sketch_benchmark.json").read_text()) == results

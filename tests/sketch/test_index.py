@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from safetensors.torch import load_file
 
 from attribution.data.batching import batch_documents
 from attribution.data.corpus import iter_documents
@@ -19,7 +20,14 @@ from attribution.prefilter.index import open_index, update_index
 from attribution.prefilter.manifest import PrefilterError
 from attribution.scoring.inputs import ScoreInputs
 from attribution.scoring.run import run_score
-from attribution.settings import DataSettings, FactorSettings, ModelSettings, PrefilterSettings, QuerySettings, ScoreSettings
+from attribution.settings import (
+    DataSettings,
+    FactorSettings,
+    ModelSettings,
+    PrefilterSettings,
+    QuerySettings,
+    ScoreSettings,
+)
 from attribution.sketch.index import DocumentSketcher
 from attribution.sketch.queries import query_sketcher
 from tests.prefilter.helpers import TEXTS, write_corpus
@@ -174,3 +182,120 @@ def test_whitening_without_a_store_names_the_setting(setup, tmp_path):
     with pytest.raises(PrefilterError, match="prefilter.sketch_whiten=false"):
         update_index(tmp_path / "none", PrefilterSettings(kind="gradient"), data, shards, on_skip=lambda skip: None,
                      model=model, store=tmp_path / "no-store")
+
+
+def compressed_index(setup, directory: Path, components: int, basis_documents: int) -> tuple[PrefilterSettings, dict]:
+    """An index of sketch_dim 4 kept as ``components`` principal coordinates, and every document's
+    whole sketch from the uncompressed sketcher, in corpus order."""
+    root, shards, model, data, factors, *_ = setup
+    settings = PrefilterSettings(kind="gradient", path=str(directory), sketch_dim=4, sketch_components=components,
+                                 sketch_basis_documents=basis_documents, top_m=len(TEXTS))
+    update_index(directory, settings, data, shards, on_skip=lambda skip: None, model=model, store=Path(factors.path))
+    whole = DocumentSketcher(model, data, PrefilterSettings(kind="gradient", sketch_dim=4), Path(factors.path))
+    documents = list(iter_documents(shards, "id", "text", on_skip=lambda skip: None))
+    sketches = {}
+    for batch in batch_documents(whole.tokenizer, documents, 3, 16, on_skip=lambda skip: None):
+        sketches.update(zip(batch.ids, whole.sketcher.documents(batch).detach().double().numpy()))
+    return settings, sketches
+
+
+def whole_query_sketches(setup) -> dict[str, np.ndarray]:
+    root, *_ = setup
+    run = inputs(setup, path=str(root / "whole-4"), sketch_dim=4)
+    update_index(root / "whole-4", run.prefilter, run.data, setup[1], on_skip=lambda skip: None, model=run.model,
+                 store=Path(run.factors.path))
+    index = open_index(root / "whole-4", run.prefilter)
+    return query_sketcher(run, root / "whole-4", index.manifest, root)(read_queries(run.queries.path, on_skip=print))
+
+
+def compressed_scores(setup, settings: PrefilterSettings) -> dict[str, dict[str, float]]:
+    root, shards, *_ = setup
+    run = inputs(setup, **{key: getattr(settings, key) for key in ("path", "sketch_dim", "sketch_components",
+                                                                  "sketch_basis_documents")})
+    index = open_index(settings.path, run.prefilter, shards)
+    query_list = read_queries(run.queries.path, on_skip=print)
+    sketches = query_sketcher(run, Path(settings.path), index.manifest, root)(query_list)
+    hits = index.search(sketches, [q.id for q in query_list], len(TEXTS))
+    return {query.id: {hit.doc_id: hit.score for hit in found} for query, found in zip(query_list, hits)}
+
+
+def test_principal_components_are_the_sketched_score_projected_on_the_first_documents_span(setup, tmp_path):
+    """With a basis from the first 6 documents, 4 components per module: each score is
+    ``s(q)^T V V^T s(z)`` with ``V V^T`` the projector on the top 4 eigenvectors of the first 6
+    documents' second moment ``sum s s^T`` of each module (numpy, from the whole sketches)."""
+    settings, sketches = compressed_index(setup, tmp_path / "pc", components=4, basis_documents=6)
+    queries = whole_query_sketches(setup)
+    sample = np.stack(list(sketches.values())[:6]).reshape(6, -1, 16)
+    projectors = []
+    for module in range(sample.shape[1]):
+        _, vectors = np.linalg.eigh(sample[:, module].T @ sample[:, module])
+        projectors.append(vectors[:, -4:] @ vectors[:, -4:].T)
+    found = compressed_scores(setup, settings)
+    for query, scores in found.items():
+        assert set(scores) == set(sketches)
+        q = queries[query].astype(np.float64).reshape(-1, 16)
+        expected = {doc: sum(q[m] @ projectors[m] @ z.reshape(-1, 16)[m] for m in range(len(projectors)))
+                    for doc, z in sketches.items()}
+        scale = max(abs(v) for v in expected.values())
+        assert max(abs(scores[doc] - expected[doc]) for doc in scores) < 3e-3 * scale, query
+        whole = {doc: float(queries[query] @ z) for doc, z in sketches.items()}
+        # Not the whole sketched score: the basis drops part of it.
+        assert max(abs(whole[doc] - expected[doc]) for doc in scores) > 0.05 * scale
+
+
+def test_as_many_components_as_documents_keep_every_sketched_score(setup, tmp_path):
+    """Every document's sketch lies in the span of the 11 sketched documents: nothing is dropped."""
+    settings, sketches = compressed_index(setup, tmp_path / "pc", components=len(TEXTS) - 1, basis_documents=len(TEXTS))
+    queries = whole_query_sketches(setup)
+    for query, scores in compressed_scores(setup, settings).items():
+        whole = {doc: float(queries[query] @ z) for doc, z in sketches.items()}
+        scale = max(abs(v) for v in whole.values())
+        assert max(abs(scores[doc] - whole[doc]) for doc in scores) < 3e-3 * scale, query
+
+
+def test_a_compressed_index_grows_with_its_own_basis_and_refuses_another(setup, tmp_path):
+    root, shards, model, data, factors, *_ = setup
+    settings = PrefilterSettings(kind="gradient", sketch_dim=4, sketch_components=3, sketch_basis_documents=4)
+    store = Path(factors.path)
+    update_index(tmp_path / "grown", settings, data, shards[:1], on_skip=lambda skip: None, model=model, store=store)
+    basis = (tmp_path / "grown" / "basis.safetensors").read_bytes()
+    update_index(tmp_path / "grown", settings, data, shards, on_skip=lambda skip: None, model=model, store=store)
+    assert (tmp_path / "grown" / "basis.safetensors").read_bytes() == basis
+    update_index(tmp_path / "at-once", settings, data, shards, on_skip=lambda skip: None, model=model, store=store)
+    grown = compressed_scores(setup, PrefilterSettings(**{**settings.__dict__, "path": str(tmp_path / "grown")}))
+    at_once = compressed_scores(setup, PrefilterSettings(**{**settings.__dict__, "path": str(tmp_path / "at-once")}))
+    # The first shard holds the same first 4 documents either way: the same basis, the same scores.
+    assert grown == at_once
+    with pytest.raises(PrefilterError, match="they differ in sketch_components"):
+        compressed_scores(setup, PrefilterSettings(**{**settings.__dict__, "path": str(tmp_path / "grown"),
+                                                      "sketch_components": 2}))
+    with pytest.raises(PrefilterError, match="was built with another encoder"):
+        update_index(tmp_path / "grown", PrefilterSettings(kind="gradient", sketch_dim=4), data, shards,
+                     on_skip=lambda skip: None, model=model, store=store)
+    (tmp_path / "grown" / "basis.safetensors").unlink()
+    with pytest.raises(PrefilterError, match="they differ in basis_sha256"):
+        compressed_scores(setup, PrefilterSettings(**{**settings.__dict__, "path": str(tmp_path / "grown")}))
+
+
+def test_a_basis_sample_smaller_than_the_components_keeps_what_it_spans(setup, tmp_path):
+    """Three sampled documents span three directions per module: the basis keeps those three, and
+    the three documents' scores whole."""
+    settings, sketches = compressed_index(setup, tmp_path / "few", components=5, basis_documents=3)
+    assert {tuple(matrix.shape) for matrix in load_file(str(tmp_path / "few" / "basis.safetensors")).values()} == {(16, 3)}
+    queries = whole_query_sketches(setup)
+    for query, scores in compressed_scores(setup, settings).items():
+        for doc in list(sketches)[:3]:
+            whole = float(queries[query] @ sketches[doc])
+            assert scores[doc] == pytest.approx(whole, rel=3e-3, abs=3e-3 * max(abs(v) for v in scores.values()))
+
+
+def test_as_many_components_as_the_sketch_has_store_the_whole_sketch(setup, tmp_path):
+    root, shards, model, data, factors, *_ = setup
+    for components in (16, None):
+        directory = tmp_path / f"whole-{components}"
+        settings = PrefilterSettings(kind="gradient", sketch_dim=4, sketch_components=components)
+        update_index(directory, settings, data, shards, on_skip=lambda skip: None, model=model, store=Path(factors.path))
+        assert not (directory / "basis.safetensors").exists()
+        assert "sketch_components" not in json.loads((directory / "manifest.json").read_text())["encoder"]
+    manifests = [json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("whole-16", "whole-None")]
+    assert manifests[0]["encoder_fingerprint"] == manifests[1]["encoder_fingerprint"]

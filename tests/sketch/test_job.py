@@ -16,7 +16,9 @@ def test_the_pipeline_with_gradient_sketches(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert "each on its gradient top-4 candidates (" in first.stdout
     manifest = json.loads((tmp_path / "run" / "prefilter" / "gradient" / "manifest.json").read_text())
-    assert manifest["kind"] == "gradient" and manifest["encoder"]["sketch_dim"] == 16 and manifest["encoder"]["whitened_by"]
+    encoder = manifest["encoder"]
+    assert encoder["sketch_dim"] == 64 and encoder["sketch_components"] == 256
+    assert manifest["kind"] == "gradient" and manifest["encoder"]["whitened_by"]
     again, _ = run_job("build_index", *overrides(inputs, f"output_dir={tmp_path / 'run'}", "prefilter.kind=gradient",
                                                   job="build_index"))
     assert again.returncode == 0, again.stderr[-3000:]
