@@ -129,6 +129,8 @@ def test_scoring_the_zero_folder_gives_the_table_of_the_same_weights_saved_for_t
         [{k: v for k, v in row.items() if k != "run_id"} for row in tables["gathered"]]
 
 
+# A DeepSpeed save in a subprocess: slow suite.
+@pytest.mark.slow
 @needs_deepspeed
 def test_a_partial_checkpoint_is_one_line_and_exit_2(runs, inputs, tmp_path):
     partial = broken_copy(runs(2), tmp_path / "partial")

@@ -25,6 +25,8 @@ def test_a_stage_counted_in_this_process_is_logged(caplog):
     assert re.search(r"^local stage: 7 batch in \d+\.\d s$", caplog.messages[-1])
 
 
+# Console drawing from Ray workers (half a minute of Ray start-up): slow suite.
+@pytest.mark.slow
 def test_worker_stages_are_drawn_by_the_driver(ray_cluster, capsys, caplog):
     @ray_cluster.remote
     def work(count: int) -> int:

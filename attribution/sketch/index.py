@@ -3,7 +3,11 @@
 Layout, beside the other prefilter kinds' (:mod:`attribution.prefilter.manifest`)::
 
     manifest.json          kind ``gradient``; the encoder: model fingerprint, tracked modules,
-                           sketch_dim, sketch_seed, max_length; its fingerprint; every shard
+                           sketch_dim, sketch_seed, max_length, whitening store, and with
+                           sketch_components the basis' size, sample and sha256; its fingerprint;
+                           every shard
+    basis.safetensors      with sketch_components: each module's principal directions
+                           (:mod:`attribution.sketch.basis`), fitted when the index is created
     shards/<n>.ids.npy     document ids of shard n, in vector order
     shards/<n>.faiss       shard n's sketches: float16 vectors (a scalar-quantised flat index,
                            exact inner product) or an HNSW graph over them

@@ -204,6 +204,8 @@ def test_an_overflow_on_one_worker_stops_every_worker_with_the_same_module(fishe
     assert "doc-3" in str(errors[1]) and "first in the batch" not in str(errors[0])
 
 
+# test_an_overflow_on_one_worker_stops_every_worker_with_the_same_module covers the logic; on Ray: slow suite.
+@pytest.mark.slow
 def test_an_overflow_on_one_ray_worker_is_a_user_error_and_writes_no_store(tmp_path):
     rows = corpus_rows(6)
     rows[3]["text"] += " zebra"  # in worker 1's share alone: worker w takes rows w, w + 2, ...

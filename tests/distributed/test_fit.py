@@ -19,8 +19,9 @@ from tests.tiny import save_tiny_lm
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-# K-FAC runs the same distributed passes less the eigenvalue correction: the slow suite checks it.
-@pytest.mark.parametrize("strategy", ["ekfac", pytest.param("kfac", marks=pytest.mark.slow)])
+# test_multinode's fit across two nodes checks the same equality in the suite; here both strategies: slow suite.
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
 def test_two_workers_equal_one_process(tmp_path, ray_local, strategy):
     rows = corpus_rows(11)
     model_dir = save_tiny_lm(tmp_path / "model", [r["text"] for r in rows])

@@ -194,6 +194,8 @@ def scores(output: Path) -> list[tuple]:
     return table(path)
 
 
+# The killed-node test below scores on a pool across both nodes too; this one checks placement: slow suite.
+@pytest.mark.slow
 def test_the_scoring_pool_spans_the_nodes(cluster, inputs, tmp_path):
     overrides, _, reference = inputs
     output = tmp_path / "pool"

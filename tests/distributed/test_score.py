@@ -182,6 +182,8 @@ def job_command(model, data, factors, queries, output, *extra):
             "refine.method=none", "cluster.num_workers=0", f"output_dir={output}", *extra]
 
 
+# test_killed_job_resumes_without_duplicates covers resuming in the suite; the driver kill: slow suite.
+@pytest.mark.slow
 def test_a_killed_driver_resumes_query_batches_and_pairs(inputs, tmp_path):
     root, model, data, factors, queries, score, reference = inputs
     output = tmp_path / "job"

@@ -148,6 +148,8 @@ def test_unconverged_ground_truth_still_gives_a_table(inputs, preconditioner):
     assert all(-1.0 <= row.spearman <= 1.0 for row in summary.rows)
 
 
+# The whole shipped study config: slow suite; the runs above check each metric.
+@pytest.mark.slow
 def test_the_hydra_job_runs_with_the_shipped_config(inputs):
     """``python -m jobs.evaluate`` with conf/evaluate.yaml's methods (LiSSA at equal time included), tiny sizes."""
     output = inputs["root"] / "job"

@@ -59,6 +59,8 @@ def test_a_console_script_reports_a_user_error_from_another_directory(tmp_path):
         f"`python -m jobs.score output_dir={tmp_path}`, or set output_dir (or report.run_id)"]
 
 
+# Two full jobs for one path rule: slow suite.
+@pytest.mark.slow
 def test_a_run_scored_with_a_relative_output_dir_is_reported_from_another_directory(tmp_path):
     """The run record keeps absolute paths, so the report finds the tables from anywhere."""
     from tests.jobs.helpers import overrides, tiny_inputs

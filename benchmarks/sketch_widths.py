@@ -1,0 +1,87 @@
+"""What the gradient prefilter's sketch pass costs over a plain forward+backward pass at real widths.
+
+A Llama built from a config at a real model's widths (BLOCKS blocks; a 1,024-token vocabulary, so the
+output layer, which the sketch does not touch, adds almost nothing to the floor and the ratio is the
+blocks' own, an upper bound for the whole model), one sequence of LENGTH random tokens per batch. For
+each sketch size k in DIMS (k x k per module; with COMPONENTS > 0 also compressed to that many principal
+coordinates by a random orthonormal basis, which costs what a fitted one does) it prints one JSON line:
+seconds per pass of the plain forward+backward (parameter gradients included) and of the sketch pass,
+their ratio, and the multiply-adds per token of the projections against those of the tracked modules'
+forward. Every pass is timed REPEATS times after one warm-up, the median kept; torch uses THREADS threads.
+
+    python benchmarks/sketch_widths.py WIDTHS BLOCKS LENGTH REPEATS THREADS COMPONENTS DIMS...
+
+WIDTHS is ``llama-3.2-1b`` (2048 / 8192 / 32 heads / 8 KV heads) or ``llama-3.1-8b`` (4096 / 14336 / 32 / 8),
+e.g. ``python benchmarks/sketch_widths.py llama-3.2-1b 2 512 3 1 256 16 64`` (docs/prefilter.md).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from attribution.benchmark import plain_forward_backward
+from attribution.data.batching import TokenBatch
+from attribution.models import find_tracked_modules
+from attribution.sketch.sketcher import Sketcher
+
+WIDTHS = {"llama-3.2-1b": (2048, 8192, 32, 8), "llama-3.1-8b": (4096, 14336, 32, 8)}
+VOCABULARY = 1024
+
+
+def median_seconds(step, batch: TokenBatch, repeats: int) -> float:
+    step(batch)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step(batch)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def random_basis(sketcher: Sketcher, components: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    side = sketcher.k * sketcher.k
+    return {module.name: torch.linalg.qr(torch.randn(side, components, generator=generator))[0] for module in sketcher.tracked}
+
+
+def main(widths: str, blocks: int, length: int, repeats: int, threads: int, components: int, dims: list[int]) -> None:
+    torch.set_num_threads(threads)
+    hidden, intermediate, heads, kv_heads = WIDTHS[widths]
+    config = LlamaConfig(vocab_size=VOCABULARY, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=blocks,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=length)
+    model = LlamaForCausalLM(config).float()
+    tracked = find_tracked_modules(model)
+    generator = torch.Generator().manual_seed(1)
+    batch = TokenBatch(ids=["random"], shards=["-"], input_ids=torch.randint(VOCABULARY, (1, length), generator=generator),
+                       attention_mask=torch.ones(1, length, dtype=torch.long),
+                       target_mask=torch.ones(1, length, dtype=torch.bool).index_fill(1, torch.tensor([0]), False),
+                       truncated=[False])
+    floor = median_seconds(plain_forward_backward(model), batch, repeats)
+    module_forward = sum(module.d_out * module.d_in_augmented for module in tracked)
+    for k in dims:
+        sketcher = Sketcher(model, tracked, 0, k)
+        if 0 < components < k * k:
+            sketcher = sketcher.with_basis(random_basis(sketcher, components))
+
+        def sketch(batch: TokenBatch) -> None:
+            model.zero_grad(set_to_none=True)
+            sketcher.documents(batch)
+
+        seconds = median_seconds(sketch, batch, repeats)
+        projections = sum(k * (module.d_out + module.d_in_augmented + k) for module in tracked)
+        print(json.dumps({"widths": widths, "blocks": blocks, "length": length, "k": k,
+                          "components": components if 0 < components < k * k else None, "threads": threads,
+                          "floor_seconds": round(floor, 3), "sketch_seconds": round(seconds, 3),
+                          "sketch_over_floor": round(seconds / floor, 3),
+                          "projection_over_module_forward": round(projections / module_forward, 4)}), flush=True)
+
+
+if __name__ == "__main__":
+    widths, blocks, length, repeats, threads, components, *dims = sys.argv[1:]
+    main(widths, int(blocks), int(length), int(repeats), int(threads), int(components), [int(k) for k in dims])
