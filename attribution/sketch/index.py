@@ -25,7 +25,7 @@ store, seed or size is refused, naming both encoder fingerprints.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,8 @@ class DocumentSketcher:
         whitening = whitening_of(store, self.tracked, self.model_fingerprint) if settings.sketch_whiten else None
         self.sketcher = Sketcher(loaded, self.tracked, settings.sketch_seed, settings.sketch_dim, whitening=whitening)
         self.basis_sha256: str | None = None
+        # (shard, id) -> the compressed sketch of a document sketched for the basis.
+        self.sketched: dict[tuple[str, str], np.ndarray] = {}
 
     @property
     def description(self) -> dict[str, Any]:
@@ -126,32 +128,57 @@ class DocumentSketcher:
 
     def use_basis(self, directory: Path, create: bool, shards: Sequence[Path]) -> None:
         """With ``prefilter.sketch_components``: a new index fits its basis from the first
-        ``sketch_basis_documents`` documents of ``shards`` and stores it; an existing one reads its own."""
+        ``sketch_basis_documents`` documents of ``shards`` and stores it (their compressed sketches are
+        kept for the indexing pass, which then does not sketch them again); an existing one reads its own."""
         if self.settings.stored_components is None:
             return
         names = [module.name for module in self.tracked]
         if create:
-            documents = iter_documents(shards, self.data.id_field, self.data.text_field, on_skip=lambda skip: None,
-                                       on_bad_row=self.data.on_bad_row)
+            documents = list(itertools.islice(iter_documents(shards, self.data.id_field, self.data.text_field,
+                                                             on_skip=lambda skip: None, on_bad_row=self.data.on_bad_row),
+                                              self.settings.sketch_basis_documents))
             # Skips are recorded by the indexing pass that follows, not by this sample.
-            _, sample = self.sketch(itertools.islice(documents, self.settings.sketch_basis_documents), lambda skip: None)
+            ids, sample = self.sketch(documents, lambda skip: None)
             per_module = torch.from_numpy(sample).view(len(sample), len(names), -1)
             basis = {name: principal_directions(per_module[:, index], self.settings.stored_components)
                      for index, name in enumerate(names)}
             self.basis_sha256 = save_basis(directory, basis)
-        else:
-            basis, self.basis_sha256 = load_basis(directory, names)
+            self.sketcher = self.sketcher.with_basis(basis)
+            device = next(self.sketcher.model.parameters()).device
+            whole = per_module.to(device).view(len(sample), len(names), self.sketcher.k, -1)
+            compressed = to_numpy(self.sketcher.compress(whole))
+            shard_of = {doc.id: doc.shard for doc in documents}
+            self.sketched = {(shard_of[doc_id], doc_id): vector for doc_id, vector in zip(ids, compressed)}
+            return
+        basis, self.basis_sha256 = load_basis(directory, names)
         if basis is not None:
             self.sketcher = self.sketcher.with_basis(basis)
 
     def sketch(self, documents: Iterable[Document], on_skip: SkipHandler) -> tuple[list[str], np.ndarray]:
-        """Ids and float32 sketches (N, dim) of the documents that have a prediction target."""
+        """Ids and float32 sketches (N, dim) of the documents that have a prediction target; those
+        sketched for the basis are taken as they are."""
         ids: list[str] = []
         parts = [np.empty((0, self.sketcher.dim), dtype=np.float32)]
+        kept_ids: list[str] = []
+        kept: list[np.ndarray] = []
+
+        def not_yet_sketched() -> Iterator[Document]:
+            for doc in documents:
+                vector = self.sketched.pop((doc.shard, doc.id), None)
+                if vector is None:
+                    yield doc
+                else:
+                    kept_ids.append(doc.id)
+                    kept.append(vector)
+
         device = next(self.sketcher.model.parameters()).device
-        for batch in batch_documents(self.tokenizer, documents, self.data.batch_size, self.data.max_length, on_skip):
+        for batch in batch_documents(self.tokenizer, not_yet_sketched(), self.data.batch_size, self.data.max_length,
+                                     on_skip):
             ids += batch.ids
             parts.append(self.sketcher.documents(batch.to(device)).float().cpu().numpy())
+        if kept:
+            ids = kept_ids + ids
+            parts.insert(0, np.stack(kept))
         return ids, np.concatenate(parts)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from attribution.data.batching import batch_documents
@@ -28,8 +29,10 @@ from attribution.settings import (
     QuerySettings,
     ScoreSettings,
 )
+from attribution.sketch.basis import principal_directions
 from attribution.sketch.index import DocumentSketcher
 from attribution.sketch.queries import query_sketcher
+from attribution.sketch.sketcher import Sketcher
 from tests.prefilter.helpers import TEXTS, write_corpus
 from tests.tiny import save_tiny_lm
 
@@ -299,3 +302,31 @@ def test_as_many_components_as_the_sketch_has_store_the_whole_sketch(setup, tmp_
         assert "sketch_components" not in json.loads((directory / "manifest.json").read_text())["encoder"]
     manifests = [json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("whole-16", "whole-None")]
     assert manifests[0]["encoder_fingerprint"] == manifests[1]["encoder_fingerprint"]
+
+
+@pytest.mark.parametrize("shape", [(30, 16), (10, 16)])
+def test_principal_directions_are_the_top_right_singular_vectors(shape):
+    """Both routes (covariance when documents outnumber the sketch's numbers, Gram matrix when not)
+    span the SVD's top directions, orthonormal."""
+    sketches = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sketches[:, 0] *= 5
+    basis = principal_directions(sketches, 6)
+    right = torch.linalg.svd(sketches, full_matrices=False)[2][:6].T
+    assert torch.allclose(basis.T @ basis, torch.eye(6, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(basis @ basis.T, right @ right.T, atol=1e-10)
+
+
+def test_the_basis_sample_is_sketched_once(setup, tmp_path, monkeypatch):
+    root, shards, model, data, factors, *_ = setup
+    sketched = []
+    documents = Sketcher.documents
+
+    def counting(self, batch):
+        sketched.extend(batch.ids)
+        return documents(self, batch)
+
+    monkeypatch.setattr(Sketcher, "documents", counting)
+    settings = PrefilterSettings(kind="gradient", sketch_dim=4, sketch_components=3, sketch_basis_documents=6)
+    update_index(tmp_path / "once", settings, data, shards, on_skip=lambda skip: None, model=model, store=Path(factors.path))
+    assert sorted(sketched) == sorted({doc.id for doc in iter_documents(shards, "id", "text", on_skip=lambda skip: None)
+                                       if doc.text.strip()})
