@@ -18,30 +18,18 @@ e.g. ``python benchmarks/sketch_widths.py llama-3.2-1b 2 512 3 1 256 16 64`` (do
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from attribution.benchmark import plain_forward_backward
+from attribution.benchmark import median_seconds, plain_forward_backward, random_batches
 from attribution.data.batching import TokenBatch
 from attribution.models import find_tracked_modules
 from attribution.sketch.sketcher import Sketcher
 
 WIDTHS = {"llama-3.2-1b": (2048, 8192, 32, 8), "llama-3.1-8b": (4096, 14336, 32, 8)}
 VOCABULARY = 1024
-
-
-def median_seconds(step, batch: TokenBatch, repeats: int) -> float:
-    step(batch)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        step(batch)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def random_basis(sketcher: Sketcher, components: int) -> dict[str, torch.Tensor]:
@@ -57,12 +45,8 @@ def main(widths: str, blocks: int, length: int, repeats: int, threads: int, comp
                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=length)
     model = LlamaForCausalLM(config).float()
     tracked = find_tracked_modules(model)
-    generator = torch.Generator().manual_seed(1)
-    batch = TokenBatch(ids=["random"], shards=["-"], input_ids=torch.randint(VOCABULARY, (1, length), generator=generator),
-                       attention_mask=torch.ones(1, length, dtype=torch.long),
-                       target_mask=torch.ones(1, length, dtype=torch.bool).index_fill(1, torch.tensor([0]), False),
-                       truncated=[False])
-    floor = median_seconds(plain_forward_backward(model), batch, repeats)
+    batches = random_batches(VOCABULARY, 1, 1, length, seed=1)
+    floor = median_seconds(plain_forward_backward(model), batches, 1, repeats)
     module_forward = sum(module.d_out * module.d_in_augmented for module in tracked)
     for k in dims:
         sketcher = Sketcher(model, tracked, 0, k)
@@ -73,7 +57,7 @@ def main(widths: str, blocks: int, length: int, repeats: int, threads: int, comp
             model.zero_grad(set_to_none=True)
             sketcher.documents(batch)
 
-        seconds = median_seconds(sketch, batch, repeats)
+        seconds = median_seconds(sketch, batches, 1, repeats)
         projections = sum(k * (module.d_out + module.d_in_augmented + k) for module in tracked)
         print(json.dumps({"widths": widths, "blocks": blocks, "length": length, "k": k,
                           "components": components if 0 < components < k * k else None, "threads": threads,
