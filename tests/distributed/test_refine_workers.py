@@ -63,6 +63,8 @@ def scores(summary) -> dict[tuple[str, str], float]:
     return {(r["query_id"], r["doc_id"]): r["score"] for r in pq.read_table(summary.scores_path).to_pylist()}
 
 
+# The split products are checked against one process above; the whole score run on workers: slow suite.
+@pytest.mark.slow
 def test_a_run_refined_on_workers_scores_as_one_refined_in_process(setup, ray_local, tmp_path):
     """The products leave the process, the solver does not: the same converged scores (to the
     tolerance the refined scores meet against the dense solve, tests/refine/test_score_run.py)."""

@@ -144,6 +144,8 @@ def pairs(summary):
     return sorted((r["query_id"], r["doc_id"], r["shard"], r["row"], round(r["score"], 5)) for r in table)
 
 
+# test_pool_equals_in_process_and_survives_a_killed_worker checks the pool's tables; every pass size: slow suite.
+@pytest.mark.slow
 def test_pool_gives_the_same_tables_for_any_pass_size_and_all_pairs(inputs, ray_local, tmp_path):
     root, model, data, factors, queries, score, reference = inputs
     two_per_pass = replace(score, query_batches_per_pass=2)

@@ -86,6 +86,8 @@ def test_all_pairs_sharded(inputs, ray_local, tmp_path):
     assert pairs(sharded) == pairs(unsharded)
 
 
+# A killed worker is replaced in test_score's suite tests; a killed sharded group: slow suite.
+@pytest.mark.slow
 def test_a_worker_killed_mid_unit_replaces_the_group(inputs, ray_local, tmp_path, monkeypatch):
     model, data, factors, queries, score, reference = inputs
     shard = sorted(os.listdir(data.path))[2]

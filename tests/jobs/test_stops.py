@@ -59,8 +59,9 @@ def terminated_mid_run(arguments: list[str], output_dir: Path) -> subprocess.Com
     return subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr)
 
 
-# On Ray it starts its own workers: in the slow suite; in process in the suite.
-@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+# A stop and rerun in process and on Ray: the slow suite (test_score's killed-job test resumes in the suite).
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
 def test_sigterm_mid_score_stops_cleanly_and_the_rerun_gives_the_reference_table(inputs, workers, tmp_path):
     arguments, reference = inputs
     arguments = [*arguments, f"cluster.num_workers={workers}"]

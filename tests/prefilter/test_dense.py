@@ -87,6 +87,8 @@ def overlap_with_exact(tmp_path: Path, m: int) -> dict[str, float]:
     return overlap
 
 
+# MiniLM over the whole demo corpus three times: slow suite.
+@pytest.mark.slow
 def test_approximate_indexes_find_the_exact_top_100_on_the_demo(tmp_path, embeddings):
     overlap = overlap_with_exact(tmp_path, 100)
     assert min(overlap.values()) >= 0.95, overlap
