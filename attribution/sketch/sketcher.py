@@ -53,13 +53,11 @@ class Sketcher:
                                       for name, projection in self.projections.items()}
 
     @property
-    def module_dim(self) -> int:
-        """Numbers per module: ``k^2``, or the basis' C."""
-        return self.k * self.k if self.basis is None else next(iter(self.basis.values())).shape[1]
-
-    @property
     def dim(self) -> int:
-        return len(self.tracked) * self.module_dim
+        """Numbers per sketch: ``k^2`` a module, or as many as each module's basis has directions."""
+        if self.basis is None:
+            return len(self.tracked) * self.k * self.k
+        return sum(self.basis[module.name].shape[1] for module in self.tracked)
 
     def with_basis(self, basis: Mapping[str, torch.Tensor]) -> Sketcher:
         """The same projections, compressed by ``basis``."""
