@@ -406,6 +406,8 @@ class RefineSettings:
 
 PREFILTER_KINDS = ("none", "tfidf", "bm25", "dense", "gradient")
 DENSE_INDEX_TYPES = ("flat", "ivf", "hnsw")
+# Bits per stored gradient-sketch coordinate: float16, or integer codes (attribution.sketch.codebook).
+SKETCH_BITS = (16, 8, 4)
 
 
 @dataclass(frozen=True)
@@ -434,9 +436,11 @@ class PrefilterSettings:
     # gradient: whiten both sides by the factor store's covariances (the index is then tied to that store).
     sketch_whiten: bool = True
     # gradient: keep each module's sketch as its C coordinates in the principal directions of the
-    # first sketch_basis_documents documents' sketches (null, or at least sketch_dim^2: the whole sketch).
-    sketch_components: int | None = 256
-    sketch_basis_documents: int = 2048
+    # sketches of sketch_basis_documents documents drawn at random (null, or at least sketch_dim^2: the whole sketch).
+    sketch_components: int | None = 1536
+    sketch_basis_documents: int = 8192
+    # gradient: bits per stored coordinate: 16 (float16), or 8 or 4 (integer codes on each coordinate's range).
+    sketch_bits: int = 4
 
     def __post_init__(self) -> None:
         check = Check("prefilter", self)
@@ -461,6 +465,7 @@ class PrefilterSettings:
         check.boolean("sketch_whiten")
         check.integer("sketch_components", 1, none="all sketch_dim^2 numbers")
         check.integer("sketch_basis_documents", 1)
+        check.choice("sketch_bits", SKETCH_BITS)
         check.done()
 
     @property
@@ -469,6 +474,11 @@ class PrefilterSettings:
         if self.sketch_components is None or self.sketch_components >= self.sketch_dim**2:
             return None
         return self.sketch_components
+
+    @property
+    def fits_sample(self) -> bool:
+        """Whether creating a gradient index first sketches a sample of documents (for a basis or codes)."""
+        return self.stored_components is not None or self.sketch_bits < 16
 
     def index_path(self, output_dir: str | Path) -> Path:
         """Where the index lives: ``path``, else ``<output_dir>/prefilter/<kind>``."""

@@ -17,6 +17,7 @@ def main(cfg: DictConfig) -> None:
     prepare_process()
     values = plain(cfg.sketch_benchmark)
     lists = {key: tuple(values[key]) for key in ("sketch_dims", "fractions", "cost_fractions")}
+    lists["compressed"] = tuple(tuple(pair) for pair in values["compressed"])
     settings = SketchRecallSettings(**{**values, **lists})
     results = run_sketch_recall(settings, demo_paths(cfg), Path(cfg.output_dir), say)
     say(format_results(results, settings))

@@ -82,6 +82,7 @@ def test_every_job_default_is_valid(config_name):
     ("model.device=gpu", "model.device='gpu': expected auto or a torch device"),
     ("model.tracked_modules='('", "model.tracked_modules='(': expected all, mlp or a valid regular expression"),
     ("prefilter.kind=bm52", "prefilter.kind='bm52': expected one of none, tfidf, bm25, dense"),
+    ("prefilter.sketch_bits=5", "prefilter.sketch_bits=5: expected one of 16, 8, 4"),
     ("data.text_field=id", "data.text_field='id': expected a column other than data.id_field='id'"),
     ("cluster.node_ip=0.0.0.0", "cluster.node_ip='0.0.0.0': expected an IP address such as 127.0.0.1 or auto"),
     ("cluster.listen=everywhere", "cluster.listen='everywhere': expected an IP address such as 127.0.0.1 or node"),

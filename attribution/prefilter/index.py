@@ -30,6 +30,7 @@ from attribution.prefilter.manifest import (
 from attribution.prefilter.ranking import Hit
 from attribution.runs import RunRecord
 from attribution.settings import DataSettings, ModelSettings, PrefilterSettings, SettingsError
+from attribution.sketch.footprint import index_footprint
 from attribution.sketch.index import DocumentSketcher, SketchBuilder, SketchIndex, sketch_structure
 
 
@@ -51,12 +52,15 @@ class UpdateSummary:
     documents: int
     seconds: float
     already_indexed: list[str] = field(default_factory=list)
+    # gradient: the bytes each document's sketch is stored in.
+    document_bytes: int | None = None
 
     def line(self) -> str:
         rate = self.documents_added / self.seconds if self.seconds else 0.0
+        size = f", {self.document_bytes} bytes each" if self.document_bytes is not None else ""
         return (
             f"{self.kind} index {self.path}: added {self.shards_added} shard(s), {self.documents_added} documents "
-            f"in {self.seconds:.1f} s ({rate:.0f} documents/s); now {self.shards} shard(s), {self.documents} documents"
+            f"in {self.seconds:.1f} s ({rate:.0f} documents/s); now {self.shards} shard(s), {self.documents} documents{size}"
         )
 
 
@@ -117,7 +121,7 @@ def update_index(
     sketcher = DocumentSketcher(model or ModelSettings(), data, settings, store) if settings.kind == "gradient" else None
     create = not (directory / MANIFEST_NAME).exists()
     if sketcher is not None:
-        sketcher.use_basis(directory, create, shards)
+        sketcher.fit_or_load(directory, create, shards, _structure(settings))
     if not create:
         manifest = read_manifest(directory)
         _check_encoder(directory, manifest, settings, sketcher)
@@ -153,6 +157,7 @@ def update_index(
     return UpdateSummary(
         directory, settings.kind, len(new), manifest.documents - documents_before, len(manifest.shards),
         manifest.documents, time.perf_counter() - started, already,
+        index_footprint(settings, len(sketcher.tracked)).document_bytes if sketcher is not None else None,
     )
 
 

@@ -11,22 +11,39 @@ the sketched score with the query projected onto the documents' principal subspa
 the part of the query outside it, so the estimate is no longer unbiased: it trades a bias
 towards the directions in which documents differ most for a much smaller spread than random
 projections of the same size (docs/prefilter.md measures both). The basis is fitted once, when the
-index is created, from the corpus' first ``n`` documents, and stored with the index; every later
-shard and query uses it.
+index is created, from ``n`` documents drawn uniformly from the corpus it is created over
+(:func:`basis_sample`), and stored with the index; every later shard and query uses it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import random
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from attribution.data.corpus import Document
 from attribution.prefilter.manifest import PrefilterError
 
 BASIS_FILE = "basis.safetensors"
+
+
+def basis_sample(documents: Iterable[Document], n: int, seed: int) -> list[Document]:
+    """``n`` documents drawn uniformly without replacement, in one pass over ``documents`` (reservoir
+    sampling): document ``i`` (from 0) replaces a random one of those kept with probability
+    ``n / (i + 1)``, so each of ``N`` documents is kept with probability ``n / N``. The first ``n`` of a
+    corpus are often one source or one date; a uniform draw's directions are the corpus'."""
+    draw = random.Random(seed)
+    kept: list[Document] = []
+    for seen, doc in enumerate(documents):
+        if seen < n:
+            kept.append(doc)
+        elif (slot := draw.randrange(seen + 1)) < n:
+            kept[slot] = doc
+    return kept
 
 
 def principal_directions(sketches: torch.Tensor, components: int) -> torch.Tensor:
@@ -35,7 +52,7 @@ def principal_directions(sketches: torch.Tensor, components: int) -> torch.Tenso
 
     With fewer documents than numbers (``n <= k^2``), from the Gram matrix: ``X X^T = U L U^T`` gives
     ``V = X^T U L^{-1/2}`` (an ``n x n`` eigenproblem, several times faster than the SVD); otherwise
-    the eigenvectors of ``X^T X``."""
+    the eigenvectors of ``X^T X``. On the device ``sketches`` are on."""
     if not len(sketches):
         raise PrefilterError("prefilter.sketch_components needs documents with a prediction target for its basis, and "
                              "the first shards have none")

@@ -3,14 +3,16 @@
 Layout, beside the other prefilter kinds' (:mod:`attribution.prefilter.manifest`)::
 
     manifest.json          kind ``gradient``; the encoder: model fingerprint, tracked modules,
-                           sketch_dim, sketch_seed, max_length, whitening store, and with
-                           sketch_components the basis' size, sample and sha256; its fingerprint;
-                           every shard
+                           sketch_dim, sketch_seed, max_length, whitening store, with
+                           sketch_components the basis' size, sample and sha256, with sketch_bits
+                           the codes' bits and sha256; its fingerprint; every shard
     basis.safetensors      with sketch_components: each module's principal directions
                            (:mod:`attribution.sketch.basis`), fitted when the index is created
+    codebook.faiss         with sketch_bits below 16: each coordinate's code range
+                           (:mod:`attribution.sketch.codebook`), fitted when the index is created
     shards/<n>.ids.npy     document ids of shard n, in vector order
-    shards/<n>.faiss       shard n's sketches: float16 vectors (a scalar-quantised flat index,
-                           exact inner product) or an HNSW graph over them
+    shards/<n>.faiss       shard n's sketches: float16 or b-bit vectors (a scalar-quantised flat
+                           index, every document scanned) or an HNSW graph over them
 
 Adding shards writes only the new shards' files, so the nightly sweep extends the index
 without touching what is there, and a search reads each shard's file memory-mapped and merges
@@ -24,7 +26,6 @@ store, seed or size is refused, naming both encoder fingerprints.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,13 @@ from attribution.prefilter.manifest import (
 )
 from attribution.prefilter.ranking import Hit, TopM
 from attribution.settings import DataSettings, ModelSettings, PrefilterSettings, resolve_device, torch_dtype
-from attribution.sketch.basis import load_basis, principal_directions, save_basis
+from attribution.sketch.basis import basis_sample, load_basis, principal_directions, save_basis
+from attribution.sketch.codebook import empty_index, fit_codebook, load_codebook
 from attribution.sketch.sketcher import Sketcher
 from attribution.sketch.whitening import module_whitening
+
+# The basis sample's whole sketches while the basis is fitted (deleted after).
+SAMPLE_FILE = ".basis-sample.npy"
 
 # Query id -> its sketch; queries that could not be sketched (skipped) are absent.
 QuerySketches = Callable[[Sequence[Any]], dict[str, np.ndarray]]
@@ -77,13 +82,19 @@ def whitening_of(store: Path | None, tracked: Sequence[TrackedModule], fingerpri
 
 
 def encoder_description(fingerprint: str, tracked: Sequence[TrackedModule], settings: PrefilterSettings, data: DataSettings,
-                        store: Path | None, basis_sha256: str | None = None) -> dict[str, Any]:
+                        store: Path | None, basis_sha256: str | None = None, codebook_sha256: str | None = None
+                        ) -> dict[str, Any]:
     """What a gradient sketch depends on: the model, modules, projections, sequence length, whitening store
-    and, when the sketches are compressed, the basis (the sha256 of the index's basis file)."""
+    and, when the sketches are compressed or coded, the basis and codes (the sha256 of their files)."""
     compression = {} if settings.stored_components is None else {
         "sketch_components": settings.stored_components,
         "sketch_basis_documents": settings.sketch_basis_documents,
         "basis_sha256": basis_sha256,
+    }
+    codes = {} if settings.sketch_bits == 16 else {
+        "sketch_bits": settings.sketch_bits,
+        "sketch_basis_documents": settings.sketch_basis_documents,
+        "codebook_sha256": codebook_sha256,
     }
     return {
         "model_fingerprint": fingerprint,
@@ -92,9 +103,10 @@ def encoder_description(fingerprint: str, tracked: Sequence[TrackedModule], sett
         "sketch_seed": settings.sketch_seed,
         "max_length": data.max_length,
         "objective": "log p(z)",
-        "stored": "float16",
+        "stored": "float16" if settings.sketch_bits == 16 else f"{settings.sketch_bits}-bit codes",
         "whitened_by": store_fingerprint(store) if settings.sketch_whiten and store is not None else None,
         **compression,
+        **codes,
     }
 
 
@@ -114,45 +126,86 @@ class DocumentSketcher:
         whitening = whitening_of(store, self.tracked, self.model_fingerprint) if settings.sketch_whiten else None
         self.sketcher = Sketcher(loaded, self.tracked, settings.sketch_seed, settings.sketch_dim, whitening=whitening)
         self.basis_sha256: str | None = None
+        self.codebook: faiss.Index | None = None
+        self.codebook_sha256: str | None = None
         # (shard, id) -> the compressed sketch of a document sketched for the basis.
         self.sketched: dict[tuple[str, str], np.ndarray] = {}
 
     @property
     def description(self) -> dict[str, Any]:
         return encoder_description(self.model_fingerprint, self.tracked, self.settings, self.data, self.store,
-                                   self.basis_sha256)
+                                   self.basis_sha256, self.codebook_sha256)
 
     @property
     def fingerprint(self) -> str:
         return json_fingerprint(self.description)
 
-    def use_basis(self, directory: Path, create: bool, shards: Sequence[Path]) -> None:
-        """With ``prefilter.sketch_components``: a new index fits its basis from the first
-        ``sketch_basis_documents`` documents of ``shards`` and stores it (their compressed sketches are
-        kept for the indexing pass, which then does not sketch them again); an existing one reads its own."""
-        if self.settings.stored_components is None:
+    def fit_or_load(self, directory: Path, create: bool, shards: Sequence[Path], structure: Mapping[str, Any]) -> None:
+        """With ``prefilter.sketch_components`` or ``sketch_bits`` below 16: a new index draws
+        ``sketch_basis_documents`` documents of ``shards`` at random, fits its basis and codes on their
+        sketches and stores them (their compressed sketches are kept for the indexing pass, which then
+        does not sketch them again); an existing one reads its own."""
+        if not self.settings.fits_sample:
             return
         names = [module.name for module in self.tracked]
-        if create:
-            documents = list(itertools.islice(iter_documents(shards, self.data.id_field, self.data.text_field,
-                                                             on_skip=lambda skip: None, on_bad_row=self.data.on_bad_row),
-                                              self.settings.sketch_basis_documents))
-            # Skips are recorded by the indexing pass that follows, not by this sample.
-            ids, sample = self.sketch(documents, lambda skip: None)
-            per_module = torch.from_numpy(sample).view(len(sample), len(names), -1)
-            basis = {name: principal_directions(per_module[:, index], self.settings.stored_components)
-                     for index, name in enumerate(names)}
-            self.basis_sha256 = save_basis(directory, basis)
-            self.sketcher = self.sketcher.with_basis(basis)
-            device = next(self.sketcher.model.parameters()).device
-            whole = per_module.to(device).view(len(sample), len(names), self.sketcher.k, -1)
-            compressed = to_numpy(self.sketcher.compress(whole))
-            shard_of = {doc.id: doc.shard for doc in documents}
-            self.sketched = {(shard_of[doc_id], doc_id): vector for doc_id, vector in zip(ids, compressed)}
+        if not create:
+            if self.settings.stored_components is not None:
+                basis, self.basis_sha256 = load_basis(directory, names)
+                if basis is not None:
+                    self.sketcher = self.sketcher.with_basis(basis)
+            if self.settings.sketch_bits < 16:
+                self.codebook, self.codebook_sha256 = load_codebook(directory)
             return
-        basis, self.basis_sha256 = load_basis(directory, names)
-        if basis is not None:
-            self.sketcher = self.sketcher.with_basis(basis)
+        # Skips are recorded by the indexing pass that follows, not by this sample.
+        corpus = iter_documents(shards, self.data.id_field, self.data.text_field, on_skip=lambda skip: None,
+                                on_bad_row=self.data.on_bad_row)
+        documents = basis_sample(corpus, self.settings.sketch_basis_documents, self.settings.sketch_seed)
+        staging = directory / SAMPLE_FILE
+        try:
+            ids, sample = self._sketch_sample(documents, staging)
+            if self.settings.stored_components is not None:
+                sample = self._fit_basis(directory, sample)
+            else:
+                sample = np.ascontiguousarray(sample.transpose(1, 0, 2).reshape(len(ids), -1), dtype=np.float32)
+        finally:
+            staging.unlink(missing_ok=True)
+        if self.settings.sketch_bits < 16:
+            self.codebook, self.codebook_sha256 = fit_codebook(directory, structure, sample, self.settings.sketch_bits)
+        shard_of = {doc.id: doc.shard for doc in documents}
+        self.sketched = {(shard_of[doc_id], doc_id): vector for doc_id, vector in zip(ids, sample)}
+
+    def _sketch_sample(self, documents: Sequence[Document], path: Path) -> tuple[list[str], np.ndarray]:
+        """Ids and whole sketches of the sample, module-major (modules, n, k^2), in a float32 file at
+        ``path`` read back memory-mapped: the sample is held one module at a time."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        modules, numbers = len(self.tracked), self.sketcher.k ** 2
+        sample = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(modules, len(documents), numbers))
+        ids: list[str] = []
+        device = next(self.sketcher.model.parameters()).device
+        for batch in batch_documents(self.tokenizer, documents, self.data.batch_size, self.data.max_length,
+                                     lambda skip: None):
+            sketches = self.sketcher.documents(batch.to(device)).float().cpu().numpy()
+            sample[:, len(ids):len(ids) + len(batch.ids)] = sketches.reshape(len(batch.ids), modules, numbers).transpose(1, 0, 2)
+            ids += batch.ids
+        return ids, sample[:, :len(ids)]
+
+    def _fit_basis(self, directory: Path, sample: np.ndarray) -> np.ndarray:
+        """Fit and store each module's basis from its whole sample sketches; return the sample's
+        compressed sketches (n, dim)."""
+        device = next(self.sketcher.model.parameters()).device
+        basis = {module.name: principal_directions(torch.from_numpy(np.asarray(sample[index])).to(device),
+                                                   self.settings.stored_components).cpu()
+                 for index, module in enumerate(self.tracked)}
+        self.basis_sha256 = save_basis(directory, basis)
+        self.sketcher = self.sketcher.with_basis(basis)
+        return np.concatenate([to_numpy(self.sketcher.coordinates(module.name, torch.from_numpy(np.asarray(sample[index]))))
+                               for index, module in enumerate(self.tracked)], axis=1)
+
+    def new_index(self, structure: Mapping[str, Any]) -> faiss.Index:
+        """An empty shard index: a copy of the index's fitted codes, or float16."""
+        if self.codebook is not None:
+            return faiss.clone_index(self.codebook)
+        return empty_index(structure, self.sketcher.dim, 16)
 
     def sketch(self, documents: Iterable[Document], on_skip: SkipHandler) -> tuple[list[str], np.ndarray]:
         """Ids and float32 sketches (N, dim) of the documents that have a prediction target; those
@@ -182,15 +235,6 @@ class DocumentSketcher:
         return ids, np.concatenate(parts)
 
 
-def new_shard_index(structure: Mapping[str, Any], dim: int) -> faiss.Index:
-    """Inner product over float16 codes: half the bytes of float32 and, for sketches, the same ranking."""
-    if structure["index_type"] == "hnsw":
-        index = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, structure["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = structure["ef_construction"]
-        return index
-    return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-
-
 class SketchBuilder:
     """Sketches each new shard and writes its own FAISS file; there is nothing global to rewrite."""
 
@@ -202,7 +246,7 @@ class SketchBuilder:
 
     def add_shard(self, shard: Path, fingerprint: str, stem: str, documents: Iterable[Document]) -> IndexedShard:
         ids, vectors = self.sketcher.sketch(documents, self.on_skip)
-        index = new_shard_index(self.structure, vectors.shape[1])
+        index = self.sketcher.new_index(self.structure)
         index.add(vectors)
         faiss.write_index(index, str(self.directory / f"{stem}.faiss"))
         save_ids(self.directory / f"{stem}.ids.npy", ids)
@@ -246,24 +290,46 @@ class SketchIndex:
                 index = _read_mapped(self.directory / f"{shard.stem}.faiss")
                 expect_length(self.directory / f"{shard.stem}.faiss", index.ntotal, shard.documents, "vectors")
                 k = min(m, len(ids))
-                scores, rows = index.search(vectors, k, params=self._parameters(index, k))
-                for query in range(len(present)):
-                    found = rows[query] >= 0
-                    top.update(query, ids[rows[query][found]], scores[query][found], path)
+                if isinstance(index, faiss.IndexHNSW):
+                    params = faiss.SearchParametersHNSW(efSearch=max(self.settings.ef_search, k))
+                    scores, rows = index.search(vectors, k, params=params)
+                    for query in range(len(present)):
+                        found = rows[query] >= 0
+                        top.update(query, ids[rows[query][found]], scores[query][found], path)
+                    continue
+                for start, scores in decoded_products(index, vectors):
+                    for query, row in enumerate(scores):
+                        keep = top_candidates(row, k)
+                        top.update(query, ids[start + keep], row[keep], path)
         found = dict(zip(present, top.hits()))
         return [found.get(query_id, []) for query_id in query_ids]
 
-    def _parameters(self, index: faiss.Index, k: int) -> faiss.SearchParameters | None:
-        if isinstance(index, faiss.IndexHNSW):
-            return faiss.SearchParametersHNSW(efSearch=max(self.settings.ef_search, k))
-        return None
+
+def decoded_products(index: faiss.Index, queries: np.ndarray, block_bytes: int = 256 << 20) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, Q Z_block^T)`` over a flat index's vectors ``Z``, decoded a block of rows (about
+    ``block_bytes`` of float32) at a time: one matrix product per block, several times faster for a
+    batch of queries than FAISS's scan of the codes query by query, with the same decoded vectors."""
+    rows = max(1, block_bytes // (4 * index.d))
+    for start in range(0, index.ntotal, rows):
+        block = index.reconstruct_n(start, min(rows, index.ntotal - start))
+        yield start, queries @ block.T
+
+
+def top_candidates(scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` largest ``scores`` and of every score tied with the k-th (the merge breaks
+    ties by document id)."""
+    if len(scores) <= k:
+        return np.arange(len(scores))
+    kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+    return np.flatnonzero(scores >= kth)
 
 
 def check_encoder(directory: Path, manifest: IndexManifest, expected: dict[str, Any]) -> None:
     """The index must hold sketches of the scored model, with the projections the settings ask for."""
     fingerprint = json_fingerprint(expected)
     if fingerprint != manifest.encoder_fingerprint:
-        differ = [key for key in expected if manifest.encoder.get(key) != expected[key]]
+        keys = list(expected) + [key for key in manifest.encoder if key not in expected]
+        differ = [key for key in keys if manifest.encoder.get(key) != expected.get(key)]
         raise PrefilterError(
             f"prefilter index {directory} holds other gradient sketches (encoder fingerprint {manifest.encoder_fingerprint}) "
             f"than this run needs (fingerprint {fingerprint}): they differ in {', '.join(differ) or 'their description'}; "

@@ -20,6 +20,7 @@ from attribution.scoring.inputs import ScoreInputs
 from attribution.scoring.stages import build_stages
 from attribution.settings import resolve_device
 from attribution.sketch.basis import load_basis
+from attribution.sketch.codebook import load_codebook
 from attribution.sketch.index import QuerySketches, check_encoder, encoder_description, to_numpy, whitening_of
 from attribution.sketch.sketcher import Sketcher
 
@@ -32,8 +33,9 @@ def query_sketcher(inputs: ScoreInputs, directory: Path, manifest: IndexManifest
     fingerprint = stages.fingerprints["model"]
     basis, basis_sha256 = (None, None) if inputs.prefilter.stored_components is None else \
         load_basis(directory, [module.name for module in stages.tracked])
+    codebook_sha256 = None if inputs.prefilter.sketch_bits == 16 else load_codebook(directory)[1]
     check_encoder(directory, manifest, encoder_description(fingerprint, stages.tracked, inputs.prefilter, inputs.data, store,
-                                                           basis_sha256))
+                                                           basis_sha256, codebook_sha256))
     whitening = whitening_of(store, stages.tracked, fingerprint) if inputs.prefilter.sketch_whiten else None
     sketcher = Sketcher(stages.candidate_model, stages.tracked, inputs.prefilter.sketch_seed, inputs.prefilter.sketch_dim,
                         whitening=whitening)

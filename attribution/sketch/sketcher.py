@@ -71,7 +71,12 @@ class Sketcher:
         if self.basis is None:
             return sketches.flatten(1)
         flat = sketches.flatten(2)
-        return torch.cat([flat[:, index] @ self.basis[module.name] for index, module in enumerate(self.tracked)], dim=1)
+        return torch.cat([self.coordinates(module.name, flat[:, index]) for index, module in enumerate(self.tracked)], dim=1)
+
+    def coordinates(self, module: str, flat: torch.Tensor) -> torch.Tensor:
+        """(N, k^2) -> (N, C_m): one module's flattened sketches in its principal directions, ``V_m^T s_m``."""
+        assert self.basis is not None
+        return flat.to(self.basis[module]) @ self.basis[module]
 
     def documents(self, batch: TokenBatch) -> torch.Tensor:
         """(B, dim): each document's sketched gradient of ``log p(z)``, from one forward and backward pass."""

@@ -43,6 +43,7 @@ from attribution.scoring.inputs import ScoreInputs
 from attribution.scoring.run import run_score
 from attribution.scoring.tables import read_ranked
 from attribution.settings import (
+    SKETCH_BITS,
     Check,
     DataSettings,
     FactorSettings,
@@ -61,14 +62,15 @@ class SketchRecallSettings:
     documents: int = 50_000
     shards: int = 25
     sketch_dims: tuple[int, ...] = (16, 32, 64)
-    # Sketches of component_sketch_dim compressed to each of these many principal components per module.
+    # Sketches of component_sketch_dim compressed to C principal coordinates per module of B bits each, per [C, B].
     component_sketch_dim: int = 64
-    components: tuple[int, ...] = (64, 128, 256)
+    compressed: tuple[tuple[int, int], ...] = ((256, 16), (512, 8), (1024, 4), (1536, 4), (2048, 4))
     fractions: tuple[float, ...] = (0.01, 0.05, 0.1)
     top: int = 100
     rank: int = 32
     cost_sketch_dim: int = 64
-    cost_components: int | None = 256
+    cost_components: int | None = 1536
+    cost_bits: int = 4
     cost_fractions: tuple[float, ...] = (0.002, 0.01, 0.05)
     dense_max_documents: int = 5_000
     seed: int = 0
@@ -82,8 +84,11 @@ class SketchRecallSettings:
         check.integer("cost_sketch_dim", 1)
         check.integer("component_sketch_dim", 1)
         check.integer("cost_components", 1, none="the whole sketch")
-        if any(not isinstance(c, int) or not 1 <= c <= self.component_sketch_dim**2 for c in self.components):
-            check.fail("components", f"a list of integers from 1 to component_sketch_dim^2 = {self.component_sketch_dim**2}")
+        if any(len(pair) != 2 or not isinstance(pair[0], int) or not 1 <= pair[0] <= self.component_sketch_dim**2
+               or pair[1] not in SKETCH_BITS for pair in self.compressed):
+            check.fail("compressed", f"a list of [C, bits] pairs, C from 1 to component_sketch_dim^2 = "
+                                     f"{self.component_sketch_dim**2} and bits one of {', '.join(map(str, SKETCH_BITS))}")
+        check.choice("cost_bits", SKETCH_BITS)
         check.integer("dense_max_documents", 0)
         check.integer("seed", 0)
         if not self.sketch_dims or any(not isinstance(k, int) or k < 1 for k in self.sketch_dims):
@@ -182,18 +187,20 @@ def run_sketch_recall(settings: SketchRecallSettings, demo: DemoPaths, output_di
         floor = stage(f"{name}-floor", lambda: {"seconds": floor_seconds(model, data)})
         sizes = {fraction: max(1, round(fraction * truth["documents"])) for fraction in settings.fractions}
         rows = []
-        sketches = [(k, None) for k in settings.sketch_dims] + [(settings.component_sketch_dim, c) for c in settings.components]
-        for k, components in sketches:
-            rows.append(stage(f"{name}-{_sketch_name(k, components)}", lambda: _gradient_row(
-                k, components, model, data, factors, queries, score, work, sizes, truth, floor["seconds"])))
+        sketches = [(k, None, 16) for k in settings.sketch_dims] + \
+            [(settings.component_sketch_dim, c, bits) for c, bits in settings.compressed]
+        for k, components, bits in sketches:
+            rows.append(stage(f"{name}-{_sketch_name(k, components, bits)}", lambda: _gradient_row(
+                k, components, bits, model, data, factors, queries, score, work, sizes, truth, floor["seconds"])))
             log(f"{name}: {rows[-1]['method']}: {rows[-1]['recall']}")
         kinds = ["bm25"] + (["dense"] if truth["documents"] <= settings.dense_max_documents else [])
         for kind in kinds:
             rows.append(stage(f"{name}-{kind}", lambda: _text_row(kind, data, queries, work, sizes, truth)))
             log(f"{name}: {kind}: {rows[-1]['recall']}")
-        costs = [stage(f"{name}-cost-{_sketch_name(settings.cost_sketch_dim, settings.cost_components)}-{fraction}",
-                       lambda: _cost(settings.cost_sketch_dim, settings.cost_components, fraction, model, data, factors,
-                                     queries, score, work, truth))
+        cost_sketch = _sketch_name(settings.cost_sketch_dim, settings.cost_components, settings.cost_bits)
+        costs = [stage(f"{name}-cost-{cost_sketch}-{fraction}",
+                       lambda: _cost(settings.cost_sketch_dim, settings.cost_components, settings.cost_bits, fraction, model,
+                                     data, factors, queries, score, work, truth))
                  for fraction in settings.cost_fractions]
         results[name] = {"documents": truth["documents"], "full_pass_seconds": truth["seconds"],
                          "floor_seconds": floor["seconds"], "rows": rows, "costs": costs}
@@ -201,15 +208,20 @@ def run_sketch_recall(settings: SketchRecallSettings, demo: DemoPaths, output_di
     return results
 
 
-def _sketch_name(k: int, components: int | None) -> str:
-    return f"gradient-k{k}" + (f"-c{components}" if components is not None else "")
+def _sketch_name(k: int, components: int | None, bits: int) -> str:
+    return f"gradient-k{k}" + (f"-c{components}" if components is not None else "") + (f"-b{bits}" if bits != 16 else "")
 
 
-def _gradient_row(k: int, components: int | None, model: ModelSettings, data: DataSettings, factors: FactorSettings,
-                  queries: QuerySettings, score: ScoreSettings, work: Path, sizes: dict[float, int], truth: dict[str, Any],
-                  floor: float) -> dict[str, Any]:
-    directory = work / _sketch_name(k, components)
-    prefilter = PrefilterSettings(kind="gradient", path=str(directory), sketch_dim=k, sketch_components=components)
+def _method(k: int, components: int | None, bits: int) -> str:
+    return f"gradient k={k}" + (f", C={components}" if components is not None else "") + (f", {bits}-bit" if bits != 16 else "")
+
+
+def _gradient_row(k: int, components: int | None, bits: int, model: ModelSettings, data: DataSettings,
+                  factors: FactorSettings, queries: QuerySettings, score: ScoreSettings, work: Path, sizes: dict[float, int],
+                  truth: dict[str, Any], floor: float) -> dict[str, Any]:
+    directory = work / _sketch_name(k, components, bits)
+    prefilter = PrefilterSettings(kind="gradient", path=str(directory), sketch_dim=k, sketch_components=components,
+                                  sketch_bits=bits)
     built = update_index(directory, prefilter, data, list_shards(str(data.path)), lambda skip: None, model,
                          Path(str(factors.path)))
     inputs = ScoreInputs(model, data, factors, queries, score, prefilter=prefilter)
@@ -224,10 +236,10 @@ def _gradient_row(k: int, components: int | None, model: ModelSettings, data: Da
     modules = index.manifest.encoder["modules"]
     layers = len({name.split(".layers.")[-1].split(".")[0] for name in modules})
     return {
-        "method": f"gradient k={k}" + (f", C={components}" if components is not None else ""),
+        "method": _method(k, components, bits),
         "recall": {str(fraction): recall(truth["top"], {q.id: [h.doc_id for h in found[:m]] for q, found in zip(query_list, hits)})
                    for fraction, m in sizes.items()},
-        "bytes_per_document_per_layer": 2 * (components or k * k) * len(modules) / layers,
+        "bytes_per_document_per_layer": bits / 8 * (components or k * k) * len(modules) / layers,
         "build_seconds": built.seconds,
         "build_over_floor": built.seconds / floor,
         "query_side_seconds": query_seconds,
@@ -249,20 +261,21 @@ def _text_row(kind: str, data: DataSettings, queries: QuerySettings, work: Path,
     }
 
 
-def _cost(k: int, components: int | None, fraction: float, model: ModelSettings, data: DataSettings,
+def _cost(k: int, components: int | None, bits: int, fraction: float, model: ModelSettings, data: DataSettings,
           factors: FactorSettings, queries: QuerySettings, score: ScoreSettings, work: Path,
           truth: dict[str, Any]) -> dict[str, Any]:
     """A new batch of queries through the index, end to end, against the full pass."""
     m = max(1, round(fraction * truth["documents"]))
-    directory = work / _sketch_name(k, components)
-    prefilter = PrefilterSettings(kind="gradient", path=str(directory), sketch_dim=k, sketch_components=components, top_m=m)
+    directory = work / _sketch_name(k, components, bits)
+    prefilter = PrefilterSettings(kind="gradient", path=str(directory), sketch_dim=k, sketch_components=components,
+                                  sketch_bits=bits, top_m=m)
     # Built by the recall stage; built again here if that stage's result was kept but not its index.
     update_index(directory, prefilter, data, list_shards(str(data.path)), lambda skip: None, model, Path(str(factors.path)))
     started = time.perf_counter()
     summary = run_score(model, data, factors, queries, score, work / f"through-index-{m}", {}, prefilter_settings=prefilter)
     seconds = time.perf_counter() - started
     found = {query: [row.doc_id for row in rows] for query, rows in read_ranked(summary.scores_path).items()}
-    return {"top_m": m, "sketch_dim": k, "components": components, "seconds": seconds, "full_pass_seconds": truth["seconds"],
+    return {"top_m": m, "sketch_dim": k, "components": components, "bits": bits, "seconds": seconds, "full_pass_seconds": truth["seconds"],
             "speedup": truth["seconds"] / seconds, "documents_scored": summary.counts["documents_scored"],
             "recall_of_true_top": recall(truth["top"], found)}
 
@@ -280,7 +293,7 @@ def format_results(results: dict[str, Any], settings: SketchRecallSettings) -> s
             ratio = f"{row['build_over_floor']:.2f}" if "build_over_floor" in row else "-"
             lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {size} | {ratio} |")
         for cost in result["costs"]:
-            sketch = f"k={cost['sketch_dim']}" + (f", C={cost['components']}" if cost.get("components") else "")
+            sketch = _method(cost["sketch_dim"], cost.get("components"), cost.get("bits", 16)).removeprefix("gradient ")
             lines.append(f"64 queries through the index ({sketch}, each query's top {cost['top_m']} scored "
                          f"exactly, {cost['documents_scored']} distinct documents): {cost['seconds']:.0f} s against "
                          f"{cost['full_pass_seconds']:.0f} s for the full pass ({cost['speedup']:.1f}x), finding "

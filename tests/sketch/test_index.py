@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from attribution.data.batching import batch_documents
-from attribution.data.corpus import iter_documents
+from attribution.data.corpus import Document, iter_documents
 from attribution.data.queries import read_queries
 from attribution.fitting import run_fit
 from attribution.prefilter.index import open_index, update_index
@@ -29,8 +30,9 @@ from attribution.settings import (
     QuerySettings,
     ScoreSettings,
 )
-from attribution.sketch.basis import principal_directions
-from attribution.sketch.index import DocumentSketcher
+from attribution.sketch.basis import basis_sample, principal_directions
+from attribution.sketch.footprint import index_footprint
+from attribution.sketch.index import SAMPLE_FILE, DocumentSketcher
 from attribution.sketch.queries import query_sketcher
 from attribution.sketch.sketcher import Sketcher
 from tests.prefilter.helpers import TEXTS, write_corpus
@@ -53,7 +55,8 @@ def setup(tmp_path_factory):
     factors = run_fit(model, data, FactorSettings(), root, {}, progress=False)
     queries = root / "queries.jsonl"
     queries.write_text("".join(json.dumps(q) + "\n" for q in QUERIES))
-    prefilter = PrefilterSettings(kind="gradient", path=str(root / "index"), sketch_dim=8, top_m=len(TEXTS))
+    # float16 sketches: the tests below compare scores with float tolerances (coded ones have their own tests).
+    prefilter = PrefilterSettings(kind="gradient", path=str(root / "index"), sketch_dim=8, sketch_bits=16, top_m=len(TEXTS))
     update_index(root / "index", prefilter, data, shards, on_skip=lambda skip: None, model=model, store=factors.factors_path)
     return root, shards, model, data, FactorSettings(path=str(factors.factors_path)), QuerySettings(path=str(queries)), prefilter
 
@@ -123,7 +126,7 @@ def test_a_sketch_as_wide_as_the_modules_gives_the_influence_scores(setup):
 
 def test_a_new_shard_adds_only_its_own_files_and_searches_as_one_built_at_once(setup, tmp_path):
     root, shards, model, data, factors, *_ = setup
-    settings, store = PrefilterSettings(kind="gradient", sketch_dim=8), Path(factors.path)
+    settings, store = PrefilterSettings(kind="gradient", sketch_dim=8, sketch_bits=16), Path(factors.path)
     update_index(tmp_path / "grown", settings, data, shards[:2], on_skip=lambda skip: None, model=model, store=store)
     before = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "grown" / "shards").iterdir()}
     summary = update_index(tmp_path / "grown", settings, data, shards, on_skip=lambda skip: None, model=model, store=store)
@@ -192,14 +195,26 @@ def compressed_index(setup, directory: Path, components: int, basis_documents: i
     whole sketch from the uncompressed sketcher, in corpus order."""
     root, shards, model, data, factors, *_ = setup
     settings = PrefilterSettings(kind="gradient", path=str(directory), sketch_dim=4, sketch_components=components,
-                                 sketch_basis_documents=basis_documents, top_m=len(TEXTS))
+                                 sketch_basis_documents=basis_documents, sketch_bits=16, top_m=len(TEXTS))
     update_index(directory, settings, data, shards, on_skip=lambda skip: None, model=model, store=Path(factors.path))
+    return settings, whole_document_sketches(setup)
+
+
+def whole_document_sketches(setup) -> dict[str, np.ndarray]:
+    """Every document's whole sketch of dim 4 (float64), from the uncompressed sketcher, in corpus order."""
+    root, shards, model, data, factors, *_ = setup
     whole = DocumentSketcher(model, data, PrefilterSettings(kind="gradient", sketch_dim=4), Path(factors.path))
     documents = list(iter_documents(shards, "id", "text", on_skip=lambda skip: None))
     sketches = {}
     for batch in batch_documents(whole.tokenizer, documents, 3, 16, on_skip=lambda skip: None):
         sketches.update(zip(batch.ids, whole.sketcher.documents(batch).detach().double().numpy()))
-    return settings, sketches
+    return sketches
+
+
+def sampled(setup, n: int, sketches: dict[str, np.ndarray]) -> list[str]:
+    """The ids of the basis sample of ``n`` documents (sketch_seed 0) that have a sketch."""
+    documents = iter_documents(setup[1], "id", "text", on_skip=lambda skip: None)
+    return [doc.id for doc in basis_sample(documents, n, seed=0) if doc.id in sketches]
 
 
 def whole_query_sketches(setup) -> dict[str, np.ndarray]:
@@ -214,7 +229,7 @@ def whole_query_sketches(setup) -> dict[str, np.ndarray]:
 def compressed_scores(setup, settings: PrefilterSettings) -> dict[str, dict[str, float]]:
     root, shards, *_ = setup
     run = inputs(setup, **{key: getattr(settings, key) for key in ("path", "sketch_dim", "sketch_components",
-                                                                  "sketch_basis_documents")})
+                                                                  "sketch_basis_documents", "sketch_bits")})
     index = open_index(settings.path, run.prefilter, shards)
     query_list = read_queries(run.queries.path, on_skip=print)
     sketches = query_sketcher(run, Path(settings.path), index.manifest, root)(query_list)
@@ -222,13 +237,14 @@ def compressed_scores(setup, settings: PrefilterSettings) -> dict[str, dict[str,
     return {query.id: {hit.doc_id: hit.score for hit in found} for query, found in zip(query_list, hits)}
 
 
-def test_principal_components_are_the_sketched_score_projected_on_the_first_documents_span(setup, tmp_path):
-    """With a basis from the first 6 documents, 4 components per module: each score is
-    ``s(q)^T V V^T s(z)`` with ``V V^T`` the projector on the top 4 eigenvectors of the first 6
+def test_principal_components_are_the_sketched_score_projected_on_the_sampled_documents_span(setup, tmp_path):
+    """With a basis from 6 sampled documents, 4 components per module: each score is
+    ``s(q)^T V V^T s(z)`` with ``V V^T`` the projector on the top 4 eigenvectors of the sampled
     documents' second moment ``sum s s^T`` of each module (numpy, from the whole sketches)."""
     settings, sketches = compressed_index(setup, tmp_path / "pc", components=4, basis_documents=6)
     queries = whole_query_sketches(setup)
-    sample = np.stack(list(sketches.values())[:6]).reshape(6, -1, 16)
+    chosen = sampled(setup, 6, sketches)
+    sample = np.stack([sketches[doc] for doc in chosen]).reshape(len(chosen), -1, 16)
     projectors = []
     for module in range(sample.shape[1]):
         _, vectors = np.linalg.eigh(sample[:, module].T @ sample[:, module])
@@ -257,37 +273,47 @@ def test_as_many_components_as_documents_keep_every_sketched_score(setup, tmp_pa
 
 
 def test_a_compressed_index_grows_with_its_own_basis_and_refuses_another(setup, tmp_path):
+    """Shards added later are stored in the basis fitted when the index was created: every score is
+    ``s(q)^T V V^T s(z)`` with V read from its file, whichever shard z is in."""
     root, shards, model, data, factors, *_ = setup
-    settings = PrefilterSettings(kind="gradient", sketch_dim=4, sketch_components=3, sketch_basis_documents=4)
+    settings = PrefilterSettings(kind="gradient", path=str(tmp_path / "grown"), sketch_dim=4, sketch_components=3,
+                                 sketch_basis_documents=4, sketch_bits=16)
     store = Path(factors.path)
     update_index(tmp_path / "grown", settings, data, shards[:1], on_skip=lambda skip: None, model=model, store=store)
     basis = (tmp_path / "grown" / "basis.safetensors").read_bytes()
     update_index(tmp_path / "grown", settings, data, shards, on_skip=lambda skip: None, model=model, store=store)
     assert (tmp_path / "grown" / "basis.safetensors").read_bytes() == basis
-    update_index(tmp_path / "at-once", settings, data, shards, on_skip=lambda skip: None, model=model, store=store)
-    grown = compressed_scores(setup, PrefilterSettings(**{**settings.__dict__, "path": str(tmp_path / "grown")}))
-    at_once = compressed_scores(setup, PrefilterSettings(**{**settings.__dict__, "path": str(tmp_path / "at-once")}))
-    # The first shard holds the same first 4 documents either way: the same basis, the same scores.
-    assert grown == at_once
+    stored = load_file(str(tmp_path / "grown" / "basis.safetensors"))
+    modules = json.loads((tmp_path / "grown" / "manifest.json").read_text())["encoder"]["modules"]
+    directions = [stored[name].double().numpy() for name in modules]
+    sketches, queries = whole_document_sketches(setup), whole_query_sketches(setup)
+    for query, scores in compressed_scores(setup, settings).items():
+        assert set(scores) == set(sketches)
+        q = queries[query].astype(np.float64).reshape(-1, 16)
+        expected = {doc: sum(q[m] @ v @ v.T @ z.reshape(-1, 16)[m] for m, v in enumerate(directions))
+                    for doc, z in sketches.items()}
+        scale = max(abs(value) for value in expected.values())
+        assert max(abs(scores[doc] - expected[doc]) for doc in scores) < 3e-3 * scale, query
     with pytest.raises(PrefilterError, match="they differ in sketch_components"):
-        compressed_scores(setup, PrefilterSettings(**{**settings.__dict__, "path": str(tmp_path / "grown"),
-                                                      "sketch_components": 2}))
+        compressed_scores(setup, PrefilterSettings(**{**settings.__dict__, "sketch_components": 2}))
     with pytest.raises(PrefilterError, match="was built with another encoder"):
         update_index(tmp_path / "grown", PrefilterSettings(kind="gradient", sketch_dim=4), data, shards,
                      on_skip=lambda skip: None, model=model, store=store)
     (tmp_path / "grown" / "basis.safetensors").unlink()
     with pytest.raises(PrefilterError, match="they differ in basis_sha256"):
-        compressed_scores(setup, PrefilterSettings(**{**settings.__dict__, "path": str(tmp_path / "grown")}))
+        compressed_scores(setup, settings)
 
 
 def test_a_basis_sample_smaller_than_the_components_keeps_what_it_spans(setup, tmp_path):
-    """Three sampled documents span three directions per module: the basis keeps those three, and
-    the three documents' scores whole."""
+    """Three sampled documents span three directions per module (fewer if one has no sketch): the basis
+    keeps those, and the sampled documents' scores whole."""
     settings, sketches = compressed_index(setup, tmp_path / "few", components=5, basis_documents=3)
-    assert {tuple(matrix.shape) for matrix in load_file(str(tmp_path / "few" / "basis.safetensors")).values()} == {(16, 3)}
+    chosen = sampled(setup, 3, sketches)
+    assert {tuple(matrix.shape) for matrix in load_file(str(tmp_path / "few" / "basis.safetensors")).values()} == \
+        {(16, len(chosen))}
     queries = whole_query_sketches(setup)
     for query, scores in compressed_scores(setup, settings).items():
-        for doc in list(sketches)[:3]:
+        for doc in chosen:
             whole = float(queries[query] @ sketches[doc])
             assert scores[doc] == pytest.approx(whole, rel=3e-3, abs=3e-3 * max(abs(v) for v in scores.values()))
 
@@ -296,7 +322,7 @@ def test_as_many_components_as_the_sketch_has_store_the_whole_sketch(setup, tmp_
     root, shards, model, data, factors, *_ = setup
     for components in (16, None):
         directory = tmp_path / f"whole-{components}"
-        settings = PrefilterSettings(kind="gradient", sketch_dim=4, sketch_components=components)
+        settings = PrefilterSettings(kind="gradient", sketch_dim=4, sketch_components=components, sketch_bits=16)
         update_index(directory, settings, data, shards, on_skip=lambda skip: None, model=model, store=Path(factors.path))
         assert not (directory / "basis.safetensors").exists()
         assert "sketch_components" not in json.loads((directory / "manifest.json").read_text())["encoder"]
@@ -330,3 +356,121 @@ def test_the_basis_sample_is_sketched_once(setup, tmp_path, monkeypatch):
     update_index(tmp_path / "once", settings, data, shards, on_skip=lambda skip: None, model=model, store=Path(factors.path))
     assert sorted(sketched) == sorted({doc.id for doc in iter_documents(shards, "id", "text", on_skip=lambda skip: None)
                                        if doc.text.strip()})
+
+
+def test_the_basis_sample_is_uniform_over_the_corpus():
+    """Each of 20 documents is drawn with probability 5/20 (reservoir sampling): over 4,000 seeds every
+    document's count is 1,000 within 5 standard deviations, the first five's included."""
+    documents = [Document(id=f"doc-{i:02d}", text="x", shard="s", row=i) for i in range(20)]
+    counts = {doc.id: 0 for doc in documents}
+    for seed in range(4000):
+        drawn = basis_sample(documents, 5, seed)
+        assert len({doc.id for doc in drawn}) == 5
+        for doc in drawn:
+            counts[doc.id] += 1
+    spread = (4000 * 0.25 * 0.75) ** 0.5
+    assert all(abs(count - 1000) < 5 * spread for count in counts.values()), counts
+    assert basis_sample(documents, 30, 0) == documents
+
+
+def coded_index(setup, directory: Path, bits: int, **settings) -> PrefilterSettings:
+    root, shards, model, data, factors, *_ = setup
+    prefilter = PrefilterSettings(kind="gradient", path=str(directory), sketch_dim=4, sketch_components=None,
+                                  sketch_bits=bits, sketch_basis_documents=len(TEXTS), top_m=len(TEXTS), **settings)
+    update_index(directory, prefilter, data, shards, on_skip=lambda skip: None, model=model, store=Path(factors.path))
+    return prefilter
+
+
+def stored_vectors(directory: Path) -> dict[str, np.ndarray]:
+    """Each stored document's decoded sketch, read back from its shard's FAISS file."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    vectors = {}
+    for shard in manifest["shards"]:
+        index = faiss.read_index(str(directory / f"{shard['stem']}.faiss"))
+        ids = np.load(directory / f"{shard['stem']}.ids.npy")
+        vectors.update(zip(ids, index.reconstruct_n(0, index.ntotal).astype(np.float64)))
+    return vectors
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_coded_sketches_are_each_coordinate_on_its_sampled_range(setup, tmp_path, bits):
+    """With every document in the sample, coordinate j's range is [min_j, max_j] over the documents'
+    whole sketches, and a stored coordinate decodes to ``lo + (floor((2^b - 1) t) + 1/2) (hi - lo) / (2^b - 1)``
+    for ``t = (x - lo) / (hi - lo)`` (numpy); the search scores are the query's inner product with them."""
+    settings = coded_index(setup, tmp_path / f"coded-{bits}", bits)
+    sketches = whole_document_sketches(setup)
+    whole = np.stack(list(sketches.values()))
+    low, high = whole.min(0), whole.max(0)
+    levels = 2**bits - 1
+    codes = np.floor(levels * np.clip((whole - low) / (high - low), 0, 1))
+    expected = low + (np.minimum(codes, levels) + 0.5) * (high - low) / levels
+    decoded = stored_vectors(tmp_path / f"coded-{bits}")
+    stored = np.stack([decoded[doc] for doc in sketches])
+    step = (high - low) / levels
+    # float32 rounding may put a coordinate on a code boundary: then the codes differ by one.
+    assert np.all(np.abs(stored - expected) <= step * (1 + 1e-4) + 1e-9)
+    assert np.mean(np.abs(stored - expected) <= 1e-4 * step + 1e-9) > 0.99
+    assert np.max(np.abs(stored - whole)) > 0.1 * step.max()
+    queries = whole_query_sketches(setup)
+    found = compressed_scores(setup, settings)
+    for query, scores in found.items():
+        assert set(scores) == set(sketches)
+        for doc, score in scores.items():
+            assert score == pytest.approx(float(queries[query] @ decoded[doc]), rel=1e-4, abs=1e-4 * float(np.abs(queries[query]).sum()))
+
+
+def test_a_coded_index_grows_with_its_own_codes_and_refuses_other_bits(setup, tmp_path):
+    root, shards, model, data, factors, *_ = setup
+    store = Path(factors.path)
+    settings = PrefilterSettings(kind="gradient", path=str(tmp_path / "grown"), sketch_dim=4, sketch_components=8,
+                                 sketch_bits=8, sketch_basis_documents=5)
+    update_index(tmp_path / "grown", settings, data, shards[:1], on_skip=lambda skip: None, model=model, store=store)
+    codebook = (tmp_path / "grown" / "codebook.faiss").read_bytes()
+    update_index(tmp_path / "grown", settings, data, shards, on_skip=lambda skip: None, model=model, store=store)
+    assert (tmp_path / "grown" / "codebook.faiss").read_bytes() == codebook
+    encoder = json.loads((tmp_path / "grown" / "manifest.json").read_text())["encoder"]
+    assert encoder["sketch_bits"] == 8 and len(encoder["codebook_sha256"]) == 64
+    assert len(compressed_scores(setup, settings)["q-cat"]) == len(whole_document_sketches(setup))
+    with pytest.raises(PrefilterError, match="they differ in stored, sketch_bits"):
+        compressed_scores(setup, PrefilterSettings(**{**settings.__dict__, "sketch_bits": 4}))
+    (tmp_path / "grown" / "codebook.faiss").unlink()
+    with pytest.raises(PrefilterError, match="they differ in codebook_sha256"):
+        compressed_scores(setup, settings)
+
+
+def test_float16_sketches_keep_the_encoder_fingerprint_of_an_index_without_codes(setup, tmp_path):
+    root, shards, model, data, factors, *_ = setup
+    settings = PrefilterSettings(kind="gradient", sketch_dim=4, sketch_components=None, sketch_bits=16)
+    update_index(tmp_path / "plain", settings, data, shards, on_skip=lambda skip: None, model=model, store=Path(factors.path))
+    assert not (tmp_path / "plain" / "codebook.faiss").exists()
+    encoder = json.loads((tmp_path / "plain" / "manifest.json").read_text())["encoder"]
+    assert "sketch_bits" not in encoder and "codebook_sha256" not in encoder and encoder["stored"] == "float16"
+
+
+def test_the_footprint_is_what_the_build_writes(setup, tmp_path, monkeypatch):
+    """Stored bytes a document (FAISS's code size), the basis file and the temporary sample file, as
+    :func:`index_footprint` predicts from the settings (files up to their headers)."""
+    root, shards, model, data, factors, *_ = setup
+    settings = PrefilterSettings(kind="gradient", sketch_dim=4, sketch_components=6, sketch_bits=4, sketch_basis_documents=50)
+    corpus = len(list(iter_documents(shards, "id", "text", on_skip=lambda skip: None)))
+    sample_sizes = []
+    fit = DocumentSketcher._fit_basis
+
+    def measuring(self, directory, sample):
+        sample_sizes.append((directory / SAMPLE_FILE).stat().st_size)
+        return fit(self, directory, sample)
+
+    monkeypatch.setattr(DocumentSketcher, "_fit_basis", measuring)
+    summary = update_index(tmp_path / "sized", settings, data, shards, on_skip=lambda skip: None, model=model,
+                           store=Path(factors.path))
+    modules = len(json.loads((tmp_path / "sized" / "manifest.json").read_text())["encoder"]["modules"])
+    footprint = index_footprint(settings, modules, corpus)
+    assert footprint.document_bytes == modules * 3 == summary.document_bytes
+    assert f", {modules * 3} bytes each" in summary.line()
+    shard = json.loads((tmp_path / "sized" / "manifest.json").read_text())["shards"][0]["stem"]
+    assert faiss.read_index(str(tmp_path / "sized" / f"{shard}.faiss")).code_size == footprint.document_bytes
+    basis_file = (tmp_path / "sized" / "basis.safetensors").stat().st_size
+    assert 0 < basis_file - footprint.basis_bytes < 2048
+    assert 0 < sample_sizes[0] - footprint.sample_file_bytes <= 128
+    assert not (tmp_path / "sized" / SAMPLE_FILE).exists()
+    assert footprint.kept_sample_bytes == corpus * modules * 6 * 4 and footprint.fit_bytes == 8 * (corpus * 16 + 16**2)

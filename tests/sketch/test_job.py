@@ -17,7 +17,8 @@ def test_the_pipeline_with_gradient_sketches(tmp_path):
     assert "each on its gradient top-4 candidates (" in first.stdout
     manifest = json.loads((tmp_path / "run" / "prefilter" / "gradient" / "manifest.json").read_text())
     encoder = manifest["encoder"]
-    assert encoder["sketch_dim"] == 64 and encoder["sketch_components"] == 256
+    assert encoder["sketch_dim"] == 64 and encoder["sketch_components"] == 1536 and encoder["sketch_bits"] == 4
+    assert encoder["sketch_basis_documents"] == 8192 and len(encoder["codebook_sha256"]) == 64
     assert manifest["kind"] == "gradient" and manifest["encoder"]["whitened_by"]
     again, _ = run_job("build_index", *overrides(inputs, f"output_dir={tmp_path / 'run'}", "prefilter.kind=gradient",
                                                   job="build_index"))
