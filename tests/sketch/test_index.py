@@ -229,7 +229,8 @@ def whole_query_sketches(setup) -> dict[str, np.ndarray]:
 def compressed_scores(setup, settings: PrefilterSettings) -> dict[str, dict[str, float]]:
     root, shards, *_ = setup
     run = inputs(setup, **{key: getattr(settings, key) for key in ("path", "sketch_dim", "sketch_components",
-                                                                  "sketch_basis_documents", "sketch_bits")})
+                                                                  "sketch_basis_documents", "sketch_bits", "index_type",
+                                                                  "hnsw_m")})
     index = open_index(settings.path, run.prefilter, shards)
     query_list = read_queries(run.queries.path, on_skip=print)
     sketches = query_sketcher(run, Path(settings.path), index.manifest, root)(query_list)
@@ -416,7 +417,8 @@ def test_coded_sketches_are_each_coordinate_on_its_sampled_range(setup, tmp_path
     for query, scores in found.items():
         assert set(scores) == set(sketches)
         for doc, score in scores.items():
-            assert score == pytest.approx(float(queries[query] @ decoded[doc]), rel=1e-4, abs=1e-4 * float(np.abs(queries[query]).sum()))
+            tolerance = 1e-4 * float(np.abs(queries[query]).sum())
+            assert score == pytest.approx(float(queries[query] @ decoded[doc]), rel=1e-4, abs=tolerance)
 
 
 def test_a_coded_index_grows_with_its_own_codes_and_refuses_other_bits(setup, tmp_path):
@@ -474,3 +476,14 @@ def test_the_footprint_is_what_the_build_writes(setup, tmp_path, monkeypatch):
     assert 0 < sample_sizes[0] - footprint.sample_file_bytes <= 128
     assert not (tmp_path / "sized" / SAMPLE_FILE).exists()
     assert footprint.kept_sample_bytes == corpus * modules * 6 * 4 and footprint.fit_bytes == 8 * (corpus * 16 + 16**2)
+
+
+def test_an_hnsw_graph_over_codes_finds_every_document_with_its_decoded_score(setup, tmp_path):
+    settings = coded_index(setup, tmp_path / "graph", 8, index_type="hnsw", hnsw_m=4)
+    decoded = stored_vectors(tmp_path / "graph")
+    queries = whole_query_sketches(setup)
+    for query, scores in compressed_scores(setup, settings).items():
+        assert set(scores) == set(whole_document_sketches(setup))
+        for doc, score in scores.items():
+            tolerance = 1e-4 * float(np.abs(queries[query]).sum())
+            assert score == pytest.approx(float(queries[query] @ decoded[doc]), rel=1e-4, abs=tolerance)
