@@ -276,8 +276,8 @@ def _cost(k: int, components: int | None, bits: int, fraction: float, model: Mod
     seconds = time.perf_counter() - started
     found = {query: [row.doc_id for row in rows] for query, rows in read_ranked(summary.scores_path).items()}
     return {"top_m": m, "sketch_dim": k, "components": components, "bits": bits, "seconds": seconds,
-            "full_pass_seconds": truth["seconds"], "speedup": truth["seconds"] / seconds, "documents_scored": summary.counts["documents_scored"],
-            "recall_of_true_top": recall(truth["top"], found)}
+            "full_pass_seconds": truth["seconds"], "speedup": truth["seconds"] / seconds,
+            "documents_scored": summary.counts["documents_scored"], "recall_of_true_top": recall(truth["top"], found)}
 
 
 def format_results(results: dict[str, Any], settings: SketchRecallSettings) -> str:
