@@ -55,7 +55,7 @@ def principal_directions(sketches: torch.Tensor, components: int) -> torch.Tenso
     the eigenvectors of ``X^T X``. On the device ``sketches`` are on."""
     if not len(sketches):
         raise PrefilterError("prefilter.sketch_components needs documents with a prediction target for its basis, and "
-                             "the first shards have none")
+                             "the shards the index is created over have none")
     x = sketches.double()
     if x.shape[0] > x.shape[1]:
         return torch.linalg.eigh(x.T @ x)[1].flip(1)[:, :components].contiguous()

@@ -44,7 +44,7 @@ def fit_codebook(directory: Path, structure: Mapping[str, Any], sample: np.ndarr
     the trained empty index and the file's sha256."""
     if not len(sample):
         raise PrefilterError("prefilter.sketch_bits below 16 fits its codes on documents with a prediction target, and "
-                             "the first shards have none")
+                             "the shards the index is created over have none")
     codebook = empty_index(structure, sample.shape[1], bits)
     codebook.train(np.ascontiguousarray(sample, dtype=np.float32))
     directory.mkdir(parents=True, exist_ok=True)

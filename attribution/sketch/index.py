@@ -160,6 +160,9 @@ class DocumentSketcher:
         corpus = iter_documents(shards, self.data.id_field, self.data.text_field, on_skip=lambda skip: None,
                                 on_bad_row=self.data.on_bad_row)
         documents = basis_sample(corpus, self.settings.sketch_basis_documents, self.settings.sketch_seed)
+        if not documents:
+            raise PrefilterError("prefilter.sketch_components and prefilter.sketch_bits fit on a sample of the documents, "
+                                 "and the shards the index is created over have none")
         staging = directory / SAMPLE_FILE
         try:
             ids, sample = self._sketch_sample(documents, staging)

@@ -487,3 +487,12 @@ def test_an_hnsw_graph_over_codes_finds_every_document_with_its_decoded_score(se
         for doc, score in scores.items():
             tolerance = 1e-4 * float(np.abs(queries[query]).sum())
             assert score == pytest.approx(float(queries[query] @ decoded[doc]), rel=1e-4, abs=tolerance)
+
+
+@pytest.mark.parametrize("components", [3, None])
+def test_a_corpus_without_a_prediction_target_has_no_sample_to_fit_on(setup, tmp_path, components):
+    root, shards, model, data, factors, *_ = setup
+    blank = write_corpus(tmp_path / "blank", ["   ", "  "], shards=1)
+    settings = PrefilterSettings(kind="gradient", sketch_dim=4, sketch_components=components, sketch_bits=4)
+    with pytest.raises(PrefilterError, match="the shards the index is created over have none"):
+        update_index(tmp_path / "index", settings, data, blank, on_skip=lambda skip: None, model=model, store=Path(factors.path))
