@@ -59,6 +59,9 @@ def rows(summary):
     return sorted((r["query_id"], r["direction"], r["rank"], r["doc_id"], round(r["score"], 4)) for r in table)
 
 
+# Slow (24 s): the suite keeps a killed worker's pool giving the uninterrupted table in
+# test_multinode.py::test_a_node_killed_mid_score_leaves_the_table_of_an_uninterrupted_run.
+@pytest.mark.slow
 def test_pool_equals_in_process_and_survives_a_killed_worker(inputs, ray_local, tmp_path, monkeypatch):
     root, model, data, factors, queries, score, reference = inputs
     pooled = run_score(model, data, factors, queries, score, tmp_path / "pool", {}, cluster=ClusterSettings(num_workers=2))
@@ -144,7 +147,7 @@ def pairs(summary):
     return sorted((r["query_id"], r["doc_id"], r["shard"], r["row"], round(r["score"], 5)) for r in table)
 
 
-# test_pool_equals_in_process_and_survives_a_killed_worker checks the pool's tables; every pass size: slow suite.
+# The pool's tables are checked in the suite by test_multinode.py's killed-node test; every pass size: slow suite.
 @pytest.mark.slow
 def test_pool_gives_the_same_tables_for_any_pass_size_and_all_pairs(inputs, ray_local, tmp_path):
     root, model, data, factors, queries, score, reference = inputs
