@@ -88,6 +88,8 @@ def test_debug_true_shows_the_traceback_before_the_line(inputs, tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("ERROR: factors.path=")
 
 
+# Slow (11 s): test_debug_true_shows_the_traceback_before_the_line keeps the traceback path in the suite.
+@pytest.mark.slow
 def test_hydra_full_error_re_raises(inputs, tmp_path):
     result, _ = run_job("score", *overrides(inputs, f"output_dir={tmp_path}"), env={"HYDRA_FULL_ERROR": "1"})
     assert result.returncode == 1
