@@ -50,7 +50,7 @@ def run_pipeline(
     output_dir = Path(output_dir)
     fit_line = None
     if factors.strategy != "identity":
-        target = Path(factors.path) if factors.path is not None else output_dir / "factors"
+        target = factors.store_path(output_dir)
         stored = None if refit else fitted_for(target, fit_request(model, data, factors))
         if stored is None:
             fitted = run_fit(model, data, factors, output_dir, config, progress, cluster)
@@ -60,7 +60,7 @@ def run_pipeline(
                         f"from the same model, corpus files and settings (refit=true fits it again)")
         factors = replace(factors, path=str(target))
     if prefilter.kind != "none":
-        store = Path(factors.path) if factors.path is not None else output_dir / "factors"
+        store = factors.store_path(output_dir)
         run_build_index(prefilter, data, output_dir, config, model, store)
     score_summary = run_score(model, data, factors, queries, score, output_dir, config, prefilter_settings=prefilter,
                               cluster=cluster, refine_settings=refine)

@@ -259,6 +259,10 @@ class FactorSettings:
         check.dtype("dtype")
         check.integer("seed", 0)
 
+    def store_path(self, output_dir: str | Path) -> Path:
+        """Where the factor store is: ``path``, else the job's own ``<output_dir>/factors``."""
+        return Path(self.path) if self.path is not None else Path(output_dir) / "factors"
+
 
 @dataclass(frozen=True)
 class FinetuneSettings:
@@ -314,6 +318,9 @@ class ScoreSettings:
     method: str = "influence"
     # Every score divided by its document's gradient norm, I(q, z) / ||grad log p(z)|| (conf/score/default.yaml).
     normalize: bool = False
+    # A pass over every document also adds each shard's gradient sketches to the gradient index
+    # (prefilter.path; prefilter.sketch_* settings), from the same forward and backward.
+    keep_sketches: bool = False
 
     @property
     def all_pairs(self) -> bool:
@@ -335,6 +342,7 @@ class ScoreSettings:
         check.boolean("progress")
         check.choice("method", ("influence", "prefilter"))
         check.boolean("normalize")
+        check.boolean("keep_sketches")
 
 
 REFINE_METHODS = ("auto", "none", "cg", "stochastic")
@@ -480,9 +488,9 @@ class PrefilterSettings:
         """Whether creating a gradient index first sketches a sample of documents (for a basis or codes)."""
         return self.stored_components is not None or self.sketch_bits < 16
 
-    def index_path(self, output_dir: str | Path) -> Path:
-        """Where the index lives: ``path``, else ``<output_dir>/prefilter/<kind>``."""
-        return Path(self.path) if self.path is not None else Path(output_dir) / "prefilter" / self.kind
+    def index_path(self, output_dir: str | Path, kind: str | None = None) -> Path:
+        """Where the index lives: ``path``, else ``<output_dir>/prefilter/<kind>`` (this kind, or ``kind``)."""
+        return Path(self.path) if self.path is not None else Path(output_dir) / "prefilter" / (kind or self.kind)
 
 
 LOOPBACK = "127.0.0.1"

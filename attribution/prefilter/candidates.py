@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,14 @@ class Candidates:
         """doc_id -> shard of every candidate of these queries."""
         return {hit.doc_id: hit.shard for query_id in query_ids for hit in self.hits.get(query_id, [])}
 
+    @cached_property
+    def members(self) -> dict[str, frozenset[str]]:
+        """query_id -> the ids of its candidates (built once: every scored batch asks)."""
+        return {query_id: frozenset(hit.doc_id for hit in hits) for query_id, hits in self.hits.items()}
+
     def mask(self, query_ids: Sequence[str], doc_ids: Sequence[str]) -> np.ndarray:
         """(documents, queries) bool: True where the document is a candidate of the query."""
-        sets = [{hit.doc_id for hit in self.hits.get(query_id, [])} for query_id in query_ids]
+        sets = [self.members.get(query_id, frozenset()) for query_id in query_ids]
         return np.array([[doc_id in allowed for allowed in sets] for doc_id in doc_ids], dtype=bool).reshape(
             len(doc_ids), len(query_ids)
         )

@@ -119,22 +119,7 @@ def update_index(
     started = time.perf_counter()
     directory = Path(directory)
     sketcher = DocumentSketcher(model or ModelSettings(), data, settings, store) if settings.kind == "gradient" else None
-    create = not (directory / MANIFEST_NAME).exists()
-    if sketcher is not None:
-        sketcher.fit_or_load(directory, create, shards, _structure(settings))
-    if not create:
-        manifest = read_manifest(directory)
-        _check_encoder(directory, manifest, settings, sketcher)
-        wanted = (_structure(settings), data.id_field, data.text_field)
-        if wanted != (manifest.structure, manifest.id_field, manifest.text_field):
-            raise PrefilterError(
-                f"prefilter index {directory} was built with index structure {manifest.structure} and fields "
-                f"{manifest.id_field!r}/{manifest.text_field!r}; these settings ask for {wanted[0]} and "
-                f"{data.id_field!r}/{data.text_field!r}: use the same, or another prefilter.path"
-            )
-    else:
-        description, fingerprint = encoder_identity(settings, sketcher)
-        manifest = IndexManifest(settings.kind, data.id_field, data.text_field, description, fingerprint, _structure(settings))
+    manifest = open_or_create(directory, settings, data, shards, sketcher)
     indexed = {shard.fingerprint for shard in manifest.shards}
     new = [(path, fingerprint) for path in shards if (fingerprint := shard_fingerprint(path)) not in indexed]
     already = [str(path) for path in shards if path not in dict(new)]
@@ -159,6 +144,28 @@ def update_index(
         manifest.documents, time.perf_counter() - started, already,
         index_footprint(settings, len(sketcher.tracked)).document_bytes if sketcher is not None else None,
     )
+
+
+def open_or_create(directory: Path, settings: PrefilterSettings, data: DataSettings, shards: Sequence[Path],
+                   sketcher: DocumentSketcher | None) -> IndexManifest:
+    """The manifest of the index at ``directory``, checked against the settings, or a new one with no
+    shards (a gradient index's basis and codes are then fitted on a sample of ``shards`` and stored)."""
+    create = not (directory / MANIFEST_NAME).exists()
+    if sketcher is not None:
+        sketcher.fit_or_load(directory, create, shards, _structure(settings))
+    if create:
+        description, fingerprint = encoder_identity(settings, sketcher)
+        return IndexManifest(settings.kind, data.id_field, data.text_field, description, fingerprint, _structure(settings))
+    manifest = read_manifest(directory)
+    _check_encoder(directory, manifest, settings, sketcher)
+    wanted = (_structure(settings), data.id_field, data.text_field)
+    if wanted != (manifest.structure, manifest.id_field, manifest.text_field):
+        raise PrefilterError(
+            f"prefilter index {directory} was built with index structure {manifest.structure} and fields "
+            f"{manifest.id_field!r}/{manifest.text_field!r}; these settings ask for {wanted[0]} and "
+            f"{data.id_field!r}/{data.text_field!r}: use the same, or another prefilter.path"
+        )
+    return manifest
 
 
 def _unique(documents: Iterable[Document], registry: IdRegistry) -> Iterator[Document]:

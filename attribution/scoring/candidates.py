@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
-from attribution.curvature.capture import GradientCapture
+from attribution.curvature.capture import GradientCallback, GradientCapture
 from attribution.data.batching import TokenBatch
 from attribution.log_prob import backward_log_prob
 from attribution.models import TrackedModule
@@ -55,15 +55,23 @@ class CandidateScorer:
     def plan(self) -> dict[str, Contraction]:
         return {name: c.contraction for name, c in self.contractions.items()}
 
-    def layer_scores(self, batch: TokenBatch) -> torch.Tensor:
-        """``I_m(q, z)`` per document, query and module: (B, Q, M); sums over M to the score."""
-        result = torch.zeros(len(batch.ids), len(self.query_ids), len(self.tracked), dtype=self.dtype, device=batch.input_ids.device)
+    def layer_scores(self, batch: TokenBatch, also: GradientCallback | None = None,
+                     queries: torch.Tensor | None = None) -> torch.Tensor:
+        """``I_m(q, z)`` per document, query and module: (B, Q, M); sums over M to the score. ``also``
+        receives each module's masked inputs and output gradients too (the same capture). With
+        ``queries`` (indices), only those columns are computed; the others stay zero."""
+        device = batch.input_ids.device
+        result = torch.zeros(len(batch.ids), len(self.query_ids), len(self.tracked), dtype=self.dtype, device=device)
         squares = self._square_norms(batch)
+        columns = slice(None) if queries is None else queries.to(device)
 
         def contract(module: TrackedModule, activations: torch.Tensor, output_gradients: torch.Tensor) -> None:
             masked = activations * batch.attention_mask.unsqueeze(-1).to(self.dtype)
-            scores = self.contractions[module.name].scores(masked, output_gradients, squares)
-            result[:, :, self.module_index[module.name]] = scores
+            scores = self.contractions[module.name].scores(masked, output_gradients, squares,
+                                                           None if queries is None else columns)
+            result[:, columns, self.module_index[module.name]] = scores
+            if also is not None:
+                also(module, masked, output_gradients)
 
         self._backward(batch, contract)
         return self._normalized(result, squares)

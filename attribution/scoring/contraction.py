@@ -12,7 +12,8 @@ For document z and module m, ``<L R^T, dW(z)> = sum_t (L^T ds_t) . (R^T a_t) = s
 
 All compute the same number on the same rank-r factors. With ``score.normalize`` each also adds the
 document's squared gradient norm ``||dW(z)||_F^2`` (:func:`gradient_square_norms`), from ``dW(z)`` where
-its contraction forms it.
+its contraction forms it. Each can be limited to some of the queries (a prefiltered batch needs only
+those whose candidates it holds): the ``Q`` in every cost above becomes their number.
 """
 
 from __future__ import annotations
@@ -75,35 +76,46 @@ class ModuleContraction:
     def __init__(self, factors: ModuleQueryFactors, contraction: Contraction) -> None:
         self.contraction = contraction
         self.num_queries, _, self.rank = factors.left.shape
+        # (Q, d, r): a subset of the queries is one index_select away.
+        self.lefts, self.rights = factors.left, factors.right
         # (d, Q r): one matmul projects a token onto every query's factors at once.
         self.left = factors.left.permute(1, 0, 2).flatten(1)
         self.right = factors.right.permute(1, 0, 2).flatten(1)
-        # (d_out d_in', Q): the dot products of Q queries with a flattened gradient are one matmul.
-        self.dense = factors.dense().flatten(1).T.contiguous() if contraction == "per_document" else None
+        # (Q, d_out d_in'): the dot products of Q queries with a flattened gradient are one matmul.
+        self.dense = factors.dense().flatten(1) if contraction == "per_document" else None
 
-    def token_scores(self, activations: torch.Tensor, output_gradients: torch.Tensor) -> torch.Tensor:
-        """``(L_q^T ds_t) . (R_q^T a_t)`` per token and query: (B, T, Q)."""
-        projected_a = activations @ self.right
-        projected_ds = output_gradients @ self.left
-        products = (projected_a * projected_ds).unflatten(-1, (self.num_queries, self.rank))
+    def _stacked(self, queries: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(left, right, Q')``: the (d, Q' r) stacks of the selected queries (all: None)."""
+        if queries is None:
+            return self.left, self.right, self.num_queries
+        return (self.lefts.index_select(0, queries).permute(1, 0, 2).flatten(1),
+                self.rights.index_select(0, queries).permute(1, 0, 2).flatten(1), len(queries))
+
+    def token_scores(self, activations: torch.Tensor, output_gradients: torch.Tensor,
+                     queries: torch.Tensor | None = None) -> torch.Tensor:
+        """``(L_q^T ds_t) . (R_q^T a_t)`` per token and query: (B, T, Q), or (B, T, Q') for the ``queries`` given."""
+        left, right, count = self._stacked(queries)
+        products = ((activations @ right) * (output_gradients @ left)).unflatten(-1, (count, self.rank))
         return products.sum(-1)
 
     def scores(self, activations: torch.Tensor, output_gradients: torch.Tensor,
-               square_norms: torch.Tensor | None = None) -> torch.Tensor:
-        """``<L_q R_q^T, dW(z)>`` per document and query: (B, Q); ``||dW(z)||_F^2`` added into ``square_norms``
-        (B,) when given."""
+               square_norms: torch.Tensor | None = None, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """``<L_q R_q^T, dW(z)>`` per document and query: (B, Q), or (B, Q') for the ``queries`` given (indices);
+        ``||dW(z)||_F^2`` added into ``square_norms`` (B,) when given."""
         if self.contraction == "low_rank":
             if square_norms is not None:
                 square_norms += gradient_square_norms(activations, output_gradients)
-            return self.token_scores(activations, output_gradients).sum(1)
+            return self.token_scores(activations, output_gradients, queries).sum(1)
         # Explicit (b)mm: torch.einsum picked a path an order of magnitude slower on CPU here.
         per_document_gradient = output_gradients.mT @ activations
         if square_norms is not None:
             square_norms += per_document_gradient.square().sum((1, 2))
         if self.dense is not None:
-            return per_document_gradient.flatten(1) @ self.dense
-        projected = (per_document_gradient @ self.right) * self.left  # (B, d_out, Q r)
-        return projected.sum(1).unflatten(-1, (self.num_queries, self.rank)).sum(-1)
+            dense = self.dense if queries is None else self.dense.index_select(0, queries)
+            return per_document_gradient.flatten(1) @ dense.T
+        left, right, count = self._stacked(queries)
+        projected = (per_document_gradient @ right) * left  # (B, d_out, Q' r)
+        return projected.sum(1).unflatten(-1, (count, self.rank)).sum(-1)
 
 
 def gradient_square_norms(activations: torch.Tensor, output_gradients: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,13 @@ class ScoreInputs:
             # themselves, which a sharded worker holds only in part.
             raise SettingsError(f"refine.method={self.refine.method} with cluster.sharding={self.cluster.sharding}: the "
                                 "refinement needs the whole model in each worker; set cluster.sharding=none or refine.method=none")
+        if self.score.keep_sketches and self.prefilter.kind != "none":
+            raise SettingsError(f"score.keep_sketches=true keeps the sketches a pass over every document computes, and with "
+                                f"prefilter.kind={self.prefilter.kind} this run scores only each query's candidates: set "
+                                "prefilter.kind=none, or build the index with jobs.build_index prefilter.kind=gradient")
+        if self.score.keep_sketches and self.cluster.sharded:
+            raise SettingsError(f"score.keep_sketches=true with cluster.sharding={self.cluster.sharding}: a sharded run "
+                                "cannot keep sketches yet; build the index with jobs.build_index prefilter.kind=gradient")
 
     def resolved(self) -> dict[str, Any]:
         """The settings as the run record keeps them."""

@@ -1,6 +1,9 @@
 """The score workflow, step by step.
 
-1. **Candidates**: with a prefilter, each query's documents (:mod:`attribution.prefilter`).
+1. **Candidates**: with a prefilter, each query's documents (:mod:`attribution.prefilter`); a
+   gradient index's query side leaves its factors for step 4, so queries are preconditioned once.
+   With ``score.keep_sketches``, the gradient index the pass adds to is created or checked
+   (:mod:`attribution.sketch.riding`).
 2. **Workers**: this process or a Ray pool loads the stages (models, factor stores) once per worker.
 3. **Run key**: a hash of the inputs; one run holds a key at a time (a lock in its work
    directory), and a key already finished is read back, not scored again.
@@ -9,12 +12,17 @@
    finished piece stays in the work directory, so a rerun resumes.
 5. **Merge**: the units' kept rows into ``scores/<run_id>.parquet`` (and
    ``token_scores/<run_id>.parquet``), or with ``score.top_k=all`` the pairs files into
-   ``pairs/run_id=<run_id>/``; then ``runs/<run_id>.json``.
+   ``pairs/run_id=<run_id>/``; the shards whose sketches were kept join the gradient index; then
+   ``runs/<run_id>.json``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -51,6 +59,7 @@ from attribution.settings import (
 )
 from attribution.sketch.index import QuerySketches
 from attribution.sketch.queries import query_sketcher
+from attribution.sketch.riding import add_kept_shards, prepare_index
 
 NON_FINITE_QUERY = "non-finite query gradient (NaN or Inf)"
 
@@ -105,38 +114,74 @@ def score(inputs: ScoreInputs, output_dir: Path, config: dict[str, Any], shards:
         raise SettingsError("model.path, data.path and queries.path must be set (the jobs fill them in with the demo)")
     record = RunRecord(job="score", config=config)
     shard_list = list(shards) if shards is not None else list_shards(inputs.data.path)
-    candidates = prefilter_candidates(inputs, shard_list, output_dir)
-    with executor(inputs, output_dir, candidates) as pool:
-        identity = pool.identity()
-        store = MarkerStore(output_dir, run_key(key_inputs(inputs, identity, shard_list)))
-        with ScoreRunLock(store.lock_path) as lock:
-            finished = store.complete()
-            if finished is not None:
-                return finished_summary(finished, identity.method)
-            record.config["lock_messages"] = lock.messages
-            plan = pool.query_plan()
-            run = _Run(inputs, output_dir, store, record, shard_list, candidates, plan, identity)
-            record.lap("setup")
-            schedule = Schedule(plan.num_batches, inputs.score.query_batches_per_pass, run.written_batches(), run.release)
-            failures = pool.run(schedule, store, run.done)
-            run.progress.close()
-            record.config["workers"] = pool.worker_records()
-            record.config["lost_workers"] = pool.lost_workers()
-            record.lap("score")
-            return run.finish(schedule, failures)
+    with staged_query_factors(inputs, output_dir) as staged:
+        candidates = prefilter_candidates(inputs, shard_list, output_dir, staged)
+        if inputs.score.keep_sketches:
+            prepare_index(inputs, output_dir, shard_list)
+            record.lap("sketch index")
+        with executor(inputs, output_dir, candidates) as pool:
+            identity = pool.identity()
+            store = MarkerStore(output_dir, run_key(key_inputs(inputs, identity, shard_list)))
+            with ScoreRunLock(store.lock_path) as lock:
+                finished = store.complete()
+                if finished is not None:
+                    return finished_summary(finished, identity.method)
+                record.config["lock_messages"] = lock.messages
+                adopt_query_batches(staged, store)
+                plan = pool.query_plan()
+                run = _Run(inputs, output_dir, store, record, shard_list, candidates, plan, identity)
+                record.lap("setup")
+                schedule = Schedule(plan.num_batches, inputs.score.query_batches_per_pass, run.written_batches(), run.release)
+                failures = pool.run(schedule, store, run.done)
+                run.progress.close()
+                record.config["workers"] = pool.worker_records()
+                record.config["lost_workers"] = pool.lost_workers()
+                record.lap("score")
+                return run.finish(schedule, failures)
 
 
-def prefilter_candidates(inputs: ScoreInputs, shards: Sequence[Path], output_dir: Path) -> Candidates | None:
-    """Per query, the documents influence may rank (None: all of them)."""
+@contextmanager
+def staged_query_factors(inputs: ScoreInputs, output_dir: Path) -> Iterator[Path | None]:
+    """With a gradient prefilter the query side runs before the run's workers start, to sketch the
+    queries; its factors wait in this directory to become the run's query batches
+    (:func:`adopt_query_batches`), so each query is preconditioned once. Removed when the run ends."""
+    if inputs.prefilter.kind != "gradient":
+        yield None
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=".query-factors-", dir=output_dir))
+    try:
+        yield staged
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def adopt_query_batches(staged: Path | None, store: MarkerStore) -> None:
+    """Staged query batch ``i`` becomes the run's batch ``i``: the same queries, batched the same way, by
+    stages built from the same settings; a batch the run already holds (a resumed run) is kept."""
+    if staged is None:
+        return
+    for path in staged.glob("*.safetensors"):
+        target = store.query_batch_path(int(path.stem))
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+
+
+def prefilter_candidates(inputs: ScoreInputs, shards: Sequence[Path], output_dir: Path,
+                         staged: Path | None = None) -> Candidates | None:
+    """Per query, the documents influence may rank (None: all of them); a gradient index's query side
+    leaves its factors in ``staged``."""
     if inputs.prefilter.kind == "none":
         return None
     queries = read_queries(inputs.queries.path, on_skip=lambda skip: None)  # the query plan records the skips
-    return retrieve_candidates(inputs.prefilter, queries, shards, output_dir, gradient_queries(inputs, output_dir))
+    return retrieve_candidates(inputs.prefilter, queries, shards, output_dir, gradient_queries(inputs, output_dir, staged))
 
 
-def gradient_queries(inputs: ScoreInputs, output_dir: Path) -> Callable[[IndexManifest, Path], QuerySketches]:
+def gradient_queries(inputs: ScoreInputs, output_dir: Path, staged: Path | None = None
+                     ) -> Callable[[IndexManifest, Path], QuerySketches]:
     """How a gradient index's queries are sketched: with this run's model, store and preconditioning."""
-    return lambda manifest, directory: query_sketcher(inputs, directory, manifest, output_dir)
+    return lambda manifest, directory: query_sketcher(inputs, directory, manifest, output_dir, staged)
 
 
 def key_inputs(inputs: ScoreInputs, identity: StageIdentity, shards: Sequence[Path]) -> dict[str, Any]:
@@ -275,6 +320,10 @@ class _Run:
             scores_path, tokens_path = merge_top_tables(self.store, list(finished.values()), record.run_id, self.method,
                                                         inputs.score, output_dir)
             record.outputs = {"scores": str(scores_path), **({"token_scores": str(tokens_path)} if tokens_path else {})}
+        if inputs.score.keep_sketches:
+            kept = add_kept_shards(inputs, output_dir, self.shards)
+            record.outputs["gradient_index"] = str(kept.directory)
+            notes.append(kept.note())
         record.lap("merge")
         record.config["driver_peak_memory_mib"] = round(peak_memory_mib(), 1)
         record_path = record.write(output_dir)

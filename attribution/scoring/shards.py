@@ -1,7 +1,8 @@
 """One unit of scoring work: the queries of one pass against one corpus shard.
 
 Per document batch, one forward and backward gives the (B, Q, M) layer scores of every query
-of the pass; they stay on the scoring device, where the top-k and bottom-k are kept
+of the pass (with a prefilter, of the queries whose candidates the batch holds; the others are
+never used); they stay on the scoring device, where the top-k and bottom-k are kept
 (:class:`~attribution.scoring.topk.TopK`), or, with ``score.top_k=all``, they are streamed to
 the pass's pairs files. At the end the unit writes its kept rows, the token scores of its top
 rows (a second forward and backward of just those documents), and last its completion marker.
@@ -39,6 +40,7 @@ from attribution.scoring.tables import (
 )
 from attribution.scoring.topk import ORDINAL_STRIDE, KeptRows, TopK
 from attribution.settings import DataSettings, ScoreSettings
+from attribution.sketch.riding import KeptSketches
 
 NON_FINITE_DOCUMENT = "non-finite influence score (NaN or Inf in the document's gradient)"
 # Test-only fault injection: "<target>:<index>:<exit|raise|hold>[:<flag file>]", the target a shard's
@@ -81,7 +83,10 @@ class ShardScorer:
         score: ScoreSettings,
         candidates: Candidates | None,
         lockstep: Lockstep | None = None,
+        kept: KeptSketches | None = None,
     ) -> None:
+        """``kept``: with ``score.keep_sketches``, the gradient index the first pass adds each shard's sketches to."""
+        self.kept = kept
         self.model = model
         self.tokenizer = tokenizer
         self.data = data
@@ -117,6 +122,7 @@ class ShardScorer:
         modules = len(queries.scorer.tracked)
         keep_layers = self.score.layer_scores
         top = bottom = None
+        sketches = self.kept.shard(Path(unit.shard)) if self.kept is not None and unit.group == 0 else None
         with ExitStack() as files:
             pairs = []
             if self.score.all_pairs:
@@ -132,18 +138,22 @@ class ShardScorer:
                     continue
                 inject_fault_for_tests(Path(unit.shard).name, index)
                 rows = np.array([documents.row_of(doc_id) for doc_id in batch.ids], dtype=np.int64)
+                candidates = None if self.candidates is None else self.candidates.mask(query_ids, batch.ids)
                 clock = time.perf_counter()
-                layers = queries.scorer.layer_scores(batch.to(self.device))
+                capture = None if sketches is None else sketches.capture(len(batch.ids), self.device)
+                layers = queries.scorer.layer_scores(batch.to(self.device), capture, wanted_columns(candidates))
                 finite = torch.isfinite(layers).flatten(1).all(1).cpu().numpy()
                 outcome.forward_backward_seconds += time.perf_counter() - clock
                 for b in np.flatnonzero(~finite):
                     outcome.skips.append(Skip(batch.ids[b], unit.shard, int(rows[b]), NON_FINITE_DOCUMENT))
                 kept = np.flatnonzero(finite)
+                if sketches is not None:
+                    sketches.keep(kept, [batch.ids[b] for b in kept], rows[kept], outcome.skips.append)
                 if len(kept) == 0:
                     continue
                 ids = [batch.ids[b] for b in kept]
                 layers, rows = layers[torch.as_tensor(kept, device=self.device)], rows[kept]
-                allowed = None if self.candidates is None else self.candidates.mask(query_ids, ids)
+                allowed = None if candidates is None else candidates[kept]
                 outcome.documents_scored += len(ids)
                 outcome.pairs_scored += int(allowed.sum()) if allowed is not None else len(ids) * len(query_ids)
                 if outcome.scored_ids is not None:
@@ -163,6 +173,8 @@ class ShardScorer:
             if self.score.token_scores:
                 write_part(self._token_rows(unit, queries, positive), store.tokens_path(unit).parent,
                            store.tokens_path(unit).stem)
+        if sketches is not None:
+            sketches.write()
         outcome.seconds = time.perf_counter() - started
         store.write(unit, rows_table, outcome)
 
@@ -232,6 +244,13 @@ class ShardScorer:
                     result["tokens"].append(tokens)
                     result["token_scores"].append(contributions[b, :length, column])
         return pa.Table.from_pydict(result, schema=UNIT_TOKENS_SCHEMA)
+
+
+def wanted_columns(candidates: np.ndarray | None) -> torch.Tensor | None:
+    """The queries a batch's (documents, queries) candidate mask needs scores for; None: all of them."""
+    if candidates is None or candidates.any(0).all():
+        return None
+    return torch.as_tensor(np.flatnonzero(candidates.any(0)))
 
 
 class _Rows:

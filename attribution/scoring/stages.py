@@ -262,7 +262,7 @@ def stage_inverse(
 def single_stage(model_settings: ModelSettings, factor_settings: FactorSettings, refine: RefineSettings, output_dir: Path,
                  device: torch.device, sharding: str = "none", product_workers: dict[str, list] | None = None) -> Stages:
     model, tokenizer, fingerprint, tracked = _load(model_settings.path, model_settings, device, sharding)
-    store = factor_settings.path or output_dir / "factors"
+    store = factor_settings.store_path(output_dir)
     factors = load_factor_set(factor_settings, store, tracked, fingerprint)
     refinement: dict[str, Any] = {}
     inverse = stage_inverse("model", model, tokenizer, tracked, factors, factor_settings.damping, refine, "refine.data_path",
@@ -297,7 +297,7 @@ def multi_stage(
     if not tracked:
         raise SettingsError(f"fine-tuned model {finetune_settings.model_path} shares no tracked module with {model_settings.path}")
     fingerprints = {"model": pretrained_fingerprint, "finetuned_model": finetuned_fingerprint}
-    pretrained_store = factor_settings.path or output_dir / "factors"
+    pretrained_store = factor_settings.store_path(output_dir)
     pretrained_factors = load_factor_set(factor_settings, pretrained_store, tracked, fingerprints["model"])
     finetuned_factors = load_factor_set(factor_settings, finetune_settings.factors_path, query_tracked, fingerprints["finetuned_model"])
     refinement: dict[str, Any] = {}

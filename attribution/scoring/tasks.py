@@ -32,6 +32,7 @@ from attribution.scoring.query_files import load_query_factors, save_query_batch
 from attribution.scoring.shards import Lockstep, PassQueries, ShardScorer, inject_fault_for_tests
 from attribution.scoring.stages import build_stages
 from attribution.settings import resolve_device, torch_dtype
+from attribution.sketch.riding import KeptSketches
 
 
 @dataclass
@@ -66,8 +67,12 @@ class ScoreTasks:
         if collective is not None:
             model, tracked = self.stages.candidate_model, self.stages.tracked
             lockstep = Lockstep(collective, lambda batch: ghost_pass(model, tracked, batch))
+        kept = None
+        if inputs.score.keep_sketches:
+            kept = KeptSketches(self.stages.candidate_model, self.stages.tracked, self.stages.fingerprints["model"], inputs,
+                                self.output_dir)
         self.shards = ShardScorer(self.stages.candidate_model, self.stages.candidate_tokenizer, inputs.data,
-                                  inputs.score, candidates, lockstep)
+                                  inputs.score, candidates, lockstep, kept)
         self._query_batches: list[TokenBatch] | None = None
         self._num_queries = 0
         self._skips: list[Skip] = []

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from attribution.curvature.capture import GradientCapture
+from attribution.curvature.capture import GradientCallback, GradientCapture
 from attribution.data.batching import TokenBatch
 from attribution.log_prob import backward_log_prob
 from attribution.models import TrackedModule
@@ -80,17 +80,27 @@ class Sketcher:
 
     def documents(self, batch: TokenBatch) -> torch.Tensor:
         """(B, dim): each document's sketched gradient of ``log p(z)``, from one forward and backward pass."""
-        device = batch.input_ids.device
-        sketches = torch.zeros(len(batch.ids), len(self.tracked), self.k, self.k, dtype=self.dtype, device=device)
-        position = {module.name: index for index, module in enumerate(self.tracked)}
+        sketches, keep = self.capture(len(batch.ids), batch.input_ids.device)
 
         def sketch(module: TrackedModule, activations: torch.Tensor, output_gradients: torch.Tensor) -> None:
-            masked = activations * batch.attention_mask.unsqueeze(-1).to(self.dtype)
-            sketches[:, position[module.name]] = self.document_projections[module.name].tokens(output_gradients, masked)
+            keep(module, activations * batch.attention_mask.unsqueeze(-1).to(self.dtype), output_gradients)
 
         with GradientCapture(self.model, self.tracked, sketch, dtype=self.dtype):
             backward_log_prob(self.model, batch, tracked=self.tracked)
         return self.compress(sketches)
+
+    def capture(self, batch_size: int, device: torch.device) -> tuple[torch.Tensor, GradientCallback]:
+        """(B, modules, k, k) zeros, and the hook that fills module m's slot with ``sum_t (P_out ds_t)(P_in a_t)^T``
+        of each document, from the masked inputs ``a`` (B, T, d_in') and output gradients ``ds`` (B, T, d_out)
+        a backward pass captured."""
+        sketches = torch.zeros(batch_size, len(self.tracked), self.k, self.k, dtype=self.dtype, device=device)
+        position = {module.name: index for index, module in enumerate(self.tracked)}
+
+        def keep(module: TrackedModule, activations: torch.Tensor, output_gradients: torch.Tensor) -> None:
+            projection = self.document_projections[module.name]
+            sketches[:, position[module.name]] = projection.tokens(output_gradients.to(self.dtype), activations.to(self.dtype))
+
+        return sketches, keep
 
     def queries(self, factors: QueryFactors) -> torch.Tensor:
         """(Q, dim): each query's sketched preconditioned gradient, from its low-rank factors."""

@@ -148,8 +148,9 @@ def run_sweep(
     # run_score runs in a work directory: resolve the paths it would otherwise place there.
     if factors.strategy != "identity":
         factors = replace(factors, path=str(Path(factors.path or output_dir / "factors").absolute()))
-    if prefilter.kind != "none":
-        prefilter = replace(prefilter, path=str(prefilter.index_path(output_dir).absolute()))
+    if prefilter.kind != "none" or score.keep_sketches:
+        kind = "gradient" if score.keep_sketches else prefilter.kind
+        prefilter = replace(prefilter, path=str(prefilter.index_path(output_dir, kind).absolute()))
     with SweepLock(output_dir / LOCK_NAME, sweep.break_lock) as lock:
         night = _Night(model, data, factors, queries, score, output_dir, config, sweep, finetune, prefilter, cluster, refine)
         night.messages += lock.messages

@@ -132,15 +132,30 @@ def test_scores_do_not_depend_on_document_batching():
     torch.testing.assert_close(one, all_padded, rtol=1e-5, atol=1e-7 * float(one.abs().max()))
 
 
-def test_both_contractions_compute_the_same_number():
+def test_every_contraction_computes_the_same_number_for_all_queries_or_some():
     generator = torch.Generator().manual_seed(0)
     factors = ModuleQueryFactors(torch.randn(5, 6, 3, generator=generator, dtype=torch.float64),
                                  torch.randn(5, 7, 3, generator=generator, dtype=torch.float64))
     a = torch.randn(2, 4, 7, generator=generator, dtype=torch.float64)
     ds = torch.randn(2, 4, 6, generator=generator, dtype=torch.float64)
     expected = torch.einsum("qoi,bto,bti->bq", factors.dense(), ds, a)
+    queries = torch.tensor([3, 0])
     for contraction in ("low_rank", "document_low_rank", "per_document"):
         torch.testing.assert_close(ModuleContraction(factors, contraction).scores(a, ds), expected)
+        squares = torch.zeros(2, dtype=torch.float64)
+        torch.testing.assert_close(ModuleContraction(factors, contraction).scores(a, ds, squares, queries), expected[:, queries])
+        torch.testing.assert_close(squares, (ds.mT @ a).square().sum((1, 2)))
+
+
+def test_layer_scores_of_some_queries_fill_their_columns_and_leave_the_rest_zero():
+    model = tiny_model("gpt_neox", dtype=torch.float64)
+    scorer, every = engine_scores(model, fit(model))
+    queries = torch.tensor([len(PROMPTS) - 1, 0])
+    batch = make_batch(DOCUMENTS[:2])
+    some = scorer.layer_scores(batch, queries=queries)
+    torch.testing.assert_close(some[:, queries], every[:2, queries])
+    others = [q for q in range(len(PROMPTS)) if q not in queries.tolist()]
+    assert others and not some[:, others].any()
 
 
 def test_cost_model_prefers_per_document_gradients_for_many_queries():

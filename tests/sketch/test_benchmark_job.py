@@ -27,7 +27,10 @@ def test_the_sketch_benchmark_reports_recall_and_cost_and_resumes(tmp_path):
         assert [row["bytes_per_document_per_layer"] for row in result["rows"][:3]] == [128, 64, 16]
         assert all(0 <= row["recall"]["0.1"] <= 1 for row in result["rows"])
         assert result["costs"][0]["top_m"] == round(0.05 * result["documents"])
+        kept = result["kept_sketches"]
+        assert kept["kept_seconds"] > 0 and kept["plain_seconds"] > 0 and kept["index_creation_seconds"] > 0
     assert "| gradient k=4 |" in first.stdout and "| gradient k=4, C=8 |" in first.stdout
     assert "64 queries through the index (k=4, C=8, 8-bit," in first.stdout
+    assert "The full pass keeping sketches (gradient k=4, C=8, 8-bit): " in first.stdout
     again, _ = run_job("sketch_benchmark", *SMALL, f"output_dir={tmp_path}")
     assert again.returncode == 0 and json.loads((tmp_path / "sketch_benchmark.json").read_text()) == results

@@ -22,12 +22,11 @@ from attribution.prefilter.index import open_index, update_index
 from attribution.prefilter.manifest import PrefilterError
 from attribution.scoring.inputs import ScoreInputs
 from attribution.scoring.run import run_score
+from attribution.scoring.stages import Stages
 from attribution.settings import (
-    DataSettings,
     FactorSettings,
     ModelSettings,
     PrefilterSettings,
-    QuerySettings,
     ScoreSettings,
 )
 from attribution.sketch.basis import basis_sample, principal_directions
@@ -36,29 +35,18 @@ from attribution.sketch.index import SAMPLE_FILE, DocumentSketcher
 from attribution.sketch.queries import query_sketcher
 from attribution.sketch.sketcher import Sketcher
 from tests.prefilter.helpers import TEXTS, write_corpus
+from tests.sketch.helpers import fitted_world, stored_vectors
 from tests.tiny import save_tiny_lm
-
-QUERIES = [
-    {"id": "q-cat", "prompt": "the cat sat on", "completion": " the mat"},
-    {"id": "q-river", "prompt": "a river flows past", "completion": " the old mill"},
-]
-DATA = {"max_length": 16, "batch_size": 3}
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("gradient-index")
-    shards = write_corpus(root / "corpus")
-    model_dir = save_tiny_lm(root / "model", TEXTS + [q["prompt"] + q["completion"] for q in QUERIES])
-    model = ModelSettings(path=str(model_dir), device="cpu")
-    data = DataSettings(path=str(root / "corpus"), **DATA)
-    factors = run_fit(model, data, FactorSettings(), root, {}, progress=False)
-    queries = root / "queries.jsonl"
-    queries.write_text("".join(json.dumps(q) + "\n" for q in QUERIES))
+    shards, model, data, factors, queries = fitted_world(root)
     # float16 sketches: the tests below compare scores with float tolerances (coded ones have their own tests).
     prefilter = PrefilterSettings(kind="gradient", path=str(root / "index"), sketch_dim=8, sketch_bits=16, top_m=len(TEXTS))
-    update_index(root / "index", prefilter, data, shards, on_skip=lambda skip: None, model=model, store=factors.factors_path)
-    return root, shards, model, data, FactorSettings(path=str(factors.factors_path)), QuerySettings(path=str(queries)), prefilter
+    update_index(root / "index", prefilter, data, shards, on_skip=lambda skip: None, model=model, store=Path(factors.path))
+    return root, shards, model, data, factors, queries, prefilter
 
 
 def inputs(setup, **prefilter) -> ScoreInputs:
@@ -89,11 +77,17 @@ def test_the_index_stores_each_documents_sketch_and_ranks_by_the_sketched_score(
         assert np.allclose(scores, exact, rtol=2e-3, atol=2e-3 * np.abs(exact).max())
 
 
-def test_scoring_every_candidate_equals_the_full_run(setup):
+def test_scoring_every_candidate_equals_the_full_run(setup, monkeypatch):
+    """... with each query preconditioned once: the factors that sketched it are the ones scored."""
     root, _, model, data, factors, queries, prefilter = setup
-    score = ScoreSettings(rank=None, top_k=20, bottom_k=2, query_batch_size=2, token_scores=False, progress=False)
+    score = ScoreSettings(rank=None, top_k=20, bottom_k=2, query_batch_size=1, token_scores=False, progress=False)
     full = run_score(model, data, factors, queries, score, root / "full", {})
+    batches = []
+    original = Stages.query_factors
+    monkeypatch.setattr(Stages, "query_factors", lambda self, batch, rank: batches.append(batch.ids) or original(self, batch, rank))
     candidates = run_score(model, data, factors, queries, score, root / "all-candidates", {}, prefilter_settings=prefilter)
+    assert batches == [["q-cat"], ["q-river"]]
+    assert not list((root / "all-candidates").glob(".query-factors-*"))
 
     def rows(summary):
         table = pq.read_table(summary.scores_path).to_pylist()
@@ -380,17 +374,6 @@ def coded_index(setup, directory: Path, bits: int, **settings) -> PrefilterSetti
                                   sketch_bits=bits, sketch_basis_documents=len(TEXTS), top_m=len(TEXTS), **settings)
     update_index(directory, prefilter, data, shards, on_skip=lambda skip: None, model=model, store=Path(factors.path))
     return prefilter
-
-
-def stored_vectors(directory: Path) -> dict[str, np.ndarray]:
-    """Each stored document's decoded sketch, read back from its shard's FAISS file."""
-    manifest = json.loads((directory / "manifest.json").read_text())
-    vectors = {}
-    for shard in manifest["shards"]:
-        index = faiss.read_index(str(directory / f"{shard['stem']}.faiss"))
-        ids = np.load(directory / f"{shard['stem']}.ids.npy")
-        vectors.update(zip(ids, index.reconstruct_n(0, index.ntotal).astype(np.float64)))
-    return vectors
 
 
 @pytest.mark.parametrize("bits", [8, 4])

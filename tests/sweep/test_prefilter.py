@@ -1,8 +1,11 @@
-"""With a prefilter, each night extends the index and scores each query's candidates among its shards."""
+"""With a prefilter, each night extends the index and scores each query's candidates among its shards; with
+score.keep_sketches, each night's full pass adds its shards to a gradient index."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pyarrow.parquet as pq
 
@@ -38,3 +41,16 @@ def test_each_night_extends_the_index_and_ranks_only_its_candidates(world):
         per_query.setdefault((row["query_id"], row["direction"]), []).append(row["rank"])
     assert all(ranks == list(range(1, len(ranks) + 1)) for ranks in per_query.values())
     assert {len(ranks) for (_, direction), ranks in per_query.items() if direction == "positive"} == {4}
+
+
+def test_each_night_keeps_its_new_shards_sketches_for_later_questions(world):
+    world = replace(world, score=replace(world.score, keep_sketches=True))
+    prefilter = PrefilterSettings(sketch_dim=4, sketch_whiten=False)  # the world scores without a factor store
+    index = world.output / "prefilter" / "gradient"
+    for date, shards in {"2025-01-01": (0, 1), "2025-01-02": (2, 3)}.items():
+        world.arrive(*shards)
+        sweep(world, date, prefilter=prefilter)
+        manifest = json.loads((index / "manifest.json").read_text())
+        assert sorted(Path(shard["path"]).name for shard in manifest["shards"]) == \
+            [f"shard-{i}.parquet" for i in range(shards[1] + 1)]
+    assert manifest["encoder"]["whitened_by"] is None and manifest["encoder"]["sketch_bits"] == 4
