@@ -73,7 +73,7 @@ class SketchRecallSettings:
     cost_components: int | None = 1536
     cost_bits: int = 4
     cost_fractions: tuple[float, ...] = (0.002, 0.01, 0.05)
-    dense_max_documents: int = 5_000
+    dense_max_documents: int = 50_000
     seed: int = 0
 
     def __post_init__(self) -> None:
