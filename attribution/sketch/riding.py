@@ -51,6 +51,7 @@ def kept_index_path(inputs: ScoreInputs, output_dir: Path) -> Path:
 
 
 def gradient_settings(inputs: ScoreInputs) -> PrefilterSettings:
+    """The run's ``prefilter.sketch_*`` settings as those of a gradient index (the run's own kind is none)."""
     return replace(inputs.prefilter, kind="gradient")
 
 
