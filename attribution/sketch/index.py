@@ -27,6 +27,7 @@ store, seed or size is refused, naming both encoder fingerprints.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -150,12 +151,10 @@ class DocumentSketcher:
             return
         names = [module.name for module in self.tracked]
         if not create:
-            if self.settings.stored_components is not None:
-                basis, self.basis_sha256 = load_basis(directory, names)
-                if basis is not None:
-                    self.sketcher = self.sketcher.with_basis(basis)
-            if self.settings.sketch_bits < 16:
-                self.codebook, self.codebook_sha256 = load_codebook(directory)
+            stored = StoredEncoding.read(directory, self.settings, names)
+            self.basis_sha256, self.codebook, self.codebook_sha256 = stored.basis_sha256, stored.codebook, stored.codebook_sha256
+            if stored.basis is not None:
+                self.sketcher = self.sketcher.with_basis(stored.basis)
             return
         # Skips are recorded by the indexing pass that follows, not by this sample.
         corpus = iter_documents(shards, self.data.id_field, self.data.text_field, on_skip=lambda skip: None,
@@ -282,14 +281,30 @@ def index_sketcher(model: PreTrainedModel, tracked: Sequence[TrackedModule], fin
     """The sketcher of the gradient index at ``directory`` on an already loaded ``model`` (its weights'
     ``fingerprint``), with the index's basis, and the index's empty coded shard index (None: float16);
     the index must have been built for this model, store and settings."""
-    basis, basis_sha256 = (None, None) if settings.stored_components is None else \
-        load_basis(directory, [module.name for module in tracked])
-    codebook, codebook_sha256 = (None, None) if settings.sketch_bits == 16 else load_codebook(directory)
-    check_encoder(directory, manifest, encoder_description(fingerprint, tracked, settings, data, store, basis_sha256,
-                                                           codebook_sha256))
+    stored = StoredEncoding.read(directory, settings, [module.name for module in tracked])
+    check_encoder(directory, manifest, encoder_description(fingerprint, tracked, settings, data, store, stored.basis_sha256,
+                                                           stored.codebook_sha256))
     whitening = whitening_of(store, tracked, fingerprint) if settings.sketch_whiten else None
     sketcher = Sketcher(model, tracked, settings.sketch_seed, settings.sketch_dim, whitening=whitening)
-    return (sketcher if basis is None else sketcher.with_basis(basis)), codebook
+    return (sketcher if stored.basis is None else sketcher.with_basis(stored.basis)), stored.codebook
+
+
+@dataclass(frozen=True)
+class StoredEncoding:
+    """What an existing gradient index compresses and codes its sketches with, as the settings ask:
+    its basis and codebook (None where the settings use none, or the index lacks the file: the
+    encoder check then names what differs) and their files' sha256."""
+
+    basis: dict[str, torch.Tensor] | None
+    basis_sha256: str | None
+    codebook: faiss.Index | None
+    codebook_sha256: str | None
+
+    @classmethod
+    def read(cls, directory: Path, settings: PrefilterSettings, modules: list[str]) -> StoredEncoding:
+        basis, basis_sha256 = (None, None) if settings.stored_components is None else load_basis(directory, modules)
+        codebook, codebook_sha256 = (None, None) if settings.sketch_bits == 16 else load_codebook(directory)
+        return cls(basis, basis_sha256, codebook, codebook_sha256)
 
 
 def _read_mapped(path: Path) -> faiss.Index:
