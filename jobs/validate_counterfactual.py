@@ -27,14 +27,15 @@ def main(cfg: DictConfig) -> None:
                             "model.path and data.path must stay null; change the benchmark with benchmark=demo|natural_text "
                             "and demo.* or natural_text.* (its corpus, model and training keys)")
     values = {key: plain(cfg)[key] for key in ("fit_sequences", "progress", "lds", "removal", "pbrf", "damping",
-                                               "refine_steps", "methods", "finetune_stage")}
+                                               "refine_steps", "methods", "finetune_stage", "retrain_batches")}
     settings = CounterfactualSettings.from_config(values)
     benchmark = prepare_benchmark(cfg.benchmark, plain(cfg.demo), plain(cfg.natural_text), settings.finetune_stage)
     model = replace(model, path=str(benchmark.model_dir))
     data = replace(data, path=str(benchmark.corpus_dir))
     if queries.path is None:
         queries = replace(queries, path=str(benchmark.queries_path))
-    summary = run_counterfactual(model, data, queries, score_settings(cfg), cluster_settings(cfg), benchmark.recipe,
+    recipe = replace(benchmark.recipe, batches=settings.retrain_batches)
+    summary = run_counterfactual(model, data, queries, score_settings(cfg), cluster_settings(cfg), recipe,
                                  settings, cfg.output_dir, plain(cfg), benchmark.finetune)
     say(summary.report())
     say(f"table: {summary.table_path}\nrun record: {summary.run_record}")

@@ -8,7 +8,10 @@ the queries are the held-out questions about facts seen only in pretraining docu
 ``natural_text``: natural English from the Debian package ``fortunes``
 (:mod:`attribution.counterfactual.natural_text`), a byte-level BPE tokenizer trained on the corpus,
 and a tiny GPT-NeoX trained briefly on it with the demo's recipe (:func:`attribution.demo.train.pretrain`,
-a few epochs, not to memorisation); the queries are the ends of held-out passages. Built once and
+a few epochs, not to memorisation); the queries are the ends of held-out passages. Its fine-tuning
+stage fine-tunes that model with the demo's fine-tuning recipe on passages after the corpus, framed as
+a task (:data:`~attribution.counterfactual.natural_text.FINETUNE_PROMPT`), and its queries are the
+held-out passages in that frame, measured on the fine-tuned model. Built once and
 cached under ``$ATTRIBUTION_CACHE/natural_text/v<version>-<hash of the config>`` (trained on one
 torch thread, like the demo, so the model does not depend on the process that built it).
 """
@@ -24,17 +27,21 @@ from typing import Any
 
 import torch
 
+from attribution.counterfactual.measure import measure_queries
 from attribution.counterfactual.natural_text import NaturalTextCorpusConfig, natural_text, write_natural_text
 from attribution.counterfactual.retrain import Recipe
+from attribution.data.queries import Query
 from attribution.demo.train import (
     EOS,
     PAD,
     DemoConfig,
+    DemoFinetuneConfig,
     DemoModelConfig,
     DemoTrainConfig,
     build_once,
     default_cache_root,
     ensure_demo,
+    finetune,
     pretrain,
 )
 from attribution.settings import SettingsError
@@ -53,10 +60,12 @@ class NaturalTextConfig:
     vocab_size: int = 1024
     model: DemoModelConfig = field(default_factory=DemoModelConfig)
     train: DemoTrainConfig = field(default_factory=DemoTrainConfig)
+    finetune: DemoFinetuneConfig = field(default_factory=DemoFinetuneConfig)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> NaturalTextConfig:
-        sections = {"corpus": NaturalTextCorpusConfig, "model": DemoModelConfig, "train": DemoTrainConfig}
+        sections = {"corpus": NaturalTextCorpusConfig, "model": DemoModelConfig, "train": DemoTrainConfig,
+                    "finetune": DemoFinetuneConfig}
         known = {*sections, "vocab_size"}
         unknown = set(values) - known
         if unknown:
@@ -116,16 +125,20 @@ def prepare_benchmark(name: str, demo: Mapping[str, Any], natural: Mapping[str, 
         recipe = replace(recipe, finetune=config.finetune, finetune_rows=str(paths.finetune_path))
         return BenchmarkInputs(name, paths.model_dir, paths.corpus_dir, paths.finetune_queries_path, recipe,
                                FinetuneStage(paths.finetuned_model_dir, paths.finetune_path))
-    if finetune and name == "natural_text":
-        raise SettingsError("finetune_stage=true: the natural_text benchmark has no fine-tuning stage; use benchmark=demo")
     if name == "natural_text":
         config = NaturalTextConfig.from_dict(natural)
+        if finetune and config.corpus.num_finetune == 0:
+            raise SettingsError("finetune_stage=true: natural_text.corpus.num_finetune=0 gives the fine-tuning stage no rows")
         root = default_cache_root().parent / "natural_text" / f"v{NATURAL_TEXT_VERSION}-{config.fingerprint()}"
         # Read before building: a missing package is one line, not a failed build.
         data = natural_text(config.corpus)
         build_once(root, lambda staging: _build_natural_text(staging, config, data))
         recipe = Recipe(config.model, config.train, config.fingerprint(), str(root / "model"), str(root / "corpus"))
-        return BenchmarkInputs(name, root / "model", root / "corpus", root / "queries.jsonl", recipe)
+        if not finetune:
+            return BenchmarkInputs(name, root / "model", root / "corpus", root / "queries.jsonl", recipe)
+        recipe = replace(recipe, finetune=config.finetune, finetune_rows=str(root / "finetune.jsonl"))
+        return BenchmarkInputs(name, root / "model", root / "corpus", root / "finetune_queries.jsonl", recipe,
+                               FinetuneStage(root / "finetuned", root / "finetune.jsonl"))
     raise SettingsError(f"benchmark={name!r}: expected one of {', '.join(BENCHMARKS)}")
 
 
@@ -149,18 +162,42 @@ def _build_natural_text(directory: Path, config: NaturalTextConfig, data: Any) -
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        write_natural_text(data, directory / "corpus", directory / "queries.jsonl", config.corpus.num_shards)
         texts = [row["text"] for row in data.corpus]
         tokenizer = build_tokenizer(texts, config.vocab_size)
         # Counted before the length limit is set: documents are truncated in training, not here.
         tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
         tokenizer.model_max_length = config.model.max_position_embeddings
+        # Fine-tuning rows are whole (prompt + completion) or not used: a longer row would be cut.
+        rows = [row for row in data.finetune
+                if len(tokenizer(row["prompt"] + row["completion"], add_special_tokens=False)["input_ids"])
+                <= tokenizer.model_max_length]
+        data = replace(data, finetune=rows)
+        write_natural_text(data, directory, config.corpus.num_shards)
         model, result = pretrain(texts, tokenizer, config.model, config.train, show_progress=False)
         model.save_pretrained(directory / "model")
         tokenizer.save_pretrained(directory / "model")
         summary = {**asdict(result), "num_documents": len(data.corpus), "num_queries": len(data.queries),
                    "corpus_tokens": tokens, "vocab_size": len(tokenizer), "version": NATURAL_TEXT_VERSION,
                    "config": asdict(config)}
+        if data.finetune:
+            summary.update(_finetune_stage(directory, model, tokenizer, data, config.finetune))
         (directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     finally:
         torch.set_num_threads(threads)
+
+
+def _finetune_stage(directory: Path, model: Any, tokenizer: Any, data: Any, config: DemoFinetuneConfig) -> dict[str, Any]:
+    """Fine-tune on the framed rows into ``finetuned/``; the framed queries' mean ``log p`` before and after
+    (queries over the model's length are left out, as the job leaves them out)."""
+    tuned, seconds = finetune(model, tokenizer, data.finetune, config, show_progress=False)
+    tuned.save_pretrained(directory / "finetuned")
+    tokenizer.save_pretrained(directory / "finetuned")
+    queries = [Query(row["id"], row["prompt"], row["completion"]) for row in data.finetune_queries]
+
+    def mean_log_prob(which: Any) -> float:
+        values = measure_queries(which, tokenizer, queries, tokenizer.model_max_length, lambda skip: None)
+        return sum(values.values()) / max(len(values), 1)
+
+    return {"num_finetune_rows": len(data.finetune), "finetune_seconds": seconds,
+            "finetune_queries_log_prob_pretrained": mean_log_prob(model),
+            "finetune_queries_log_prob_finetuned": mean_log_prob(tuned)}

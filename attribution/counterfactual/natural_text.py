@@ -16,6 +16,11 @@ held-out queries, the rest (at most ``max_documents``) as the training corpus. A
 passage cut before its last ``completion_words`` words: ``prompt`` the words before, ``completion``
 the last words with their leading space, so ``prompt + completion`` is the passage and the
 measurement ``log p(completion | prompt)`` is how well a model predicts the end of unseen prose.
+
+The fine-tuning stage's rows are the next ``num_finetune`` passages after the corpus (so the corpus and
+the queries do not depend on it), cut the same way and framed as a task the corpus never shows:
+``prompt`` becomes ``FINETUNE_PROMPT.format(prompt)``. The fine-tuning queries are the held-out
+queries in the same frame: what a fine-tuned model answers, with English learnt from the corpus.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ INSTALL = "apt-get install -y fortunes"
 DEFAULT_SOURCE = "/usr/share/games/fortunes"
 # Files of the package that are pictures, not text.
 PICTURES = ("ascii-art",)
+
+# The fine-tuning task's frame: finish the passage after an arrow. The completion keeps its leading space.
+FINETUNE_PROMPT = "Finish the passage: {} =>"
 
 _SEPARATOR = re.compile(r"^%\s*$", re.MULTILINE)
 _WORD = re.compile(r"[a-z0-9]+")
@@ -59,6 +67,7 @@ class NaturalTextCorpusConfig:
     min_prompt_words: int = 10
     max_documents: int | None = 5000
     num_shards: int = 4
+    num_finetune: int = 2000
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_words <= self.max_words:
@@ -70,16 +79,21 @@ class NaturalTextCorpusConfig:
                              "must be positive")
         if not 0.0 <= self.min_letters <= 1.0:
             raise ValueError(f"natural_text.corpus.min_letters={self.min_letters}: expected a share between 0 and 1")
+        if self.num_finetune < 0:
+            raise ValueError(f"natural_text.corpus.num_finetune={self.num_finetune}: expected 0 or more fine-tuning rows")
         if self.max_documents is not None and self.max_documents < 2:
             raise ValueError("natural_text.corpus.max_documents: expected at least 2 or null (every passage)")
 
 
 @dataclass(frozen=True)
 class NaturalTextData:
-    """The training corpus (``id``, ``text`` rows) and the held-out queries (``id``, ``prompt``, ``completion``)."""
+    """The training corpus (``id``, ``text`` rows), the held-out queries (``id``, ``prompt``, ``completion``),
+    the fine-tuning rows and the queries in the fine-tuning frame (the same columns)."""
 
     corpus: list[dict]
     queries: list[dict]
+    finetune: list[dict]
+    finetune_queries: list[dict]
 
 
 def read_passages(source: str | Path) -> list[str]:
@@ -119,22 +133,35 @@ def clean(passages: list[str], config: NaturalTextCorpusConfig) -> list[str]:
 
 
 def split(passages: list[str], config: NaturalTextCorpusConfig) -> NaturalTextData:
-    """Held-out queries and the training corpus, deterministic for the passages and ``config.seed``."""
+    """Held-out queries, the training corpus and the fine-tuning rows, deterministic for the passages and
+    ``config.seed``."""
     order = sorted(passages)
     random.Random(config.seed).shuffle(order)
-    queries, corpus = [], []
+    queries, corpus, finetune = [], [], []
     for text in order:
         words = text.split()
-        if len(queries) < config.num_queries and len(words) >= config.min_prompt_words + config.completion_words:
-            cut = len(words) - config.completion_words
-            queries.append({"id": f"q-{len(queries) + 1:04d}", "prompt": " ".join(words[:cut]),
-                            "completion": " " + " ".join(words[cut:])})
+        long_enough = len(words) >= config.min_prompt_words + config.completion_words
+        if len(queries) < config.num_queries and long_enough:
+            queries.append(_cut(f"q-{len(queries) + 1:04d}", words, config.completion_words))
         elif config.max_documents is None or len(corpus) < config.max_documents:
             corpus.append({"id": f"doc-{len(corpus):05d}", "text": text})
-    if len(queries) < config.num_queries or len(corpus) < 2:
-        raise SettingsError(f"natural_text.corpus: {len(passages)} passages give {len(queries)} of {config.num_queries} queries "
-                         f"and {len(corpus)} documents; lower num_queries or widen min_words/max_words")
-    return NaturalTextData(corpus, queries)
+        elif len(finetune) < config.num_finetune and long_enough:
+            finetune.append(_framed(_cut(f"ft-{len(finetune):05d}", words, config.completion_words)))
+    if len(queries) < config.num_queries or len(corpus) < 2 or len(finetune) < config.num_finetune:
+        raise SettingsError(f"natural_text.corpus: {len(passages)} passages give {len(queries)} of {config.num_queries} queries, "
+                            f"{len(corpus)} documents and {len(finetune)} of {config.num_finetune} fine-tuning rows; "
+                            "lower num_queries, max_documents or num_finetune, or widen min_words/max_words")
+    return NaturalTextData(corpus, queries, finetune, [_framed(query) for query in queries])
+
+
+def _cut(row_id: str, words: list[str], completion_words: int) -> dict:
+    """A passage as a query: the last ``completion_words`` words, with their leading space, are the completion."""
+    cut = len(words) - completion_words
+    return {"id": row_id, "prompt": " ".join(words[:cut]), "completion": " " + " ".join(words[cut:])}
+
+
+def _framed(row: dict) -> dict:
+    return {**row, "prompt": FINETUNE_PROMPT.format(row["prompt"])}
 
 
 def natural_text(config: NaturalTextCorpusConfig) -> NaturalTextData:
@@ -142,8 +169,11 @@ def natural_text(config: NaturalTextCorpusConfig) -> NaturalTextData:
     return split(clean(read_passages(config.source), config), config)
 
 
-def write_natural_text(data: NaturalTextData, corpus_dir: Path, queries_path: Path, num_shards: int) -> None:
-    """Corpus as ``num_shards`` JSON Lines shards (contiguous, sizes within one), queries as one JSON Lines file."""
+def write_natural_text(data: NaturalTextData, directory: Path, num_shards: int) -> None:
+    """Corpus as ``num_shards`` JSON Lines shards under ``corpus/`` (contiguous, sizes within one); queries,
+    fine-tuning rows and fine-tuning queries as ``queries.jsonl``, ``finetune.jsonl`` and
+    ``finetune_queries.jsonl``."""
+    corpus_dir = directory / "corpus"
     corpus_dir.mkdir(parents=True, exist_ok=True)
     size, extra = divmod(len(data.corpus), num_shards)
     start = 0
@@ -151,7 +181,9 @@ def write_natural_text(data: NaturalTextData, corpus_dir: Path, queries_path: Pa
         end = start + size + (index < extra)
         _write_jsonl(corpus_dir / f"shard-{index:04d}.jsonl", data.corpus[start:end])
         start = end
-    _write_jsonl(queries_path, data.queries)
+    _write_jsonl(directory / "queries.jsonl", data.queries)
+    _write_jsonl(directory / "finetune.jsonl", data.finetune)
+    _write_jsonl(directory / "finetune_queries.jsonl", data.finetune_queries)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -21,7 +21,12 @@ by a run without the fine-tuning stage is fine-tuned, not retrained.
 
 Training seed k is ``train.seed + k``: seed 0 starts from the initialisation of the model
 being attributed (the same torch seed draws the same initial weights), and every subset shares
-it, so subsets differ in their documents and in the batch order those documents imply.
+it. The recipe's ``batches`` says what else subsets share: with ``subset`` each subset's documents
+are shuffled into batches of their own, so subsets also differ in the batch order their documents
+imply; with ``corpus`` every subset walks the whole corpus's batches in the order the seed gives them
+(:class:`~attribution.demo.train.CorpusPlaces`), less the documents it leaves out, so two subsets
+differ only in the batches that held the documents they differ in. Dropping 1% of the corpus moves a
+measurement less than a new batch order does, so ``corpus`` is what makes small removals measurable.
 """
 
 from __future__ import annotations
@@ -43,7 +48,15 @@ from attribution.counterfactual.measure import measure_queries
 from attribution.counterfactual.subsets import Subset
 from attribution.data.corpus import Skip, iter_documents, list_shards
 from attribution.data.queries import read_queries
-from attribution.demo.train import DEMO_VERSION, DemoFinetuneConfig, DemoModelConfig, DemoTrainConfig, finetune, pretrain
+from attribution.demo.train import (
+    DEMO_VERSION,
+    CorpusPlaces,
+    DemoFinetuneConfig,
+    DemoModelConfig,
+    DemoTrainConfig,
+    finetune,
+    pretrain,
+)
 from attribution.models import load_model
 from attribution.runs import write_json_atomically
 from attribution.scoring.shards import inject_fault_for_tests
@@ -59,7 +72,8 @@ class Recipe:
     """What every retrained model shares: the model's shape and training recipe (the demo's,
     :func:`~attribution.demo.train.pretrain`), the fingerprint of the benchmark build whose model it
     reproduces, and where that build's tokenizer and corpus are; ``finetune`` and ``finetune_rows``
-    (prompt/completion JSONL), when set, the fine-tuning stage every retrained model goes through."""
+    (prompt/completion JSONL), when set, the fine-tuning stage every retrained model goes through;
+    ``batches`` (``subset`` or ``corpus``) how a subset is cut into batches (module docstring)."""
 
     model: DemoModelConfig
     train: DemoTrainConfig
@@ -68,6 +82,7 @@ class Recipe:
     corpus_dir: str
     finetune: DemoFinetuneConfig | None = None
     finetune_rows: str | None = None
+    batches: str = "subset"
 
 
 @dataclass(frozen=True)
@@ -89,7 +104,7 @@ class RetrainTask:
     @property
     def key(self) -> str:
         payload = {"recipe_version": RECIPE_VERSION, "demo_version": DEMO_VERSION, "demo": self.recipe.fingerprint,
-                   "documents": list(self.subset.doc_ids), "seed": self.seed}
+                   "documents": list(self.subset.doc_ids), "seed": self.seed, "batches": self.recipe.batches}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
@@ -192,18 +207,20 @@ def _train_and_keep(task: RetrainTask) -> tuple[Any, Any]:
     recipe = task.recipe
     tokenizer = AutoTokenizer.from_pretrained(task.recipe.model_dir, local_files_only=True)
     wanted = set(task.subset.doc_ids)
-    texts = [doc.text for doc in iter_documents(list_shards(task.recipe.corpus_dir), "id", "text", on_skip=_no_skip)
-             if doc.id in wanted]
+    documents = list(iter_documents(list_shards(task.recipe.corpus_dir), "id", "text", on_skip=_no_skip))
+    kept = [place for place, doc in enumerate(documents) if doc.id in wanted]
+    texts = [documents[place].text for place in kept]
     if len(texts) != len(wanted):
         raise ValueError(f"subset {task.subset.index}: {len(wanted) - len(texts)} of its documents are not in "
                          f"{task.recipe.corpus_dir}")
+    places = CorpusPlaces(tuple(kept), len(documents)) if recipe.batches == "corpus" else None
     started = time.perf_counter()
     model, result = pretrain(texts, tokenizer, recipe.model, replace(recipe.train, seed=recipe.train.seed + task.seed),
-                             show_progress=False)
+                             show_progress=False, corpus=places)
     seconds = time.perf_counter() - started
     marker = {"key": task.key, "subset": task.subset.index, "seed": task.seed,
               "training_seed": recipe.train.seed + task.seed, "demo_fingerprint": task.recipe.fingerprint,
-              "recipe_version": RECIPE_VERSION, "num_documents": len(texts), "documents": list(task.subset.doc_ids),
+              "recipe_version": RECIPE_VERSION, "batches": recipe.batches, "num_documents": len(texts), "documents": list(task.subset.doc_ids),
               "seconds": round(seconds, 3), "final_loss": result.final_loss, "torch_threads": torch.get_num_threads()}
     _keep(model, tokenizer, marker, task.directory)
     return model, tokenizer

@@ -20,6 +20,7 @@ METHOD_KINDS = (*STRATEGIES, "bm25")
 # multi-stage (query from the fine-tuned model through both stages' inverses, documents from the
 # pretrained one).
 STAGES = ("pretrained", "finetuned", "multi")
+RETRAIN_BATCHES = ("corpus", "subset")
 
 
 @dataclass(frozen=True)
@@ -185,10 +186,15 @@ class CounterfactualSettings:
     # Fine-tune every retrained model with the benchmark's fine-tuning recipe and measure the fine-tuning
     # queries on it: the counterfactual of multi-stage attribution.
     finetune_stage: bool = False
+    # How a retrained subset is cut into batches: subset (its own shuffle) or corpus (the whole corpus's
+    # batches less the documents left out; attribution.counterfactual.retrain).
+    retrain_batches: str = "corpus"
 
     def __post_init__(self) -> None:
         if isinstance(self.fit_sequences, bool) or not isinstance(self.fit_sequences, int) or self.fit_sequences < 1:
             raise SettingsError(f"fit_sequences={show(self.fit_sequences)}: expected a positive integer")
+        if self.retrain_batches not in RETRAIN_BATCHES:
+            raise SettingsError(f"retrain_batches={show(self.retrain_batches)}: expected one of {', '.join(RETRAIN_BATCHES)}")
         for key in ("progress", "finetune_stage"):
             if not isinstance(getattr(self, key), bool):
                 raise SettingsError(f"{key}={show(getattr(self, key))}: expected true or false")
@@ -227,7 +233,7 @@ class CounterfactualSettings:
         staged = [m.name for m in self.methods if m.stage != "pretrained"]
         if staged and not self.finetune_stage:
             raise SettingsError(f"methods.{staged[0]}.stage={names[staged[0]].stage}: only a benchmark with a fine-tuning "
-                                "stage has a fine-tuned model; set finetune_stage=true (benchmark=demo)")
+                                "stage has a fine-tuned model; set finetune_stage=true")
         for name in self.removal.methods or ():
             if name not in names:
                 raise SettingsError(f"removal.methods: {name} is not one of the methods ({', '.join(names)})")

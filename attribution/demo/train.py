@@ -239,18 +239,23 @@ def build_model(tokenizer: PreTrainedTokenizerFast, config: DemoModelConfig) -> 
 
 
 def pretrain(texts: list[str], tokenizer: PreTrainedTokenizerFast, model_config: DemoModelConfig,
-             train_config: DemoTrainConfig, show_progress: bool = True) -> tuple[GPTNeoXForCausalLM, TrainResult]:
+             train_config: DemoTrainConfig, show_progress: bool = True,
+             corpus: CorpusPlaces | None = None) -> tuple[GPTNeoXForCausalLM, TrainResult]:
     """Train a new model from scratch as a causal LM on `texts`, one document per sequence.
 
     The demo's recipe, also rerun on subsets of the corpus by the counterfactual validation
     (`attribution.counterfactual`): `train_config.seed` fixes the initialisation and the batch order.
+    Without `corpus` the batches are drawn over `texts`; with it, `texts` are part of a larger corpus and
+    every epoch walks that corpus's batches in the order its own training would (same seed), less the
+    documents not given: two parts then differ only in the batches that held the documents they differ in.
     """
     start = time.perf_counter()
     torch.manual_seed(train_config.seed)
     model = build_model(tokenizer, model_config)
     sequences = [ids[: train_config.max_length - 1] + [tokenizer.eos_token_id]
                  for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    steps_per_epoch = math.ceil(len(sequences) / train_config.batch_size)
+    places = corpus or CorpusPlaces(tuple(range(len(sequences))), len(sequences))
+    steps_per_epoch = math.ceil(places.size / train_config.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.learning_rate,
                                   weight_decay=train_config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -261,15 +266,19 @@ def pretrain(texts: list[str], tokenizer: PreTrainedTokenizerFast, model_config:
     progress = tqdm(range(train_config.epochs), desc="demo pretraining", unit="epoch", disable=not show_progress)
     for _ in progress:
         epoch_loss = 0.0
-        for batch in _batches(sequences, train_config.batch_size, tokenizer.pad_token_id, generator):
-            loss = model(**batch).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
-            optimizer.step()
+        batches = 0
+        for batch in _batches(sequences, train_config.batch_size, tokenizer.pad_token_id, generator, places):
+            if batch is not None:
+                loss = model(**batch).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
+                optimizer.step()
+                epoch_loss += loss.item()
+                batches += 1
+            # An emptied batch still takes its step of the schedule, so later batches keep their learning rate.
             schedule.step()
-            epoch_loss += loss.item()
-        loss_value = epoch_loss / steps_per_epoch
+        loss_value = epoch_loss / max(batches, 1)
         progress.set_postfix(loss=f"{loss_value:.3f}")
     model.eval()
     result = TrainResult(num_parameters=sum(p.numel() for p in model.parameters()),
@@ -356,12 +365,32 @@ def _warmup_cosine(config: DemoTrainConfig, total_steps: int) -> Callable[[int],
     return multiplier
 
 
-def _batches(sequences: list[list[int]], batch_size: int, pad_id: int,
-             generator: torch.Generator) -> Iterable[dict[str, torch.Tensor]]:
-    """Shuffled, right-padded batches; padding is masked out of attention and loss."""
-    order = torch.randperm(len(sequences), generator=generator).tolist()
+@dataclass(frozen=True)
+class CorpusPlaces:
+    """Where training texts sit in a corpus of ``size`` documents: text i is document ``positions[i]``."""
+
+    positions: tuple[int, ...]
+    size: int
+
+    def __post_init__(self) -> None:
+        if len(set(self.positions)) != len(self.positions) or not all(0 <= p < self.size for p in self.positions):
+            raise ValueError(f"corpus positions must be distinct places in a corpus of {self.size} documents")
+
+
+def _batches(sequences: list[list[int]], batch_size: int, pad_id: int, generator: torch.Generator,
+             places: CorpusPlaces) -> Iterable[dict[str, torch.Tensor] | None]:
+    """One epoch of shuffled, right-padded batches; padding is masked out of attention and loss.
+
+    The shuffle is over the corpus's ``places.size`` documents, cut into batches of ``batch_size``
+    places, and each batch keeps the places that hold a given text: ``None`` where it keeps none.
+    """
+    text_at = dict(zip(places.positions, range(len(sequences))))
+    order = torch.randperm(places.size, generator=generator).tolist()
     for start in range(0, len(order), batch_size):
-        chunk = [sequences[i] for i in order[start: start + batch_size]]
+        chunk = [sequences[text_at[p]] for p in order[start: start + batch_size] if p in text_at]
+        if not chunk:
+            yield None
+            continue
         width = max(len(s) for s in chunk)
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)

@@ -141,7 +141,7 @@ def test_stage_settings_errors_name_the_key(method, message):
         CounterfactualSettings.from_config({"methods": {"m": method}, "finetune_stage": True, **SWEEPS_OFF})
 
 
-def test_a_staged_method_needs_the_fine_tuning_stage_which_only_the_demo_has():
+def test_a_staged_method_needs_the_fine_tuning_stage():
     from attribution.counterfactual.benchmarks import prepare_benchmark
     from attribution.counterfactual.settings import CounterfactualSettings
     from attribution.settings import SettingsError
@@ -152,5 +152,5 @@ def test_a_staged_method_needs_the_fine_tuning_stage_which_only_the_demo_has():
                                                                      "finetune_damping": 0.5}},
                                                    "finetune_stage": True, **SWEEPS_OFF})
     assert (settings.methods[0].stage, settings.methods[0].finetune_damping) == ("multi", 0.5)
-    with pytest.raises(SettingsError, match="finetune_stage=true: the natural_text benchmark has no fine-tuning stage"):
-        prepare_benchmark("natural_text", {}, {}, finetune=True)
+    with pytest.raises(SettingsError, match="natural_text.corpus.num_finetune=0 gives the fine-tuning stage no rows"):
+        prepare_benchmark("natural_text", {}, {"corpus": {"num_finetune": 0}}, finetune=True)

@@ -10,6 +10,7 @@ import pytest
 from attribution.counterfactual.benchmarks import NaturalTextConfig, build_tokenizer
 from attribution.counterfactual.natural_text import (
     DEFAULT_SOURCE,
+    FINETUNE_PROMPT,
     MissingPackageError,
     NaturalTextCorpusConfig,
     clean,
@@ -48,7 +49,7 @@ def test_reader_cleans_deduplicates_and_splits_deterministically(tmp_path):
     assert passages[:4] == [PROSE[8], PROSE[9], PROSE[10], PROSE[11]]
     assert PROSE[0] in passages and not any("Somebody" in p or "\n" in p or "\t" in p for p in passages)
     config = NaturalTextCorpusConfig(source=str(source), num_queries=3, completion_words=4, min_prompt_words=5,
-                                     max_documents=None, num_shards=2)
+                                     max_documents=None, num_shards=2, num_finetune=0)
     kept = clean(passages, config)
     # The short entry, the code, the undecodable one and the upper-case duplicate are gone.
     assert sorted(kept) == sorted(PROSE)
@@ -63,12 +64,29 @@ def test_reader_cleans_deduplicates_and_splits_deterministically(tmp_path):
     assert [row["id"] for row in data.corpus] == [f"doc-{n:05d}" for n in range(9)]
     assert split(kept, NaturalTextCorpusConfig(**{**config.__dict__, "seed": 1})) != data
     assert len(split(kept, NaturalTextCorpusConfig(**{**config.__dict__, "max_documents": 4})).corpus) == 4
+    assert data.finetune == []
+
+    # The fine-tuning rows come after the corpus, which does not change; queries and rows are framed.
+    tuned = split(kept, NaturalTextCorpusConfig(**{**config.__dict__, "max_documents": 6, "num_finetune": 3}))
+    assert tuned.queries == data.queries and tuned.corpus == data.corpus[:6]
+    assert [row["id"] for row in tuned.finetune] == ["ft-00000", "ft-00001", "ft-00002"]
+    rest = {row["text"] for row in data.corpus[6:]}
+    for row in tuned.finetune:
+        assert row["prompt"].startswith("Finish the passage: ") and row["prompt"].endswith(" =>")
+        assert row["prompt"][len("Finish the passage: "):-len(" =>")] + row["completion"] in rest
+    assert [(q["id"], q["prompt"], q["completion"]) for q in tuned.finetune_queries] == [
+        (q["id"], FINETUNE_PROMPT.format(q["prompt"]), q["completion"]) for q in data.queries]
+    with pytest.raises(SettingsError, match="0 of 3 fine-tuning rows; lower num_queries, max_documents or num_finetune"):
+        split(kept, NaturalTextCorpusConfig(**{**config.__dict__, "num_finetune": 3}))
 
     # The project's corpus and query formats, read back by the project's readers.
-    write_natural_text(data, tmp_path / "corpus", tmp_path / "queries.jsonl", config.num_shards)
+    write_natural_text(tuned, tmp_path, config.num_shards)
     assert len(list_shards(tmp_path / "corpus")) == 2
     documents = list(iter_documents(list_shards(tmp_path / "corpus"), on_skip=pytest.fail))
-    assert [(d.id, d.text) for d in documents] == [(r["id"], r["text"]) for r in data.corpus]
+    assert [(d.id, d.text) for d in documents] == [(r["id"], r["text"]) for r in tuned.corpus]
+    assert [q.prompt for q in read_queries(tmp_path / "finetune.jsonl", on_skip=pytest.fail)] == [
+        r["prompt"] for r in tuned.finetune]
+    assert len(read_queries(tmp_path / "finetune_queries.jsonl", on_skip=pytest.fail)) == 3
     assert [q.id for q in read_queries(tmp_path / "queries.jsonl", on_skip=pytest.fail)] == ["q-0001", "q-0002", "q-0003"]
     assert json.loads((tmp_path / "queries.jsonl").read_text().splitlines()[0]) == data.queries[0]
 
@@ -109,4 +127,4 @@ def test_byte_level_tokenizer_splits_prompt_and_completion_as_the_joined_text():
 def test_the_installed_package_gives_thousands_of_prose_documents():
     # CI installs the package (.ci/run); the default config's corpus and queries.
     data = natural_text(NaturalTextCorpusConfig(source=DEFAULT_SOURCE))
-    assert len(data.corpus) == 5000 and len(data.queries) == 32
+    assert len(data.corpus) == 5000 and len(data.queries) == 32 and len(data.finetune) == 2000

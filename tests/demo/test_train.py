@@ -74,10 +74,31 @@ def test_from_dict_keeps_defaults_and_rejects_unknown_keys():
 
 def test_batches_mask_padding_out_of_the_loss():
     generator = torch.Generator().manual_seed(0)
-    (batch,) = train._batches([[5, 6, 2], [7, 2]], 2, 0, generator)
+    (batch,) = train._batches([[5, 6, 2], [7, 2]], 2, 0, generator, train.CorpusPlaces((0, 1), 2))
     assert batch["attention_mask"].sum() == 5
     assert (batch["labels"] == -100).sum() == 1
     assert (batch["labels"][batch["attention_mask"] == 1] != -100).all()
+
+
+def test_a_part_of_the_corpus_walks_the_corpus_batches_less_its_missing_documents():
+    """Each text is a one-token sequence naming its corpus place, so a batch's first column lists its places."""
+    sequences = [[place] for place in range(10)]
+
+    def epoch(places: tuple[int, ...]) -> list[list[int] | None]:
+        generator = torch.Generator().manual_seed(3)
+        chosen = [sequences[p] for p in places]
+        return [None if batch is None else batch["input_ids"][:, 0].tolist()
+                for batch in train._batches(chosen, 3, 99, generator, train.CorpusPlaces(places, 10))]
+
+    full = epoch(tuple(range(10)))
+    part = epoch((0, 2, 3, 5, 6, 7, 9))
+    assert sorted(sum(full, [])) == list(range(10)) and len(full) == len(part) == 4
+    assert part == [[p for p in batch if p in (0, 2, 3, 5, 6, 7, 9)] or None for batch in full]
+    generator = torch.Generator().manual_seed(3)
+    assert [len(b["input_ids"]) for b in train._batches(sequences[:7], 3, 99, generator,
+                                                        train.CorpusPlaces(tuple(range(7)), 7))] == [3, 3, 1]
+    with pytest.raises(ValueError, match="distinct"):
+        train.CorpusPlaces((1, 1), 10)
 
 
 def test_ensure_demo_builds_loadable_files(tmp_path):
