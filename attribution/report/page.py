@@ -191,6 +191,8 @@ def _run_summary(run: ScoreRun, data: dict[str, Any]) -> list[tuple[str, str]]:
     refine = settings.get("refine", {}).get("method", "none")
     if refine not in (None, "none"):
         label += f", refined by {refine}"
+    if score.get("normalize"):
+        label += ", each divided by the document's gradient norm"
     prefilter = settings.get("prefilter", {})
     items = [("method", f"{label} [{run.method}]"), ("run", run.run_id), ("started", run.record.get("started", ""))]
     model = settings.get("model", {}).get("path")

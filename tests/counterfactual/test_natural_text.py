@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from attribution.counterfactual.benchmarks import NaturalTextConfig, build_tokenizer
 from attribution.counterfactual.natural_text import (
@@ -128,3 +129,51 @@ def test_the_installed_package_gives_thousands_of_prose_documents():
     # CI installs the package (.ci/run); the default config's corpus and queries.
     data = natural_text(NaturalTextCorpusConfig(source=DEFAULT_SOURCE))
     assert len(data.corpus) == 5000 and len(data.queries) == 32 and len(data.finetune) == 2000
+
+
+TINY_NATURAL = {"corpus": {"num_queries": 2, "completion_words": 4, "min_prompt_words": 5, "max_documents": 8,
+                           "num_shards": 2, "num_finetune": 2},
+                "vocab_size": 300, "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32},
+                "train": {"epochs": 2, "batch_size": 4}, "finetune": {"epochs": 3, "batch_size": 2}}
+
+
+def test_the_fine_tuning_stage_is_the_recipe_on_the_framed_rows_and_the_queries_are_framed(tmp_path, monkeypatch):
+    from attribution.counterfactual.benchmarks import prepare_benchmark
+    from attribution.counterfactual.measure import measure_queries
+    from attribution.demo.train import DemoFinetuneConfig, finetune
+    from attribution.models import load_model
+
+    monkeypatch.setenv("ATTRIBUTION_CACHE", str(tmp_path / "cache"))
+    source = fortunes_fixture(tmp_path / "fortunes")
+    config = {**TINY_NATURAL, "corpus": {**TINY_NATURAL["corpus"], "source": str(source)}}
+    plain = prepare_benchmark("natural_text", {}, config)
+    staged = prepare_benchmark("natural_text", {}, config, finetune=True)
+    assert plain.finetune is None and staged.model_dir == plain.model_dir and staged.corpus_dir == plain.corpus_dir
+    root = plain.model_dir.parent
+    assert staged.queries_path == root / "finetune_queries.jsonl"
+    assert (staged.finetune.model_dir, staged.finetune.rows_path) == (root / "finetuned", root / "finetune.jsonl")
+    assert staged.recipe.finetune == DemoFinetuneConfig(epochs=3, batch_size=2)
+    assert staged.recipe.finetune_rows == str(root / "finetune.jsonl")
+
+    # The framed queries are the held-out queries in the frame; the rows are passages after the corpus.
+    queries = read_queries(plain.queries_path, on_skip=pytest.fail)
+    framed = read_queries(staged.queries_path, on_skip=pytest.fail)
+    assert [(q.id, FINETUNE_PROMPT.format(q.prompt), q.completion) for q in queries] == [
+        (q.id, q.prompt, q.completion) for q in framed]
+    rows = [json.loads(line) for line in staged.finetune.rows_path.read_text().splitlines()]
+    corpus = {doc.text for doc in iter_documents(list_shards(plain.corpus_dir), on_skip=pytest.fail)}
+    assert len(rows) == 2 and all(row["prompt"].startswith("Finish the passage: ") for row in rows)
+    assert not any(row["prompt"][len("Finish the passage: "):-len(" =>")] + row["completion"] in corpus for row in rows)
+
+    # The kept fine-tuned model is the recipe applied to the pretrained model, and the summary's figures
+    # are the framed queries measured on both.
+    pretrained, tokenizer = load_model(plain.model_dir)
+    again, _ = finetune(pretrained, tokenizer, rows, DemoFinetuneConfig(epochs=3, batch_size=2), show_progress=False)
+    tuned, _ = load_model(staged.finetune.model_dir)
+    for name, weight in tuned.state_dict().items():
+        torch.testing.assert_close(weight, again.state_dict()[name], rtol=1e-5, atol=1e-6)
+    summary = json.loads((root / "summary.json").read_text())
+    for model, key in ((pretrained, "pretrained"), (tuned, "finetuned")):
+        values = measure_queries(model, tokenizer, framed, 128, pytest.fail)
+        assert summary[f"finetune_queries_log_prob_{key}"] == pytest.approx(sum(values.values()) / 2, abs=1e-6)
+    assert summary["num_finetune_rows"] == 2

@@ -131,6 +131,13 @@ def test_the_page_is_self_contained(run):
     assert run["report"].path == run["output"] / "reports" / f"{run['record']['run_id']}.html"
 
 
+def test_normalised_scores_are_named_in_the_run_summary(run, tmp_path):
+    assert "gradient norm" not in run["html"]
+    record_path, _ = make_score_run(tmp_path, normalize=True)
+    html = render_report(record_path, ReportSettings(documents=4)).path.read_text()
+    assert "EK-FAC influence, each divided by the document&#39;s gradient norm [ekfac]" in html
+
+
 def test_a_score_table_written_as_a_dataset_directory_reads_the_same(run, tmp_path):
     record = dict(run["record"])
     table = pq.read_table(record["outputs"]["scores"])
