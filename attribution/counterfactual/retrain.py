@@ -82,7 +82,7 @@ class Recipe:
     corpus_dir: str
     finetune: DemoFinetuneConfig | None = None
     finetune_rows: str | None = None
-    batches: str = "subset"
+    batches: str = "corpus"
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,8 @@ def _train_and_keep(task: RetrainTask) -> tuple[Any, Any]:
     seconds = time.perf_counter() - started
     marker = {"key": task.key, "subset": task.subset.index, "seed": task.seed,
               "training_seed": recipe.train.seed + task.seed, "demo_fingerprint": task.recipe.fingerprint,
-              "recipe_version": RECIPE_VERSION, "batches": recipe.batches, "num_documents": len(texts), "documents": list(task.subset.doc_ids),
+              "recipe_version": RECIPE_VERSION, "batches": recipe.batches, "num_documents": len(texts),
+              "documents": list(task.subset.doc_ids),
               "seconds": round(seconds, 3), "final_loss": result.final_loss, "torch_threads": torch.get_num_threads()}
     _keep(model, tokenizer, marker, task.directory)
     return model, tokenizer

@@ -110,7 +110,7 @@ def test_bad_settings_are_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.parametrize("values, key", [
     ({"lds": {"fraction": 1.5}}, "lds.fraction"), ({"refine_steps": {"method": "identity"}}, "refine_steps.method"),
-    ({"removal": {"fraction": 0}}, "removal.fraction"),
+    ({"removal": {"fraction": 0}}, "removal.fraction"), ({"retrain_batches": "shuffled"}, "retrain_batches='shuffled'"),
     ({"methods": {"m": {"kind": "ekfac", "prefilter": {"kind": "bm25", "top_m": 0}}}}, "methods.m.prefilter.top_m"),
 ])
 def test_settings_errors_name_the_key(values, key):
