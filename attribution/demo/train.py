@@ -255,6 +255,8 @@ def pretrain(texts: list[str], tokenizer: PreTrainedTokenizerFast, model_config:
     sequences = [ids[: train_config.max_length - 1] + [tokenizer.eos_token_id]
                  for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     places = corpus or CorpusPlaces(tuple(range(len(sequences))), len(sequences))
+    if len(places.positions) != len(sequences):
+        raise ValueError(f"{len(texts)} texts but {len(places.positions)} corpus positions: give one position per text")
     steps_per_epoch = math.ceil(places.size / train_config.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.learning_rate,
                                   weight_decay=train_config.weight_decay)

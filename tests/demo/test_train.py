@@ -99,6 +99,10 @@ def test_a_part_of_the_corpus_walks_the_corpus_batches_less_its_missing_document
                                                         train.CorpusPlaces(tuple(range(7)), 7))] == [3, 3, 1]
     with pytest.raises(ValueError, match="distinct"):
         train.CorpusPlaces((1, 1), 10)
+    with pytest.raises(ValueError, match="2 texts but 3 corpus positions"):
+        train.pretrain(["a b", "c d"], build_tokenizer(["a b", "c d"]), DemoModelConfig(hidden_size=8, num_layers=1,
+                       num_heads=2, intermediate_size=8), DemoTrainConfig(epochs=1), show_progress=False,
+                       corpus=train.CorpusPlaces((0, 1, 2), 5))
 
 
 def test_ensure_demo_builds_loadable_files(tmp_path):
